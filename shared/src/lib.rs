@@ -1,0 +1,1 @@
+//! labfleet shared library.
