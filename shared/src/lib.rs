@@ -1,1 +1,8 @@
-//! labfleet shared library.
+//! labfleet's shared library: everything the `producer` and the `worker` agree on.
+//!
+//! It owns the configuration model and its validation (`config`), secrets (`secret`), the
+//! Proxmox VE client (`pve`), the Redis queue layer (`queue`), the job kinds with their
+//! handlers (`jobs`) and the pure placement logic (`placement`). It installs no tracing
+//! subscriber and reads no process-wide state except where a function says so.
+
+pub mod secret;
