@@ -64,3 +64,152 @@ mod tests {
         assert_eq!(s.expose(), "hunter2-very-secret");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// `enc:` secrets: ChaCha20-Poly1305 (RustCrypto's audited AEAD) under a 32-byte key.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+
+/// Environment variable holding the key, base64 of 32 bytes.
+pub const KEY_ENV: &str = "LABFLEET_SECRET_KEY";
+/// Environment variable naming a file that holds the key (base64, one line).
+pub const KEY_FILE_ENV: &str = "LABFLEET_SECRET_KEY_FILE";
+/// The prefix of an encrypted value.
+pub const ENC_PREFIX: &str = "enc:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "no secret key: set {KEY_ENV} (base64 of 32 bytes) or {KEY_FILE_ENV} (a file holding it); `producer secret keygen` makes one"
+    )]
+    NoKey,
+    #[error("the secret key is not base64 of 32 bytes (from {origin})")]
+    BadKey { origin: String },
+    #[error("cannot read the key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error("an `enc:` value is malformed (not base64 of nonce and ciphertext)")]
+    Malformed,
+    #[error("an `enc:` value does not decrypt with this key (wrong key, or the value was altered)")]
+    WrongKey,
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("cannot read secret file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// The key that seals `enc:` values and the students' initial passwords in Redis.
+#[derive(Clone)]
+pub struct SecretKey([u8; 32]);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+impl SecretKey {
+    pub fn generate() -> SecretKey {
+        let mut k = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut k);
+        SecretKey(k)
+    }
+
+    pub fn from_base64(s: &str, origin: &str) -> Result<SecretKey, SecretError> {
+        let bytes = B64.decode(s.trim()).map_err(|_| SecretError::BadKey {
+            origin: origin.to_owned(),
+        })?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| SecretError::BadKey {
+            origin: origin.to_owned(),
+        })?;
+        Ok(SecretKey(arr))
+    }
+
+    pub fn to_base64(&self) -> Secret {
+        Secret::new(B64.encode(self.0))
+    }
+
+    /// The key from `LABFLEET_SECRET_KEY` or the file named by `LABFLEET_SECRET_KEY_FILE`.
+    pub fn from_env() -> Result<SecretKey, SecretError> {
+        if let Ok(v) = std::env::var(KEY_ENV) {
+            return SecretKey::from_base64(&v, KEY_ENV);
+        }
+        if let Ok(path) = std::env::var(KEY_FILE_ENV) {
+            let text = std::fs::read_to_string(&path).map_err(|e| SecretError::KeyFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            return SecretKey::from_base64(&text, &path);
+        }
+        Err(SecretError::NoKey)
+    }
+
+    /// Derives a sub-key for `purpose` (HMAC-SHA256), e.g. to derive students' passwords.
+    pub fn derive(&self, purpose: &str, data: &str) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(data.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Seals `plain` as `enc:<base64(nonce || ciphertext)>`.
+    pub fn seal(&self, plain: &Secret) -> String {
+        let cipher = ChaCha20Poly1305::new((&self.0).into());
+        let mut nonce = [0u8; 12];
+        rand::Rng::fill(&mut rand::rng(), &mut nonce);
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), plain.expose().as_bytes())
+            .expect("encryption of a short string cannot fail");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        format!("{ENC_PREFIX}{}", B64.encode(out))
+    }
+
+    /// Opens an `enc:` value.
+    pub fn open(&self, sealed: &str) -> Result<Secret, SecretError> {
+        let body = sealed.strip_prefix(ENC_PREFIX).unwrap_or(sealed);
+        let bytes = B64
+            .decode(body.trim())
+            .map_err(|_| SecretError::Malformed)?;
+        if bytes.len() < 12 + 16 {
+            return Err(SecretError::Malformed);
+        }
+        let (nonce, ct) = bytes.split_at(12);
+        let cipher = ChaCha20Poly1305::new((&self.0).into());
+        let plain = cipher
+            .decrypt(Nonce::from_slice(nonce), ct)
+            .map_err(|_| SecretError::WrongKey)?;
+        String::from_utf8(plain)
+            .map(Secret::new)
+            .map_err(|_| SecretError::Malformed)
+    }
+}
+
+/// Whether a configured secret is an `enc:` value.
+pub fn is_sealed(s: &str) -> bool {
+    s.starts_with(ENC_PREFIX)
+}
+
+#[cfg(test)]
+mod sealing_tests {
+    use super::*;
+
+    #[test]
+    fn seal_and_open_round_trip_and_detect_tampering() {
+        let k = SecretKey::generate();
+        let s = k.seal(&Secret::new("p@ss word"));
+        assert!(s.starts_with("enc:"));
+        assert!(!s.contains("p@ss"));
+        assert_eq!(k.open(&s).unwrap().expose(), "p@ss word");
+        let other = SecretKey::generate();
+        assert!(matches!(other.open(&s), Err(SecretError::WrongKey)));
+        assert!(matches!(k.open("enc:!!"), Err(SecretError::Malformed)));
+        let k2 = SecretKey::from_base64(k.to_base64().expose(), "test").unwrap();
+        assert_eq!(k2.open(&s).unwrap().expose(), "p@ss word");
+        assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
+    }
+}
