@@ -5,4 +5,5 @@
 //! handlers (`jobs`) and the pure placement logic (`placement`). It installs no tracing
 //! subscriber and reads no process-wide state except where a function says so.
 
+pub mod pve;
 pub mod secret;

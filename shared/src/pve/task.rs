@@ -1,0 +1,287 @@
+//! Tasks: status, log, and [`PveClient::wait_task`].
+//!
+//! A mutating call returns a UPID; the work runs in a worker process on the UPID's node.
+//! `wait_task` polls `GET /nodes/{node}/tasks/{upid}/status` with backoff (short first,
+//! doubling up to a cap), honours a deadline and a cancellation token, and turns the exit
+//! status into [`TaskOutcome`] or [`PveError::TaskFailed`] with the log's last lines. Polls
+//! are counted separately ([`super::RequestCounts::polls`]).
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{Params, PveClient, RequestKind, decode, seg};
+use super::error::{ErrorClass, PveError, classify_message};
+use super::lenient;
+use super::upid::Upid;
+
+/// Lines of the task log kept in [`PveError::TaskFailed`].
+pub const LOG_TAIL_LINES: u64 = 20;
+/// A just-started task may briefly be unknown ("no such task"); tolerated this many polls.
+const UNKNOWN_TASK_POLLS: u32 = 5;
+/// Consecutive transient poll failures (595, connection reset...) tolerated.
+const TRANSIENT_POLL_FAILURES: u32 = 5;
+
+/// `GET /nodes/{node}/tasks/{upid}/status`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskStatus {
+    /// `running` or `stopped`.
+    pub status: String,
+    /// Only when stopped: `OK`, `WARNINGS: n`, or the error text.
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub exitstatus: Option<String>,
+    #[serde(rename = "type", default)]
+    pub task_type: String,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub user: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    pub starttime: Option<u64>,
+}
+
+impl TaskStatus {
+    pub fn is_running(&self) -> bool {
+        self.status == "running"
+    }
+}
+
+/// One line of `GET /nodes/{node}/tasks/{upid}/log`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskLogLine {
+    #[serde(deserialize_with = "lenient::u64_")]
+    pub n: u64,
+    #[serde(default)]
+    pub t: String,
+}
+
+/// How a task that ended successfully ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Ok,
+    /// `WARNINGS: n`: done, with n warnings in the log.
+    Warnings(u32),
+}
+
+/// How [`PveClient::wait_task`] waits.
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    /// Give up with [`PveError::TaskTimeout`] after this instant (the task keeps running).
+    pub deadline: Option<Instant>,
+    /// Stop waiting with [`PveError::Cancelled`] when cancelled (the task keeps running).
+    pub cancel: CancellationToken,
+    pub initial_poll: Duration,
+    pub max_poll: Duration,
+}
+
+impl Default for WaitOptions {
+    /// No deadline, 250 ms first interval doubling to 2 s.
+    fn default() -> Self {
+        WaitOptions {
+            deadline: None,
+            cancel: CancellationToken::new(),
+            initial_poll: Duration::from_millis(250),
+            max_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+impl WaitOptions {
+    pub fn with_timeout(timeout: Duration, cancel: CancellationToken) -> Self {
+        WaitOptions {
+            deadline: Some(Instant::now() + timeout),
+            cancel,
+            ..WaitOptions::default()
+        }
+    }
+}
+
+/// Interprets a stopped task's exit status: `Ok(outcome)` or `Err(error text)`.
+pub fn parse_exitstatus(exitstatus: &str) -> Result<TaskOutcome, &str> {
+    let s = exitstatus.trim();
+    if s == "OK" {
+        return Ok(TaskOutcome::Ok);
+    }
+    if let Some(n) = s.strip_prefix("WARNINGS:") {
+        return Ok(TaskOutcome::Warnings(n.trim().parse().unwrap_or(1)));
+    }
+    Err(s)
+}
+
+fn task_path(upid: &Upid, what: &str) -> String {
+    format!(
+        "/nodes/{}/tasks/{}/{what}",
+        seg(upid.node()),
+        seg(upid.as_str())
+    )
+}
+
+impl PveClient {
+    /// `GET /nodes/{node}/tasks/{upid}/status` (asked on the UPID's node).
+    pub async fn task_status(&self, upid: &Upid) -> Result<TaskStatus, PveError> {
+        self.task_status_as(upid, RequestKind::Other).await
+    }
+
+    async fn task_status_as(&self, upid: &Upid, kind: RequestKind) -> Result<TaskStatus, PveError> {
+        let path = task_path(upid, "status");
+        let env = self
+            .request(Method::GET, &path, &Params::new(), kind)
+            .await?;
+        decode(&path, env.data)
+    }
+
+    /// `GET /nodes/{node}/tasks/{upid}/log?start=&limit=`, with the envelope's `total`.
+    pub async fn task_log(
+        &self,
+        upid: &Upid,
+        start: u64,
+        limit: u64,
+    ) -> Result<(Vec<TaskLogLine>, Option<u64>), PveError> {
+        self.task_log_as(upid, start, limit, RequestKind::Other)
+            .await
+    }
+
+    async fn task_log_as(
+        &self,
+        upid: &Upid,
+        start: u64,
+        limit: u64,
+        kind: RequestKind,
+    ) -> Result<(Vec<TaskLogLine>, Option<u64>), PveError> {
+        let path = task_path(upid, "log");
+        let env = self
+            .request(
+                Method::GET,
+                &path,
+                &Params::new().num("start", start).num("limit", limit),
+                kind,
+            )
+            .await?;
+        Ok((decode(&path, env.data)?, env.total))
+    }
+
+    /// The last `lines` lines of a task's log.
+    pub async fn task_log_tail(&self, upid: &Upid, lines: u64) -> Result<Vec<String>, PveError> {
+        // The first page tells the total; ask again from the end only if it was not all.
+        let (first, total) = self.task_log_as(upid, 0, lines, RequestKind::Poll).await?;
+        let lines_of = |v: Vec<TaskLogLine>| v.into_iter().map(|l| l.t).collect::<Vec<_>>();
+        match total {
+            Some(total) if total > lines => {
+                let (tail, _) = self
+                    .task_log_as(upid, total - lines, lines, RequestKind::Poll)
+                    .await?;
+                Ok(lines_of(tail))
+            }
+            _ => Ok(lines_of(first)),
+        }
+    }
+
+    /// Waits until the task stops. `Ok` for `OK` and `WARNINGS: n`; otherwise
+    /// [`PveError::TaskFailed`] with the exit status and the last [`LOG_TAIL_LINES`] log
+    /// lines. [`PveError::TaskTimeout`] past the deadline, [`PveError::Cancelled`] on
+    /// cancellation; in both cases the task itself keeps running on the server.
+    pub async fn wait_task(
+        &self,
+        upid: &Upid,
+        opts: &WaitOptions,
+    ) -> Result<TaskOutcome, PveError> {
+        let mut interval = opts.initial_poll.max(Duration::from_millis(10));
+        let mut polls = 0u32;
+        let mut transient_failures = 0u32;
+        loop {
+            if opts.cancel.is_cancelled() {
+                return Err(PveError::Cancelled);
+            }
+            polls += 1;
+            let status = tokio::select! {
+                biased;
+                _ = opts.cancel.cancelled() => return Err(PveError::Cancelled),
+                s = self.task_status_as(upid, RequestKind::Poll) => s,
+            };
+            match status {
+                Ok(s) if !s.is_running() => {
+                    let exit = s
+                        .exitstatus
+                        .unwrap_or_else(|| "unexpected status".to_owned());
+                    return match parse_exitstatus(&exit) {
+                        Ok(outcome) => Ok(outcome),
+                        Err(text) => {
+                            let log_tail = self
+                                .task_log_tail(upid, LOG_TAIL_LINES)
+                                .await
+                                .unwrap_or_default();
+                            Err(PveError::TaskFailed {
+                                upid: upid.clone(),
+                                kind: classify_message(text),
+                                exitstatus: text.to_owned(),
+                                log_tail,
+                            })
+                        }
+                    };
+                }
+                Ok(_) => transient_failures = 0,
+                // Right after the start the task may not be visible yet (bpg retries too).
+                Err(e)
+                    if polls <= UNKNOWN_TASK_POLLS
+                        && matches!(e.class(), ErrorClass::NotFound | ErrorClass::Param) => {}
+                Err(e) if e.is_transient() && transient_failures < TRANSIENT_POLL_FAILURES => {
+                    transient_failures += 1;
+                    tracing::debug!(upid = %upid, error = %e, "task poll failed; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            let mut wake = now + interval;
+            if let Some(deadline) = opts.deadline {
+                if now >= deadline {
+                    return Err(PveError::TaskTimeout { upid: upid.clone() });
+                }
+                wake = wake.min(deadline);
+            }
+            tokio::select! {
+                biased;
+                _ = opts.cancel.cancelled() => return Err(PveError::Cancelled),
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            interval = (interval * 2).min(opts.max_poll.max(interval));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(parse_exitstatus("OK"), Ok(TaskOutcome::Ok));
+        assert_eq!(
+            parse_exitstatus("WARNINGS: 3"),
+            Ok(TaskOutcome::Warnings(3))
+        );
+        assert_eq!(
+            parse_exitstatus("clone failed: can't lock file 'x' - got timeout"),
+            Err("clone failed: can't lock file 'x' - got timeout")
+        );
+        assert_eq!(
+            parse_exitstatus("unexpected status"),
+            Err("unexpected status")
+        );
+    }
+
+    #[test]
+    fn task_json_decodes() {
+        let s: TaskStatus = serde_json::from_str(
+            r#"{"status":"stopped","exitstatus":"OK","type":"qmclone","id":"9000","user":"root@pam","starttime":1725716871,"pid":12,"upid":"x"}"#,
+        )
+        .unwrap();
+        assert!(!s.is_running());
+        let l: Vec<TaskLogLine> =
+            serde_json::from_str(r#"[{"n":1,"t":"create linked clone"},{"n":"2","t":"TASK OK"}]"#)
+                .unwrap();
+        assert_eq!(l[1].n, 2);
+    }
+}
