@@ -6,4 +6,5 @@
 //! subscriber and reads no process-wide state except where a function says so.
 
 pub mod pve;
+pub mod queue;
 pub mod secret;

@@ -1,0 +1,143 @@
+-- Shared prelude of every queue script (prepended in Rust; see store.rs).
+-- ARGV[1] is the key prefix, e.g. "{lf}:". KEYS[1] is always "<prefix>ready" so that a
+-- cluster client routes the call to the slot of the hash tag; every other key shares the tag.
+local P = ARGV[1]
+local NOW
+do
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function jk(id) return P .. 'job:' .. id end
+
+local function split(s)
+  local out = {}
+  if not s or s == '' then return out end
+  for part in string.gmatch(s, '[^\n]+') do out[#out + 1] = part end
+  return out
+end
+
+-- Every state change goes through here so that the per-queue and per-group counters stay
+-- exact: old may be false/nil for a new job, new may be nil when a job is forgotten.
+local function transition(id, old, new, group)
+  if old and old ~= '' then
+    redis.call('HINCRBY', P .. 'counts', old, -1)
+    if group and group ~= '' then redis.call('HINCRBY', P .. 'gcounts:' .. group, old, -1) end
+  end
+  if new then
+    redis.call('HINCRBY', P .. 'counts', new, 1)
+    if group and group ~= '' then redis.call('HINCRBY', P .. 'gcounts:' .. group, new, 1) end
+    redis.call('HSET', jk(id), 'state', new)
+  end
+end
+
+-- Puts a job in ready (due now) or scheduled (due later); score is its place in line.
+local function schedule(id, old, group, at)
+  if at > NOW then
+    transition(id, old, 'scheduled', group)
+    redis.call('ZADD', P .. 'scheduled', at, id)
+  else
+    transition(id, old, 'ready', group)
+    redis.call('ZADD', P .. 'ready', at, id)
+  end
+end
+
+local function cap_of(s)
+  local c = redis.call('HGET', P .. 'caps', s)
+  if not c then return nil end
+  return tonumber(c)
+end
+
+local function free_count(s)
+  local cap = cap_of(s)
+  if not cap then return 1000 end
+  return cap - redis.call('SCARD', P .. 'slot:' .. s)
+end
+
+-- Moves up to n jobs parked on slot s back to ready, with their old score (their place).
+local function wake(s, n)
+  local wk = P .. 'wait:' .. s
+  if n > 1000 then n = 1000 end
+  for _ = 1, n do
+    local r = redis.call('ZPOPMIN', wk)
+    if #r == 0 then break end
+    local f = redis.call('HMGET', jk(r[1]), 'state', 'group')
+    if f[1] == 'waiting' then
+      transition(r[1], 'waiting', 'ready', f[2])
+      redis.call('ZADD', P .. 'ready', r[2], r[1])
+    end
+  end
+  if redis.call('EXISTS', wk) == 0 then redis.call('SREM', P .. 'waitkeys', s) end
+end
+
+-- Acquires every slot of a job or none. Returns nil on success, else the first full slot key.
+-- A job that already holds a slot (kept across a lost lease) keeps it.
+local function try_slots(id, slots)
+  for _, s in ipairs(slots) do
+    local sk = P .. 'slot:' .. s
+    if redis.call('SISMEMBER', sk, id) == 0 then
+      local cap = cap_of(s)
+      if cap and redis.call('SCARD', sk) >= cap then return s end
+    end
+  end
+  for _, s in ipairs(slots) do
+    local sk = P .. 'slot:' .. s
+    redis.call('SADD', sk, id)
+    local held = redis.call('SCARD', sk)
+    local hwm = tonumber(redis.call('HGET', P .. 'slothwm', s) or '0')
+    if held > hwm then redis.call('HSET', P .. 'slothwm', s, held) end
+  end
+  redis.call('ZREM', P .. 'slotheld', id)
+  return nil
+end
+
+local function release_slots(id, slots)
+  redis.call('ZREM', P .. 'slotheld', id)
+  for _, s in ipairs(slots) do redis.call('SREM', P .. 'slot:' .. s, id) end
+  for _, s in ipairs(slots) do
+    local f = free_count(s)
+    if f > 0 then wake(s, f) end
+  end
+end
+
+local function push_history(id, entry, max)
+  local hk = P .. 'hist:' .. id
+  redis.call('LPUSH', hk, cjson.encode(entry))
+  redis.call('LTRIM', hk, 0, max - 1)
+end
+
+-- One job spec as sent by Rust (see spec.rs `WireSpec`). Returns 1 if created, 0 if the key
+-- already exists (whatever its state: the key is the idempotency key).
+local function enqueue_one(s)
+  local id = s.k
+  local key = jk(id)
+  if redis.call('EXISTS', key) == 1 then return 0 end
+  local run_at = NOW + (tonumber(s.d) or 0)
+  local group = s.g or ''
+  redis.call('HSET', key, 'kind', s.kind, 'payload', s.p, 'attempts', 0, 'max_attempts', s.m,
+    'lease_losses', 0, 'max_lease_losses', s.ml, 'group', group,
+    'slots', table.concat(s.s or {}, '\n'), 'run_at', run_at, 'score', run_at, 'created_at', NOW)
+  if group ~= '' then redis.call('SADD', P .. 'group:' .. group, id) end
+  local pending = 0
+  for _, g in ipairs(s.gate or {}) do
+    if redis.call('HGET', jk(g), 'state') ~= 'done' then
+      redis.call('SADD', P .. 'succ:' .. g, id)
+      pending = pending + 1
+    end
+  end
+  if pending > 0 then
+    redis.call('HSET', key, 'gate_pending', pending)
+    redis.call('SADD', P .. 'gated', id)
+    transition(id, nil, 'gated', group)
+  else
+    schedule(id, nil, group, run_at)
+  end
+  return 1
+end
+
+local function enqueue_all(json)
+  local out = {}
+  if json == nil or json == '' then return out end
+  for i, s in ipairs(cjson.decode(json)) do out[i] = enqueue_one(s) end
+  return out
+end

@@ -1,0 +1,36 @@
+//! The Redis job queue and its apalis glue. It owns every Redis key under `{<namespace>}:`,
+//! the Lua scripts that change them, and the worker-side lease handling; it knows no job kinds
+//! and nothing of Proxmox. See `KEYS.md` for the key layout and why it looks like this.
+//!
+//! - `store`: `Queue`, typed async calls (enqueue, claim, renew, ack, fail, release, fenced
+//!   writes, reaper sweep, caps, cancel, dead-letter retry, stats). Producers use only this.
+//! - `backend`: `LeaseBackend<Args>`, the apalis `Backend` that claims from a `Queue`.
+//! - `layer`: `LeaseLayer`, renewal and settle-by-error-class inside each job's future.
+//! - `lease`: `Lease`, the handler's extractor (token, attempt, `is_lost`, fenced writes).
+//! - `error`: `JobError` (what handlers return), `QueueError`, `SettleError`.
+//!
+//! Guarantees rest on Redis: with `appendonly yes` and `appendfsync everysec` a host crash can
+//! lose the last second or two of writes (an ack or an enqueue), with `appendfsync always`
+//! nothing. Handlers must therefore tolerate running a job again (converge, check "already
+//! done?"), and producers re-enqueue by key, which is idempotent.
+
+mod backend;
+mod config;
+mod error;
+mod keys;
+mod layer;
+mod lease;
+mod scripts;
+mod spec;
+mod store;
+
+pub use backend::{LeaseBackend, WorkerOptions};
+pub use config::{QueueConfig, RetryPolicy};
+pub use error::{JobError, QueueError, SettleError};
+pub use layer::{LeaseLayer, LeaseService};
+pub use lease::Lease;
+pub use spec::{Enqueued, JobSpec};
+pub use store::{
+    AttemptRecord, Claim, ClaimedJob, GroupStats, JobInfo, Queue, QueueStats, ReapReport,
+    ReaperHandle, Settled, SlotStats,
+};
