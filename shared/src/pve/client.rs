@@ -120,6 +120,10 @@ impl Params {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    #[cfg(test)]
+    pub(crate) fn pairs_for_test(&self) -> Vec<(String, String)> {
+        self.0.clone()
+    }
 }
 
 /// The success envelope: `{"data": ..., "total"?: n, "changes"?: "..."}`.
@@ -298,10 +302,10 @@ impl PveClient {
             AuthState::Token { header } => Ok(Credentials::Token(header.clone())),
             AuthState::Ticket { slot, .. } => {
                 let mut guard = slot.lock().await;
-                if let Some(t) = guard.as_ref() {
-                    if t.obtained.elapsed() < self.inner.config.ticket_renew_after {
-                        return Ok(Credentials::Ticket(t.clone()));
-                    }
+                if let Some(t) = guard.as_ref()
+                    && t.obtained.elapsed() < self.inner.config.ticket_renew_after
+                {
+                    return Ok(Credentials::Ticket(t.clone()));
                 }
                 let fresh = self.obtain_ticket(guard.as_ref()).await?;
                 *guard = Some(fresh.clone());
@@ -694,12 +698,5 @@ mod tests {
                 assert!(text.contains("root@pam"), "{text}");
             }
         }
-    }
-}
-
-#[cfg(test)]
-impl Params {
-    pub(crate) fn pairs_for_test(&self) -> Vec<(String, String)> {
-        self.0.clone()
     }
 }

@@ -130,7 +130,7 @@ pub enum PveError {
     Timeout { method: String, path: String },
     /// A task was still running at the wait deadline (it may still finish later).
     #[error("task {upid} still running at the deadline")]
-    TaskTimeout { upid: Upid },
+    TaskTimeout { upid: Box<Upid> },
     /// 401: bad credentials, or a ticket the server no longer accepts after a fresh login.
     #[error("authentication failed: {message}")]
     Auth { message: String },
@@ -168,7 +168,7 @@ pub enum PveError {
     /// The task ended with an error exit status. `log_tail` holds its last log lines.
     #[error("task {upid} failed: {exitstatus}")]
     TaskFailed {
-        upid: Upid,
+        upid: Box<Upid>,
         exitstatus: String,
         kind: MessageKind,
         log_tail: Vec<String>,

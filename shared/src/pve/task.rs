@@ -214,7 +214,7 @@ impl PveClient {
                                 .await
                                 .unwrap_or_default();
                             Err(PveError::TaskFailed {
-                                upid: upid.clone(),
+                                upid: Box::new(upid.clone()),
                                 kind: classify_message(text),
                                 exitstatus: text.to_owned(),
                                 log_tail,
@@ -237,7 +237,9 @@ impl PveClient {
             let mut wake = now + interval;
             if let Some(deadline) = opts.deadline {
                 if now >= deadline {
-                    return Err(PveError::TaskTimeout { upid: upid.clone() });
+                    return Err(PveError::TaskTimeout {
+                        upid: Box::new(upid.clone()),
+                    });
                 }
                 wake = wake.min(deadline);
             }

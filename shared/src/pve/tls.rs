@@ -6,8 +6,9 @@
 //! presented (`check-connection` prints it for pinning). Handshake signatures are always
 //! checked, even when the certificate is not, so the peer proves it holds the key.
 //!
-//! System roots go through reqwest's built-in rustls-platform-verifier, which needs a
-//! process-level crypto provider; [`build_http_client`] installs `ring` if none is set.
+//! System roots (and plain HTTP, for which reqwest still sets up TLS) go through reqwest's
+//! built-in rustls-platform-verifier, which needs a process-level crypto provider;
+//! [`build_http_client`] installs `ring` as the process default if none is set yet.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,8 @@ pub(crate) fn build_http_client(
         .connect_timeout(cfg.request_timeout.min(std::time::Duration::from_secs(10)))
         .pool_idle_timeout(std::time::Duration::from_secs(60))
         .http1_only()
+        // The API never redirects; a redirect would only leak credentials elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("labfleet/", env!("CARGO_PKG_VERSION")));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let check = match (&cfg.scheme, &cfg.tls) {
@@ -190,7 +193,8 @@ pub(crate) fn build_http_client(
             builder.tls_backend_preconfigured(tls)
         }
         None => {
-            if cfg.scheme == Scheme::Https && CryptoProvider::get_default().is_none() {
+            // reqwest sets up its TLS connector even for plain HTTP, so it needs a provider.
+            if CryptoProvider::get_default().is_none() {
                 // Losing this race to another thread installing a provider is fine.
                 let _ = rustls::crypto::ring::default_provider().install_default();
             }
