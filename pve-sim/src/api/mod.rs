@@ -1,0 +1,176 @@
+//! The HTTP API: the router under `/api2/json`, the `{"data":..}` envelope, PVE's 501 for
+//! unknown paths and methods, the request counter and the old/new-server switch for the
+//! `message` field. One module per API area.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, OriginalUri, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use serde_json::{Value, json};
+
+use crate::auth::Auth;
+use crate::error::{ErrorMarker, JSON_CT, PveError, PveResult};
+use crate::state::Shared;
+
+mod access;
+mod cluster;
+mod network;
+mod nodes;
+mod pools;
+mod qemu;
+
+pub(crate) type ApiResult = PveResult<Response>;
+
+/// `{"data": v}`.
+pub(crate) fn ok(v: Value) -> ApiResult {
+    envelope(json!({ "data": v }))
+}
+
+pub(crate) fn envelope(v: Value) -> ApiResult {
+    let mut r = Response::new(Body::from(v.to_string()));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CT));
+    Ok(r)
+}
+
+async fn not_implemented(OriginalUri(uri): OriginalUri, req: Request) -> PveError {
+    PveError::not_implemented(format!(
+        "Method '{} {}' not implemented",
+        req.method(),
+        uri.path()
+    ))
+}
+
+async fn sim_stats(State(app): State<Arc<Shared>>, _auth: Auth) -> ApiResult {
+    envelope(stats_json(&app))
+}
+
+pub(crate) fn stats_json(app: &Shared) -> Value {
+    let st = app.state.lock();
+    st.stats
+        .to_json(app.scale, Instant::now(), json!(st.faults.fired))
+}
+
+/// Counts requests by template, sets the Server header, drops `message` on old servers.
+async fn frame(State(app): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let key = req.extensions().get::<MatchedPath>().map(|p| {
+        let p = p.as_str();
+        format!(
+            "{} {}",
+            req.method(),
+            p.strip_prefix("/api2/json").unwrap_or(p)
+        )
+    });
+    if let Some(k) = key {
+        app.state.lock().stats.request(k);
+    }
+    let mut resp = next.run(req).await;
+    if !app.message_field
+        && let Some(ErrorMarker(e)) = resp.extensions().get::<ErrorMarker>().cloned()
+    {
+        *resp.body_mut() = e.render(false).into_body();
+    }
+    resp.headers_mut().insert(
+        header::SERVER,
+        HeaderValue::from_static("pve-api-daemon/3.0"),
+    );
+    resp
+}
+
+pub(crate) fn router(app: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/version", get(cluster::version))
+        .route("/access/ticket", post(access::ticket))
+        .route(
+            "/access/users",
+            get(access::list_users).post(access::create_user),
+        )
+        .route(
+            "/access/users/{userid}",
+            get(access::get_user)
+                .put(access::update_user)
+                .delete(access::delete_user),
+        )
+        .route(
+            "/access/users/{userid}/token/{tokenid}",
+            post(access::create_token).delete(access::delete_token),
+        )
+        .route("/access/acl", get(access::get_acl).put(access::put_acl))
+        .route("/access/roles", get(access::roles))
+        .route("/access/password", put(access::password))
+        .route(
+            "/pools",
+            get(pools::index)
+                .post(pools::create)
+                .put(pools::update_q)
+                .delete(pools::delete_q),
+        )
+        .route(
+            "/pools/{poolid}",
+            get(pools::get_p)
+                .put(pools::update_p)
+                .delete(pools::delete_p),
+        )
+        .route("/cluster/status", get(cluster::status))
+        .route("/cluster/resources", get(cluster::resources))
+        .route("/cluster/nextid", get(cluster::nextid))
+        .route("/cluster/tasks", get(cluster::tasks))
+        .route("/nodes", get(nodes::index))
+        .route("/nodes/{node}/status", get(nodes::status))
+        .route("/nodes/{node}/storage", get(nodes::storage))
+        .route("/nodes/{node}/tasks", get(nodes::task_list))
+        .route("/nodes/{node}/tasks/{upid}/status", get(nodes::task_status))
+        .route("/nodes/{node}/tasks/{upid}/log", get(nodes::task_log))
+        .route(
+            "/nodes/{node}/network",
+            get(network::index)
+                .post(network::create)
+                .put(network::apply)
+                .delete(network::revert),
+        )
+        .route(
+            "/nodes/{node}/network/{iface}",
+            get(network::get_iface)
+                .put(network::update)
+                .delete(network::delete),
+        )
+        .route("/nodes/{node}/qemu", get(qemu::list))
+        .route(
+            "/nodes/{node}/qemu/{vmid}",
+            get(qemu::index).delete(qemu::destroy),
+        )
+        .route("/nodes/{node}/qemu/{vmid}/clone", post(qemu::clone))
+        .route(
+            "/nodes/{node}/qemu/{vmid}/config",
+            get(qemu::get_config)
+                .post(qemu::post_config)
+                .put(qemu::put_config),
+        )
+        .route(
+            "/nodes/{node}/qemu/{vmid}/status/current",
+            get(qemu::current),
+        )
+        .route("/nodes/{node}/qemu/{vmid}/status/start", post(qemu::start))
+        .route("/nodes/{node}/qemu/{vmid}/status/stop", post(qemu::stop))
+        .route(
+            "/nodes/{node}/qemu/{vmid}/status/shutdown",
+            post(qemu::shutdown),
+        )
+        .route("/nodes/{node}/qemu/{vmid}/template", post(qemu::template))
+        .route("/sim/stats", get(sim_stats))
+        .fallback(not_implemented)
+        .method_not_allowed_fallback(not_implemented);
+    Router::new()
+        .nest("/api2/json", api)
+        .route("/sim/stats", get(sim_stats))
+        .fallback(not_implemented)
+        .method_not_allowed_fallback(not_implemented)
+        .layer(middleware::from_fn_with_state(app.clone(), frame))
+        .with_state(app)
+}

@@ -1,0 +1,191 @@
+//! The lock and bandwidth model: node-local VM config flocks (shared/exclusive, with
+//! timeouts), per-storage allocation locks (FIFO, 10 s wait timeout) and fair sharing of a
+//! storage's bandwidth among concurrent full-clone copies (processor sharing, exact).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{
+    OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore, watch,
+};
+
+/// `/var/lock/qemu-server/lock-<vmid>.conf`.
+#[derive(Default)]
+pub(crate) struct Flocks {
+    map: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+}
+
+pub(crate) enum FlockGuard {
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>), // held for its Drop only
+    Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>), // held for its Drop only
+    None,
+}
+
+pub(crate) fn flock_timeout_msg(vmid: u32) -> String {
+    format!("can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout")
+}
+
+impl Flocks {
+    fn get(&self, vmid: u32) -> Arc<RwLock<()>> {
+        self.map.lock().entry(vmid).or_default().clone()
+    }
+
+    pub async fn lock(
+        &self,
+        vmid: u32,
+        exclusive: bool,
+        timeout: Duration,
+    ) -> Result<FlockGuard, String> {
+        let l = self.get(vmid);
+        let r = if exclusive {
+            tokio::time::timeout(timeout, l.write_owned())
+                .await
+                .map(FlockGuard::Exclusive)
+        } else {
+            tokio::time::timeout(timeout, l.read_owned())
+                .await
+                .map(FlockGuard::Shared)
+        };
+        r.map_err(|_| flock_timeout_msg(vmid))
+    }
+}
+
+/// Per-storage allocation locks. Keys: `node/storage` for local storage, `storage` for shared.
+#[derive(Default)]
+pub(crate) struct StorageLocks {
+    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl StorageLocks {
+    pub async fn lock(&self, key: &str, timeout: Duration) -> Option<OwnedSemaphorePermit> {
+        let s = self
+            .map
+            .lock()
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        tokio::time::timeout(timeout, s.acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// Error text of a storage-lock timeout, local vs shared, as PVE words it.
+pub(crate) fn storage_timeout_msg(storage: &str, shared: bool) -> String {
+    if shared {
+        format!("cfs-lock 'storage-{storage}' error: got lock request timeout")
+    } else {
+        format!("can't lock file '/var/lock/pve-manager/pve-storage-{storage}' - got timeout")
+    }
+}
+
+struct PoolInner {
+    active: HashMap<u64, f64>,
+    last: Instant,
+    next_id: u64,
+}
+
+impl PoolInner {
+    fn advance(&mut self, now: Instant, bw: f64) {
+        let n = self.active.len();
+        if n > 0 {
+            let per = now.duration_since(self.last).as_secs_f64() * bw / n as f64;
+            for v in self.active.values_mut() {
+                *v -= per;
+            }
+        }
+        self.last = now;
+    }
+}
+
+/// One storage's copy bandwidth, shared equally among the copies running at each moment.
+pub(crate) struct CopyPool {
+    /// MB per wall-clock second (already divided by the time scale).
+    bw: f64,
+    inner: Mutex<PoolInner>,
+    tx: watch::Sender<u64>,
+}
+
+impl CopyPool {
+    pub fn new(bw_per_wall_second: f64) -> Self {
+        CopyPool {
+            bw: bw_per_wall_second,
+            inner: Mutex::new(PoolInner {
+                active: HashMap::new(),
+                last: Instant::now(),
+                next_id: 0,
+            }),
+            tx: watch::channel(0).0,
+        }
+    }
+
+    fn bump(&self) {
+        self.tx.send_modify(|g| *g += 1);
+    }
+
+    /// Copies `mb` megabytes; returns when done.
+    pub async fn copy(&self, mb: f64) {
+        let mut rx = self.tx.subscribe();
+        let id = {
+            let mut p = self.inner.lock();
+            p.advance(Instant::now(), self.bw);
+            let id = p.next_id;
+            p.next_id += 1;
+            p.active.insert(id, mb);
+            id
+        };
+        self.bump();
+        loop {
+            let eta = {
+                let mut p = self.inner.lock();
+                p.advance(Instant::now(), self.bw);
+                let rem = p.active.get(&id).copied().unwrap_or(0.0);
+                rem * p.active.len() as f64 / self.bw
+            };
+            if eta <= 0.0005 {
+                break;
+            }
+            rx.borrow_and_update();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs_f64(eta)) => {}
+                _ = rx.changed() => {}
+            }
+        }
+        {
+            let mut p = self.inner.lock();
+            p.advance(Instant::now(), self.bw);
+            p.active.remove(&id);
+        }
+        self.bump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bandwidth_is_shared_fairly() {
+        // 100 MB/s; 4 copies of 10 MB at once take ~0.4 s, one takes ~0.1 s.
+        let pool = Arc::new(CopyPool::new(100.0));
+        let t = Instant::now();
+        pool.copy(10.0).await;
+        let one = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let p = pool.clone();
+                tokio::spawn(async move { p.copy(10.0).await })
+            })
+            .collect();
+        for h in hs {
+            h.await.unwrap();
+        }
+        let four = t.elapsed().as_secs_f64();
+        assert!((0.09..0.2).contains(&one), "{one}");
+        assert!((0.38..0.6).contains(&four), "{four}");
+    }
+}

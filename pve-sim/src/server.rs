@@ -1,0 +1,356 @@
+//! Serving: TLS (HTTP/1.1-only ALPN, like pveproxy) or plain HTTP, one tokio task per
+//! connection with hyper's HTTP/1 server, request-level fault injection in front of the
+//! router, and the library face (`Sim::start` → `SimHandle`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::access::AclEntry;
+use crate::api;
+use crate::cluster::{SimConfig, TlsMode};
+use crate::error::PveError;
+use crate::faults::{Fault, FaultPlan, FaultState, RequestFault};
+use crate::locks::{Flocks, StorageLocks};
+use crate::state::{PoolInfo, Shared, State, VmInfo};
+
+/// The simulator.
+pub struct Sim;
+
+struct Inner {
+    app: Arc<Shared>,
+    addr: SocketAddr,
+    base_url: String,
+    seed: u64,
+    shutdown: watch::Sender<bool>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A running simulator. Cheap to clone.
+#[derive(Clone)]
+pub struct SimHandle {
+    inner: Arc<Inner>,
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn tls_config(mode: &TlsMode) -> anyhow::Result<Option<(rustls::ServerConfig, String)>> {
+    let (certs, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) = match mode {
+        TlsMode::Plain => return Ok(None),
+        TlsMode::SelfSigned => {
+            let ck = rcgen::generate_simple_self_signed(vec![
+                "127.0.0.1".to_string(),
+                "::1".to_string(),
+                "localhost".to_string(),
+            ])?;
+            (
+                vec![ck.cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der())),
+            )
+        }
+        TlsMode::Pem { cert, key } => {
+            let cert_pem =
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let key_pem =
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing {}", cert.display()))?;
+            let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+                .with_context(|| format!("parsing {}", key.display()))?
+                .with_context(|| format!("no private key in {}", key.display()))?;
+            (certs, key)
+        }
+    };
+    let fp = fingerprint(certs.first().context("no certificate")?.as_ref());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some((cfg, fp)))
+}
+
+async fn handle(
+    app: Arc<Shared>,
+    router: axum::Router,
+    req: hyper::Request<Incoming>,
+) -> Result<axum::response::Response, std::io::Error> {
+    if let Some(rest) = req.uri().path().strip_prefix("/api2/json") {
+        let fault = app
+            .state
+            .lock()
+            .faults
+            .request_fault(req.method().as_str(), rest);
+        match fault {
+            Some(RequestFault::ConnectionReset) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "simulated connection reset",
+                ));
+            }
+            Some(RequestFault::Proxy596) => {
+                return Ok(PveError::proxy(596, "Connection timed out").render(false));
+            }
+            Some(RequestFault::Internal500) => {
+                return Ok(PveError::internal("got unexpected error (simulated fault)")
+                    .render(app.message_field));
+            }
+            None => {}
+        }
+    }
+    let resp: Result<_, Infallible> = router.oneshot(req.map(Body::new)).await;
+    Ok(resp.unwrap_or_else(|e| match e {}))
+}
+
+impl Sim {
+    /// Binds `cfg.listen` (port 0 works), and serves until `SimHandle::shutdown`.
+    pub async fn start(cfg: SimConfig) -> anyhow::Result<SimHandle> {
+        let tls = tls_config(&cfg.tls)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let scale = cfg.time_scale.max(0.0);
+        let state = State::new(&cfg.cluster, cfg.faults.clone(), cfg.seed);
+        let app = Arc::new(Shared {
+            state: Mutex::new(state),
+            costs: cfg.cluster.costs.clone(),
+            scale,
+            auth_delay: Duration::from_secs_f64(
+                cfg.cluster.api.auth_failure_delay_seconds.max(0.0),
+            ),
+            message_field: cfg.cluster.api.error_message_field,
+            version: cfg.cluster.api.version.clone(),
+            ticket_lifetime: cfg.cluster.api.ticket_lifetime_seconds as i64,
+            flocks: Flocks::default(),
+            storage_locks: StorageLocks::default(),
+            copy_pools: Mutex::new(Default::default()),
+            clock_offset: Default::default(),
+            secret: rand::random(),
+            fingerprint: tls.as_ref().map(|t| t.1.clone()),
+            started: Instant::now(),
+        });
+        schedule_offline_windows(&app, &cfg.faults);
+        let router = api::router(app.clone());
+        let acceptor = tls.map(|(c, _)| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let (tx, rx) = watch::channel(false);
+        let app2 = app.clone();
+        let join = tokio::spawn(async move {
+            let mut stop = rx.clone();
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(s) => s,
+                        Err(_) => { tokio::time::sleep(Duration::from_millis(10)).await; continue; }
+                    },
+                    _ = stop.changed() => break,
+                };
+                let _ = stream.set_nodelay(true);
+                let (app, router, acceptor, mut stop) =
+                    (app2.clone(), router.clone(), acceptor.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(app.clone(), router.clone(), req)
+                    });
+                    match acceptor {
+                        Some(acc) => {
+                            let Ok(Ok(tls)) =
+                                tokio::time::timeout(Duration::from_secs(10), acc.accept(stream))
+                                    .await
+                            else {
+                                return;
+                            };
+                            serve(TokioIo::new(tls), svc, &mut stop).await;
+                        }
+                        None => serve(TokioIo::new(stream), svc, &mut stop).await,
+                    }
+                });
+            }
+        });
+        Ok(SimHandle {
+            inner: Arc::new(Inner {
+                app,
+                addr,
+                base_url: format!("{scheme}://{addr}"),
+                seed: cfg.seed,
+                shutdown: tx,
+                join: Mutex::new(Some(join)),
+            }),
+        })
+    }
+}
+
+async fn serve<I, S>(io: I, svc: S, stop: &mut watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::io::Error,
+        >,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+fn schedule_offline_windows(app: &Arc<Shared>, plan: &FaultPlan) {
+    if app.scale == 0.0 {
+        return;
+    }
+    for w in &plan.node_offline {
+        let (app, w) = (app.clone(), w.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(app.wall(w.after_seconds)).await;
+            let until = Instant::now() + app.wall(w.for_seconds);
+            if let Some(n) = app.state.lock().nodes.get_mut(&w.node) {
+                n.offline_until = Some(until);
+            }
+        });
+    }
+}
+
+impl SimHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+    /// `https://127.0.0.1:PORT` (or `http://` in plain mode).
+    pub fn base_url(&self) -> String {
+        self.inner.base_url.clone()
+    }
+    /// SHA-256 fingerprint of the certificate, `AB:CD:..`; `None` in plain mode.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.inner.app.fingerprint.clone()
+    }
+    pub fn set_node_online(&self, node: &str, online: bool) {
+        if let Some(n) = self.inner.app.state.lock().nodes.get_mut(node) {
+            n.online = online;
+            if online {
+                n.offline_until = None;
+            }
+        }
+    }
+    /// Injects a one-shot fault now.
+    pub fn inject(&self, fault: Fault) {
+        let mut st = self.inner.app.state.lock();
+        if let Fault::NodeOffline { node, duration } = &fault
+            && let Some(n) = st.nodes.get_mut(node)
+        {
+            n.offline_until = Some(Instant::now() + *duration);
+        }
+        st.faults.inject(&fault);
+    }
+    /// Replaces the fault plan (rates; offline windows of a new plan are not scheduled).
+    pub fn set_faults(&self, plan: FaultPlan) {
+        let mut st = self.inner.app.state.lock();
+        let fired = std::mem::take(&mut st.faults.fired);
+        st.faults = FaultState::new(plan, self.inner.seed);
+        st.faults.fired = fired;
+    }
+    /// Moves the ticket-validation clock forward (only that clock).
+    pub fn advance_clock(&self, by: Duration) {
+        self.inner
+            .app
+            .clock_offset
+            .fetch_add(by.as_secs() as i64, Ordering::Relaxed);
+    }
+    /// The JSON of `GET /sim/stats`.
+    pub fn stats(&self) -> Value {
+        api::stats_json(&self.inner.app)
+    }
+    pub fn vms(&self) -> Vec<VmInfo> {
+        let st = self.inner.app.state.lock();
+        st.vms.iter().map(|(id, vm)| st.vm_info(*id, vm)).collect()
+    }
+    pub fn users(&self) -> Vec<String> {
+        self.inner.app.state.lock().users.keys().cloned().collect()
+    }
+    pub fn pools(&self) -> Vec<PoolInfo> {
+        self.inner
+            .app
+            .state
+            .lock()
+            .pools
+            .iter()
+            .map(|(id, p)| PoolInfo {
+                poolid: id.clone(),
+                comment: p.comment.clone(),
+                vms: p.vms.iter().copied().collect(),
+                storage: p.storage.iter().cloned().collect(),
+            })
+            .collect()
+    }
+    pub fn acls(&self) -> Vec<AclEntry> {
+        self.inner.app.state.lock().acls.clone()
+    }
+    /// Bridges applied (active) on `node`.
+    pub fn bridges(&self, node: &str) -> Vec<String> {
+        let st = self.inner.app.state.lock();
+        st.nodes
+            .get(node)
+            .map(|n| {
+                n.net_applied
+                    .iter()
+                    .filter(|(_, i)| i.get("type").and_then(|t| t.as_str()) == Some("bridge"))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    /// Whole-cluster state (VMs with configs, users, tokens, ACLs, pools, network), for
+    /// comparing "before deploy" with "after teardown". MACs/uuids of surviving VMs are stable.
+    pub fn snapshot(&self) -> Value {
+        self.inner.app.state.lock().snapshot()
+    }
+    /// Seconds of simulated time since start (wall time ÷ time scale; 0 in zero-cost mode).
+    pub fn sim_seconds(&self) -> f64 {
+        let app = &self.inner.app;
+        if app.scale > 0.0 {
+            app.started.elapsed().as_secs_f64() / app.scale
+        } else {
+            0.0
+        }
+    }
+    /// Stops accepting, lets open connections finish (2 s at most).
+    pub async fn shutdown(self) {
+        let _ = self.inner.shutdown.send(true);
+        let join = self.inner.join.lock().take();
+        if let Some(j) = join {
+            let _ = j.await;
+        }
+    }
+}
