@@ -5,6 +5,12 @@
 //! handlers (`jobs`) and the pure placement logic (`placement`). It installs no tracing
 //! subscriber and reads no process-wide state except where a function says so.
 
+pub mod alloc;
+pub mod clusters;
+pub mod config;
+pub mod jobs;
+pub mod placement;
 pub mod pve;
 pub mod queue;
 pub mod secret;
+pub mod telemetry;

@@ -1,0 +1,108 @@
+//! From `connections.yml` to live Proxmox clients: one [`PveClient`] per cluster per
+//! process, created on first use and shared by every job (one login per process, not one
+//! per job). Secrets are resolved here, at connect time, never during validation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{Connection, Connections, Credential, TlsSetting, resolve_secret};
+use crate::pve::{Auth, ClientConfig, PveClient, PveError, TlsPolicy};
+use crate::secret::{SecretError, SecretKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cluster {0:?} is not defined in connections.yml")]
+    UnknownCluster(String),
+    #[error("cluster {cluster:?}: cannot read its secret: {source}")]
+    Secret {
+        cluster: String,
+        #[source]
+        source: SecretError,
+    },
+    #[error(transparent)]
+    Pve(#[from] PveError),
+}
+
+/// Builds the client configuration of one connection, reading its secret.
+pub fn client_config(
+    conn: &Connection,
+    key: Option<&SecretKey>,
+) -> Result<ClientConfig, ConnectError> {
+    let secret_err = |source| ConnectError::Secret {
+        cluster: conn.name.clone(),
+        source,
+    };
+    let auth = match &conn.credential {
+        Credential::Password(src) => Auth::Password {
+            user: conn.user.to_string(),
+            password: resolve_secret(src, key).map_err(secret_err)?,
+        },
+        Credential::Token { name, secret } => Auth::Token {
+            user: conn.user.to_string(),
+            token_name: name.clone(),
+            secret: resolve_secret(secret, key).map_err(secret_err)?,
+        },
+    };
+    let mut cfg = ClientConfig::new(conn.name.clone(), conn.host.host.clone(), auth);
+    cfg.port = conn.host.port;
+    cfg.tls = match &conn.tls {
+        TlsSetting::SystemRoots => TlsPolicy::SystemRoots,
+        TlsSetting::CaFile(p) => TlsPolicy::CaFile(p.clone()),
+        TlsSetting::Fingerprint(fp) => TlsPolicy::Fingerprint(*fp),
+        TlsSetting::Insecure => TlsPolicy::Insecure,
+    };
+    cfg.max_concurrent_requests = conn.max_requests as usize;
+    cfg.request_timeout = Duration::from_secs(30);
+    Ok(cfg)
+}
+
+/// The clients of one process, by cluster name.
+#[derive(Clone)]
+pub struct Clusters {
+    connections: Arc<Connections>,
+    key: Option<SecretKey>,
+    clients: Arc<Mutex<HashMap<String, PveClient>>>,
+}
+
+impl Clusters {
+    pub fn new(connections: Connections, key: Option<SecretKey>) -> Clusters {
+        Clusters {
+            connections: Arc::new(connections),
+            key,
+            clients: Arc::default(),
+        }
+    }
+
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    pub fn secret_key(&self) -> Option<&SecretKey> {
+        self.key.as_ref()
+    }
+
+    /// The client of `cluster`, created on first use.
+    pub fn client(&self, cluster: &str) -> Result<PveClient, ConnectError> {
+        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(cluster) {
+            return Ok(c.clone());
+        }
+        let conn = self
+            .connections
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| ConnectError::UnknownCluster(cluster.to_owned()))?;
+        let client = PveClient::new(client_config(conn, self.key.as_ref())?)?;
+        map.insert(cluster.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Whether `cluster` authenticates as `root@pam` with a password ticket: the only
+    /// identity Proxmox lets use `skiplock`.
+    pub fn can_skiplock(&self, cluster: &str) -> bool {
+        self.connections.clusters.get(cluster).is_some_and(|c| {
+            matches!(c.credential, Credential::Password(_)) && c.user.to_string() == "root@pam"
+        })
+    }
+}

@@ -1,0 +1,373 @@
+//! `clone`: one VM from its template (or the template's replica on the student's node),
+//! with a VMID reserved in Redis, the marker in `description` and the pool in the call.
+//!
+//! Ownership before the clone's real config exists rests on the VMID reserved in Redis
+//! (recorded in the VM's facts before the POST) and on the UPID recorded right after it;
+//! once the config exists, on the marker. A retried or re-delivered clone therefore first
+//! looks at what the previous attempt left:
+//! - its task still running -> wait for it (the job keeps its slots meanwhile);
+//! - the VM complete with our marker -> done, nothing cloned twice;
+//! - a half-made VM (the task died: `unexpected status`, or a `lock: clone` left behind) ->
+//!   destroy it (with `skiplock` when the connection may use it), or quarantine its VMID and
+//!   clone again under a new one;
+//! - the VMID taken by something that is not ours -> a new VMID.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::alloc::{self, Space};
+use crate::jobs::state::{Quarantined, VmFacts};
+use crate::jobs::{CloneJob, Env, marker, pve_error};
+use crate::pve::{CloneParams, DestroyParams, MessageKind, PveClient, PveError, Upid, VmConfig};
+use crate::queue::{JobError, Lease};
+
+/// What is at a VMID, as far as this VM is concerned.
+enum Found {
+    Nothing,
+    /// Complete, with our marker.
+    Ours,
+    /// A config with `lock: clone` and no description yet: a clone in progress or dead.
+    Unfinished {
+        node: String,
+        lock: String,
+    },
+    /// Something else.
+    Foreign,
+}
+
+pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    let dep = &j.vm.deployment;
+    let key = &j.vm.key;
+    let pve = env.pve(&j.vm.cluster)?;
+    let q = env.store.queue();
+    let space = Space::vmids(q, &j.vm.cluster);
+    let owner = format!("{dep}|{key}");
+    let my_marker = marker(dep, key);
+
+    let prior = env
+        .store
+        .one_vm(dep, key)
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
+    let mut vmid = match &prior {
+        Some(f) => f.vmid,
+        None => alloc::lookup(q, &space, &owner)
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))?
+            .unwrap_or(j.vmid),
+    };
+    let mut quarantined = prior
+        .as_ref()
+        .map(|f| f.quarantined.clone())
+        .unwrap_or_default();
+
+    // A previous attempt may have started a clone: find out what became of it.
+    if let Some(f) = &prior {
+        if let Some(upid) = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok()) {
+            match pve.task_status(&upid).await {
+                Ok(st) if st.is_running() => {
+                    tracing::info!(vmid, %upid, "clone of a previous attempt still running; waiting for it");
+                    match env.wait(&pve, &upid, lease).await {
+                        Ok(()) => {
+                            return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined)
+                                .await;
+                        }
+                        Err(JobError::Deferred) => return Err(JobError::Deferred),
+                        Err(JobError::LeaseLost) => return Err(JobError::LeaseLost),
+                        Err(_) => {} // failed: look at what it left below
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(pve_error(e)),
+                Err(_) => {} // task unknown (e.g. node reinstalled): inspect the VMID instead
+            }
+        }
+        match inspect(&pve, j, vmid, &my_marker).await? {
+            Found::Ours => return finish(j, lease, env, &pve, vmid, None, &quarantined).await,
+            Found::Nothing => {}
+            Found::Unfinished { node, lock } => {
+                vmid = clean_up(
+                    j,
+                    lease,
+                    env,
+                    &pve,
+                    &space,
+                    &owner,
+                    vmid,
+                    &node,
+                    &lock,
+                    &mut quarantined,
+                )
+                .await?;
+            }
+            Found::Foreign => {
+                vmid = new_vmid(j, env, &space, &owner).await?;
+            }
+        }
+    }
+
+    // Clone, moving to a new VMID when the reserved one turns out to be taken.
+    for _ in 0..5 {
+        env.store
+            .put_vm(
+                lease,
+                dep,
+                key,
+                &VmFacts {
+                    vmid,
+                    node: j.vm.node.clone(),
+                    upid: None,
+                    quarantined: quarantined.clone(),
+                },
+            )
+            .await?;
+        lease.check().await?;
+        let params = CloneParams {
+            newid: vmid,
+            name: Some(j.name.clone()),
+            description: Some(my_marker.clone()),
+            pool: Some(j.pool.clone()),
+            target: (j.source_node != j.vm.node).then(|| j.vm.node.clone()),
+            full: Some(j.full),
+            storage: if j.full { j.storage.clone() } else { None },
+        };
+        let upid = match pve.clone_vm(&j.source_node, j.source_vmid, &params).await {
+            Ok(u) => u,
+            Err(PveError::AlreadyExists { .. }) => {
+                match inspect(&pve, j, vmid, &my_marker).await? {
+                    Found::Ours => {
+                        return finish(j, lease, env, &pve, vmid, None, &quarantined).await;
+                    }
+                    _ => {
+                        vmid = new_vmid(j, env, &space, &owner).await?;
+                        continue;
+                    }
+                }
+            }
+            Err(e) => return Err(pve_error(e)),
+        };
+        env.store
+            .put_vm(
+                lease,
+                dep,
+                key,
+                &VmFacts {
+                    vmid,
+                    node: j.vm.node.clone(),
+                    upid: Some(upid.to_string()),
+                    quarantined: quarantined.clone(),
+                },
+            )
+            .await?;
+        match env.wait(&pve, &upid, lease).await {
+            Ok(()) => return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await,
+            Err(JobError::Retry(msg) | JobError::Permanent(msg)) => {
+                let err = PveError::TaskFailed {
+                    upid: Box::new(upid.clone()),
+                    exitstatus: msg.clone(),
+                    kind: crate::pve::error::classify_message(&msg),
+                    log_tail: vec![],
+                };
+                match inspect(&pve, j, vmid, &my_marker).await? {
+                    Found::Ours => {
+                        return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await;
+                    }
+                    Found::Nothing if collision(&msg, vmid) => {
+                        vmid = new_vmid(j, env, &space, &owner).await?;
+                        continue;
+                    }
+                    Found::Nothing => return Err(task_error(err, msg)),
+                    Found::Unfinished { node, lock } if !collision(&msg, vmid) => {
+                        clean_up(
+                            j,
+                            lease,
+                            env,
+                            &pve,
+                            &space,
+                            &owner,
+                            vmid,
+                            &node,
+                            &lock,
+                            &mut quarantined,
+                        )
+                        .await?;
+                        return Err(JobError::Retry(msg));
+                    }
+                    Found::Unfinished { .. } | Found::Foreign => {
+                        vmid = new_vmid(j, env, &space, &owner).await?;
+                        continue;
+                    }
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(JobError::Retry(
+        "VMIDs kept colliding; retrying later".into(),
+    ))
+}
+
+fn task_error(err: PveError, msg: String) -> JobError {
+    if err.is_transient() {
+        JobError::Retry(msg)
+    } else {
+        JobError::Permanent(msg)
+    }
+}
+
+/// Whether a clone task failed because another guest holds (or took) the VMID.
+fn collision(msg: &str, vmid: u32) -> bool {
+    let m = msg.to_ascii_lowercase();
+    (m.contains(&format!("lock-{vmid}.conf"))
+        && crate::pve::error::classify_message(msg) == MessageKind::LockTimeout)
+        || m.contains("file exists")
+        || m.contains("already exists")
+}
+
+/// Looks at the VMID on the student's node and on the source node.
+async fn inspect(
+    pve: &PveClient,
+    j: &CloneJob,
+    vmid: u32,
+    my_marker: &str,
+) -> Result<Found, JobError> {
+    let mut nodes = vec![j.vm.node.as_str()];
+    if j.source_node != j.vm.node {
+        nodes.push(j.source_node.as_str());
+    }
+    for node in nodes {
+        match pve.vm_config(node, vmid).await {
+            Ok(cfg) => return Ok(classify(&cfg, node, my_marker)),
+            Err(PveError::NotFound { .. }) => continue,
+            Err(e) => return Err(pve_error(e)),
+        }
+    }
+    Ok(Found::Nothing)
+}
+
+fn classify(cfg: &VmConfig, node: &str, my_marker: &str) -> Found {
+    let desc = cfg.description().unwrap_or_default();
+    let ours = desc.lines().any(|l| l.trim() == my_marker);
+    match cfg.lock() {
+        Some(lock) if !ours && desc.is_empty() => Found::Unfinished {
+            node: node.to_owned(),
+            lock,
+        },
+        Some(lock) if ours => Found::Unfinished {
+            node: node.to_owned(),
+            lock,
+        },
+        _ if ours => Found::Ours,
+        _ => Found::Foreign,
+    }
+}
+
+async fn new_vmid(j: &CloneJob, env: &Env, space: &Space, owner: &str) -> Result<u32, JobError> {
+    let pve = env.pve(&j.vm.cluster)?;
+    let taken: BTreeSet<u32> = pve
+        .cluster_vms()
+        .await
+        .map_err(pve_error)?
+        .into_iter()
+        .map(|v| v.vmid)
+        .collect();
+    let id = alloc::replace(
+        env.store.queue(),
+        space,
+        owner,
+        j.vmid_min,
+        j.vmid_max,
+        &taken,
+    )
+    .await
+    .map_err(|e| JobError::Retry(e.to_string()))?;
+    tracing::warn!(vm = %j.vm.key, vmid = id, "VMID taken by another guest; moved to a new one");
+    Ok(id)
+}
+
+/// Removes a half-made VM of ours, or quarantines its VMID when Proxmox will not let this
+/// connection remove it (a stale `lock` needs `skiplock`, which only root@pam with a
+/// password ticket may use). Returns the VMID to clone into next.
+#[allow(clippy::too_many_arguments)] // one call site each; a struct would only rename them
+async fn clean_up(
+    j: &CloneJob,
+    lease: &Lease,
+    env: &Env,
+    pve: &PveClient,
+    space: &Space,
+    owner: &str,
+    vmid: u32,
+    node: &str,
+    lock: &str,
+    quarantined: &mut Vec<u32>,
+) -> Result<u32, JobError> {
+    lease.check().await?;
+    let skiplock = env.clusters.can_skiplock(&j.vm.cluster);
+    if skiplock {
+        let p = DestroyParams {
+            purge: true,
+            skiplock: true,
+            ..DestroyParams::default()
+        };
+        match pve.destroy_vm(node, vmid, &p).await {
+            Ok(upid) => {
+                env.wait(pve, &upid, lease).await?;
+                tracing::warn!(vmid, node, "removed a half-made VM before cloning again");
+                return Ok(vmid);
+            }
+            Err(PveError::NotFound { .. }) => return Ok(vmid),
+            Err(e) if e.is_transient() => return Err(pve_error(e)),
+            Err(_) => {}
+        }
+    }
+    let q = Quarantined {
+        vmid,
+        node: node.to_owned(),
+        deployment: j.vm.deployment.clone(),
+        vm: j.vm.key.clone(),
+        reason: format!(
+            "half-made clone left with lock '{lock}'; removing it needs skiplock (root@pam with a password)"
+        ),
+        at: Utc::now(),
+    };
+    env.store
+        .quarantine(&q, &j.vm.cluster)
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
+    quarantined.push(vmid);
+    tracing::warn!(
+        vmid,
+        node,
+        "quarantined a half-made VM; cloning under a new VMID"
+    );
+    // The job's backoff gives the lock a moment; a new VMID avoids waiting on it at all.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    new_vmid(j, env, space, owner).await
+}
+
+/// Confirms the VM and records its facts.
+async fn finish(
+    j: &CloneJob,
+    lease: &Lease,
+    env: &Env,
+    _pve: &PveClient,
+    vmid: u32,
+    upid: Option<Upid>,
+    quarantined: &[u32],
+) -> Result<(), JobError> {
+    env.store
+        .put_vm(
+            lease,
+            &j.vm.deployment,
+            &j.vm.key,
+            &VmFacts {
+                vmid,
+                node: j.vm.node.clone(),
+                upid: upid.map(|u| u.to_string()),
+                quarantined: quarantined.to_vec(),
+            },
+        )
+        .await
+}

@@ -1,0 +1,199 @@
+//! The job kinds of a deployment, each in its own module with its handler and its "already
+//! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
+//! `destroy`, `teardown` (per student and per node). `payload` holds what sits in Redis,
+//! `state` the deployment's progress records, `cache` the per-process cluster facts.
+//!
+//! Handlers converge: each reads the current state, does only what is missing, and can run
+//! twice without harm. They decide retry or give up by the error's variant
+//! ([`PveError::is_transient`]), never by message text. Only workers run handlers; the
+//! producer reuses the checks for `plan`, `retry` and `teardown`.
+
+pub mod cache;
+pub mod clone;
+pub mod destroy;
+pub mod network;
+pub mod node_network;
+pub mod payload;
+pub mod permission;
+pub mod start;
+pub mod state;
+pub mod student;
+pub mod teardown;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use payload::*;
+
+use crate::clusters::{Clusters, ConnectError};
+use crate::pve::{PveClient, PveError, Upid, WaitOptions};
+use crate::queue::{JobError, Lease, Queue};
+use state::{StepState, Store};
+
+/// Timing knobs of the handlers.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// A clone (or another VM task) still running after this long is considered stuck.
+    pub task_deadline: Duration,
+    /// Cluster facts (users, pools, bridges) are reused for this long.
+    pub cache_ttl: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            task_deadline: Duration::from_secs(3600),
+            cache_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a handler needs, shared by all jobs of a worker process.
+pub struct Env {
+    pub clusters: Clusters,
+    pub store: Store,
+    pub cache: cache::Cache,
+    pub timing: Timing,
+    /// Cancelled at shutdown: long waits end and the job is handed back.
+    pub shutdown: CancellationToken,
+}
+
+impl Env {
+    pub fn new(
+        clusters: Clusters,
+        queue: Queue,
+        timing: Timing,
+        shutdown: CancellationToken,
+    ) -> Arc<Env> {
+        Arc::new(Env {
+            clusters,
+            store: Store::new(queue),
+            cache: cache::Cache::new(timing.cache_ttl),
+            timing,
+            shutdown,
+        })
+    }
+
+    pub fn pve(&self, cluster: &str) -> Result<PveClient, JobError> {
+        self.clusters.client(cluster).map_err(connect_error)
+    }
+
+    /// Waits for a Proxmox task. Ends early (handing the job back) at shutdown or when the
+    /// lease is lost; the task itself keeps running and a re-delivery finds it by its UPID.
+    pub async fn wait(&self, pve: &PveClient, upid: &Upid, lease: &Lease) -> Result<(), JobError> {
+        let cancel = self.shutdown.child_token();
+        let opts = WaitOptions {
+            deadline: Some(tokio::time::Instant::now() + self.timing.task_deadline),
+            cancel: cancel.clone(),
+            ..WaitOptions::default()
+        };
+        let waiting = pve.wait_task(upid, &opts);
+        tokio::pin!(waiting);
+        let r = tokio::select! {
+            r = &mut waiting => r,
+            _ = lease.lost() => return Err(JobError::LeaseLost),
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(PveError::Cancelled) => Err(JobError::Deferred),
+            Err(e) => Err(pve_error(e)),
+        }
+    }
+}
+
+fn connect_error(e: ConnectError) -> JobError {
+    match e {
+        ConnectError::Pve(p) => pve_error(p),
+        other => JobError::Permanent(other.to_string()),
+    }
+}
+
+/// Maps a Proxmox error to the queue's retry decision, by variant.
+pub fn pve_error(e: PveError) -> JobError {
+    if e.is_transient() {
+        JobError::Retry(e.to_string())
+    } else {
+        JobError::Permanent(e.to_string())
+    }
+}
+
+/// Runs one job: records `running`, calls the kind's handler, records the outcome.
+pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> {
+    let (subject, step) = subject_and_step(&job);
+    let dep = job.deployment().to_owned();
+    let _ = env
+        .store
+        .put_step(&lease, &dep, &subject, step, StepState::Running, None)
+        .await;
+    let result = match &job {
+        Job::Student(j) => student::run(j, &lease, &env).await,
+        Job::NodeNetwork(j) => node_network::run(j, &lease, &env).await,
+        Job::Clone(j) => clone::run(j, &lease, &env).await,
+        Job::Network(j) => network::run(j, &lease, &env).await,
+        Job::Permission(j) => permission::run(j, &lease, &env).await,
+        Job::Start(j) => start::run(j, &lease, &env).await,
+        Job::Destroy(j) => destroy::run(j, &lease, &env).await,
+        Job::StudentTeardown(j) => teardown::student(j, &lease, &env).await,
+        Job::NodeNetworkTeardown(j) => teardown::node_network(j, &lease, &env).await,
+    };
+    let outcome = match &result {
+        Ok(()) => Some((StepState::Done, None)),
+        Err(JobError::Permanent(m)) => Some((StepState::Failed, Some(m.clone()))),
+        Err(JobError::Retry(m) | JobError::RetryAfter(_, m)) => {
+            let last = lease.attempt() >= lease.max_attempts();
+            Some((
+                if last {
+                    StepState::Failed
+                } else {
+                    StepState::Retrying
+                },
+                Some(m.clone()),
+            ))
+        }
+        Err(JobError::LeaseLost) => None,
+        Err(JobError::Deferred | JobError::DeferredFor(_)) => None,
+    };
+    if let Some((state, err)) = outcome {
+        let _ = env
+            .store
+            .put_step(&lease, &dep, &subject, step, state, err)
+            .await;
+    }
+    match &result {
+        Ok(()) => tracing::info!(kind = job.kind(), subject, "job done"),
+        Err(e) => tracing::warn!(kind = job.kind(), subject, error = %e, "job not done"),
+    }
+    result
+}
+
+/// The subject (VM key, `student:<user>`, `node:<node>`) and step name a job records under.
+pub fn subject_and_step(job: &Job) -> (String, &'static str) {
+    match job {
+        Job::Student(j) => (format!("student:{}", j.user), "student"),
+        Job::StudentTeardown(j) => (format!("student:{}", j.user), "teardown"),
+        Job::NodeNetwork(j) => (format!("node:{}", j.node), "bridges"),
+        Job::NodeNetworkTeardown(j) => (format!("node:{}", j.node), "teardown"),
+        Job::Clone(j) => (j.vm.key.clone(), "clone"),
+        Job::Network(j) => (j.vm.key.clone(), "network"),
+        Job::Permission(j) => (j.vm.key.clone(), "permission"),
+        Job::Start(j) => (j.vm.key.clone(), "start"),
+        Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
+    }
+}
+
+/// The VM's facts as the clone job recorded them; a step after the clone needs them.
+pub async fn require_vm(env: &Env, vm: &VmRef) -> Result<state::VmFacts, JobError> {
+    match env.store.one_vm(&vm.deployment, &vm.key).await {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(JobError::Retry(format!(
+            "no VM recorded for {} yet (its clone job has not finished)",
+            vm.key
+        ))),
+        Err(e) => Err(JobError::Retry(format!("redis: {e}"))),
+    }
+}

@@ -1,0 +1,204 @@
+//! Job payloads: what sits in Redis between the producer and a worker.
+//!
+//! Payloads carry ids and the desired state, never credentials or snapshots of live state:
+//! a worker loads the cluster's credentials from its own `connections.yml` by name. The one
+//! secret that travels is a new student's initial password, sealed with the `enc:` key.
+//! Payloads outlive upgrades in Redis, so their JSON is snapshot-tested (`tests.rs`): change
+//! a field only in a backward-compatible way (new fields optional with a default).
+
+use serde::{Deserialize, Serialize};
+
+/// Every job kind. One closed list: the worker dispatches on it and `JobSpec::kind` is its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Job {
+    Student(StudentJob),
+    NodeNetwork(NodeNetworkJob),
+    Clone(CloneJob),
+    Network(NetworkJob),
+    Permission(PermissionJob),
+    Start(StartJob),
+    Destroy(DestroyJob),
+    StudentTeardown(StudentJob),
+    NodeNetworkTeardown(NodeNetworkJob),
+}
+
+impl Job {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Student(_) => "student",
+            Job::NodeNetwork(_) => "node-network",
+            Job::Clone(_) => "clone",
+            Job::Network(_) => "network",
+            Job::Permission(_) => "permission",
+            Job::Start(_) => "start",
+            Job::Destroy(_) => "destroy",
+            Job::StudentTeardown(_) => "student-teardown",
+            Job::NodeNetworkTeardown(_) => "node-network-teardown",
+        }
+    }
+
+    pub fn deployment(&self) -> &str {
+        match self {
+            Job::Student(j) | Job::StudentTeardown(j) => &j.deployment,
+            Job::NodeNetwork(j) | Job::NodeNetworkTeardown(j) => &j.deployment,
+            Job::Clone(j) => &j.vm.deployment,
+            Job::Network(j) => &j.vm.deployment,
+            Job::Permission(j) => &j.vm.deployment,
+            Job::Start(j) => &j.vm.deployment,
+            Job::Destroy(j) => &j.vm.deployment,
+        }
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("payloads serialize")
+    }
+}
+
+/// Every kind, for retry policies and metrics.
+pub const KINDS: &[&str] = &[
+    "student",
+    "node-network",
+    "clone",
+    "network",
+    "permission",
+    "start",
+    "destroy",
+    "student-teardown",
+    "node-network-teardown",
+];
+
+/// Which VM a job is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRef {
+    pub deployment: String,
+    pub cluster: String,
+    /// `<user>/<machine>`, unique in the deployment.
+    pub key: String,
+    /// The node the VM lives on once cloned.
+    pub node: String,
+}
+
+/// Create the student's `@pve` user if missing, and their pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StudentJob {
+    pub deployment: String,
+    pub cluster: String,
+    pub user: String,
+    pub pool: String,
+    /// The initial password for a user labfleet creates, sealed (`enc:`); `None` when the
+    /// user is not in the `pve` realm (a missing user then fails the job, naming the user).
+    #[serde(default)]
+    pub sealed_password: Option<String>,
+}
+
+/// A private bridge on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BridgePlan {
+    pub iface: String,
+    pub vlan_aware: bool,
+    /// `<user> <alias>`, written into the bridge's comment with the marker.
+    pub owner: String,
+}
+
+/// Create every private bridge the students placed on `node` need, then apply once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeNetworkJob {
+    pub deployment: String,
+    pub cluster: String,
+    pub node: String,
+    pub bridges: Vec<BridgePlan>,
+}
+
+/// Clone one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneJob {
+    pub vm: VmRef,
+    pub name: String,
+    pub source_node: String,
+    pub source_vmid: u32,
+    pub full: bool,
+    #[serde(default)]
+    pub storage: Option<String>,
+    pub pool: String,
+    /// The VMID reserved at submit; a retry reuses the one recorded in the VM's state.
+    pub vmid: u32,
+    /// Where a replacement VMID comes from when this one turns out to be taken.
+    pub vmid_min: u32,
+    pub vmid_max: u32,
+}
+
+/// One NIC as it should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicPlan {
+    pub model: String,
+    pub bridge: String,
+    #[serde(default)]
+    pub tag: Option<u16>,
+    #[serde(default)]
+    pub firewall: Option<bool>,
+}
+
+/// Set `net0..netN` of one VM (and remove NICs beyond N that the template had).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkJob {
+    pub vm: VmRef,
+    pub nics: Vec<NicPlan>,
+}
+
+/// Give the student the role on their VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PermissionJob {
+    pub vm: VmRef,
+    pub user: String,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartJob {
+    pub vm: VmRef,
+}
+
+/// Stop (if running) and destroy one VM labfleet created, found by VMID and marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyJob {
+    pub vm: VmRef,
+    #[serde(default)]
+    pub vmid: Option<u32>,
+}
+
+/// The marker labfleet writes into what it creates (VM description, pool and user
+/// comments, bridge comments): proof of ownership when Redis state is gone.
+pub fn marker(deployment: &str, key: &str) -> String {
+    format!("labfleet deployment={deployment} vm={key}")
+}
+
+/// The marker's deployment part, for objects that belong to a deployment as a whole.
+pub fn deployment_marker(deployment: &str) -> String {
+    format!("labfleet deployment={deployment}")
+}
+
+/// Job keys: `<deployment>/<what>/<step>`. Stable, so a resubmit finds the same jobs.
+pub mod keys {
+    pub fn student(dep: &str, user: &str) -> String {
+        format!("{dep}/student/{user}")
+    }
+    pub fn student_teardown(dep: &str, user: &str) -> String {
+        format!("{dep}/teardown/student/{user}")
+    }
+    /// Keyed by the set of bridges, so adding students makes a new job.
+    pub fn node_network(dep: &str, node: &str, bridges: &[super::BridgePlan]) -> String {
+        let mut names: Vec<&str> = bridges.iter().map(|b| b.iface.as_str()).collect();
+        names.sort_unstable();
+        format!("{dep}/node-network/{node}/{}", names.join("+"))
+    }
+    pub fn node_network_teardown(dep: &str, node: &str) -> String {
+        format!("{dep}/teardown/node-network/{node}")
+    }
+    pub fn vm_step(dep: &str, vm: &str, step: &str) -> String {
+        format!("{dep}/vm/{vm}/{step}")
+    }
+    pub fn destroy(dep: &str, vm: &str) -> String {
+        format!("{dep}/teardown/vm/{vm}")
+    }
+}

@@ -1,0 +1,52 @@
+//! `student`: the student's `@pve` user (created with the sealed initial password when
+//! missing; an existing user's password is never changed) and their pool.
+//! Done when: the user exists and the pool exists.
+
+use crate::jobs::cache::Cache;
+use crate::jobs::{Env, StudentJob, deployment_marker, pve_error};
+use crate::pve::{PveError, UserCreate};
+use crate::queue::{JobError, Lease};
+
+pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    let pve = env.pve(&j.cluster)?;
+    let users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+    if !users.contains(&j.user) {
+        let Some(sealed) = &j.sealed_password else {
+            return Err(JobError::Permanent(format!(
+                "user {} does not exist, and labfleet creates users only in the pve realm: create it in its realm first",
+                j.user
+            )));
+        };
+        let key = env.clusters.secret_key().ok_or_else(|| {
+            JobError::Permanent("this worker has no secret key (LABFLEET_SECRET_KEY) to open the student's initial password".into())
+        })?;
+        let password = key
+            .open(sealed)
+            .map_err(|e| JobError::Permanent(format!("initial password of {}: {e}", j.user)))?;
+        lease.check().await?;
+        let create = UserCreate {
+            userid: j.user.clone(),
+            password: Some(password),
+            comment: Some(deployment_marker(&j.deployment)),
+            ..UserCreate::default()
+        };
+        match pve.create_user(&create).await {
+            Ok(()) | Err(PveError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(pve_error(e)),
+        }
+        env.cache.note(&Cache::users_key(&j.cluster), &j.user);
+    }
+    let pools = env.cache.pools(&j.cluster, &pve).await.map_err(pve_error)?;
+    if !pools.contains(&j.pool) {
+        lease.check().await?;
+        match pve
+            .create_pool(&j.pool, Some(&deployment_marker(&j.deployment)))
+            .await
+        {
+            Ok(()) | Err(PveError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(pve_error(e)),
+        }
+        env.cache.note(&Cache::pools_key(&j.cluster), &j.pool);
+    }
+    Ok(())
+}
