@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, OriginalUri, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -39,11 +39,20 @@ pub(crate) fn envelope(v: Value) -> ApiResult {
     Ok(r)
 }
 
-async fn not_implemented(OriginalUri(uri): OriginalUri, req: Request) -> PveError {
+async fn not_implemented(req: Request) -> PveError {
     PveError::not_implemented(format!(
         "Method '{} {}' not implemented",
         req.method(),
-        uri.path()
+        req.uri().path()
+    ))
+}
+
+/// Inside the `/api2/json` nest the prefix is stripped; put it back in the message.
+async fn api_not_implemented(req: Request) -> PveError {
+    PveError::not_implemented(format!(
+        "Method '{} /api2/json{}' not implemented",
+        req.method(),
+        req.uri().path()
     ))
 }
 
@@ -164,8 +173,8 @@ pub(crate) fn router(app: Arc<Shared>) -> Router {
         )
         .route("/nodes/{node}/qemu/{vmid}/template", post(qemu::template))
         .route("/sim/stats", get(sim_stats))
-        .fallback(not_implemented)
-        .method_not_allowed_fallback(not_implemented);
+        .fallback(api_not_implemented)
+        .method_not_allowed_fallback(api_not_implemented);
     Router::new()
         .nest("/api2/json", api)
         .route("/sim/stats", get(sim_stats))
