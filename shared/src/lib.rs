@@ -10,7 +10,11 @@ pub mod clusters;
 pub mod config;
 pub mod jobs;
 pub mod placement;
+pub mod plan;
 pub mod pve;
 pub mod queue;
+mod redact;
 pub mod secret;
 pub mod telemetry;
+
+pub use redact::redact_url;

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the cluster reports of one node, plus what other deployments have planned on it.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,14 +40,14 @@ pub struct StudentDemand {
     pub pinned: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeLoad {
     pub students: usize,
     pub planned_mem: u64,
     pub free_mem_after: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Placement {
     /// user -> node.
     pub nodes: BTreeMap<String, String>,
@@ -75,7 +75,10 @@ fn fmt_reasons(r: &BTreeMap<String, String>) -> String {
 }
 
 /// Places every student. Students with a `pinned` node keep it if it is still eligible.
-pub fn place(students: &[StudentDemand], nodes: &[NodeCapacity]) -> Result<Placement, PlacementError> {
+pub fn place(
+    students: &[StudentDemand],
+    nodes: &[NodeCapacity],
+) -> Result<Placement, PlacementError> {
     let mut free: BTreeMap<&str, i64> = nodes
         .iter()
         .map(|n| {
@@ -83,7 +86,8 @@ pub fn place(students: &[StudentDemand], nodes: &[NodeCapacity]) -> Result<Place
             (n.name.as_str(), f)
         })
         .collect();
-    let by_name: BTreeMap<&str, &NodeCapacity> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let by_name: BTreeMap<&str, &NodeCapacity> =
+        nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut count: BTreeMap<&str, usize> = BTreeMap::new();
     let mut planned: BTreeMap<&str, u64> = BTreeMap::new();
     let mut out = BTreeMap::new();
@@ -120,7 +124,10 @@ pub fn place(students: &[StudentDemand], nodes: &[NodeCapacity]) -> Result<Place
                     fa.cmp(&fb)
                         .then_with(|| b.cpu.total_cmp(&a.cpu))
                         .then_with(|| {
-                            count.get(b.name.as_str()).unwrap_or(&0).cmp(count.get(a.name.as_str()).unwrap_or(&0))
+                            count
+                                .get(b.name.as_str())
+                                .unwrap_or(&0)
+                                .cmp(count.get(a.name.as_str()).unwrap_or(&0))
                         })
                         .then_with(|| b.name.cmp(&a.name))
                 });
@@ -211,29 +218,50 @@ mod tests {
         let cases = vec![
             Case {
                 name: "equal nodes share students round-robin by free memory",
-                nodes: vec![node("pve1", 64, 0, true), node("pve2", 64, 0, true), node("pve3", 64, 0, true)],
-                students: (1..=6).map(|i| student(&format!("s{i}"), 4, &all)).collect(),
-                want: &[("s1", "pve1"), ("s2", "pve2"), ("s3", "pve3"), ("s4", "pve1"), ("s5", "pve2"), ("s6", "pve3")],
+                nodes: vec![
+                    node("pve1", 64, 0, true),
+                    node("pve2", 64, 0, true),
+                    node("pve3", 64, 0, true),
+                ],
+                students: (1..=6)
+                    .map(|i| student(&format!("s{i}"), 4, &all))
+                    .collect(),
+                want: &[
+                    ("s1", "pve1"),
+                    ("s2", "pve2"),
+                    ("s3", "pve3"),
+                    ("s4", "pve1"),
+                    ("s5", "pve2"),
+                    ("s6", "pve3"),
+                ],
                 warnings: 0,
             },
             Case {
                 name: "the emptiest node is filled first",
                 nodes: vec![node("pve1", 64, 40, true), node("pve2", 64, 0, true)],
-                students: (1..=3).map(|i| student(&format!("s{i}"), 8, &["pve1", "pve2"])).collect(),
+                students: (1..=3)
+                    .map(|i| student(&format!("s{i}"), 8, &["pve1", "pve2"]))
+                    .collect(),
                 want: &[("s1", "pve2"), ("s2", "pve2"), ("s3", "pve2")],
                 warnings: 0,
             },
             Case {
                 name: "offline nodes get nobody",
                 nodes: vec![node("pve1", 64, 0, false), node("pve2", 32, 0, true)],
-                students: vec![student("s1", 4, &["pve1", "pve2"]), student("s2", 4, &["pve1", "pve2"])],
+                students: vec![
+                    student("s1", 4, &["pve1", "pve2"]),
+                    student("s2", 4, &["pve1", "pve2"]),
+                ],
                 want: &[("s1", "pve2"), ("s2", "pve2")],
                 warnings: 0,
             },
             Case {
                 name: "eligibility (replicas) restricts nodes",
                 nodes: vec![node("pve1", 64, 0, true), node("pve2", 128, 0, true)],
-                students: vec![student("s1", 4, &["pve1"]), student("s2", 4, &["pve1", "pve2"])],
+                students: vec![
+                    student("s1", 4, &["pve1"]),
+                    student("s2", 4, &["pve1", "pve2"]),
+                ],
                 want: &[("s1", "pve1"), ("s2", "pve2")],
                 warnings: 0,
             },
@@ -274,8 +302,15 @@ mod tests {
     #[test]
     fn no_eligible_node_names_every_reason() {
         let mut s = student("s1", 4, &["pve1"]);
-        s.refused.insert("pve2".into(), "no replica of template 100 (linux-template)".into());
-        let e = place(&[s], &[node("pve1", 64, 0, false), node("pve2", 64, 0, true)]).unwrap_err();
+        s.refused.insert(
+            "pve2".into(),
+            "no replica of template 100 (linux-template)".into(),
+        );
+        let e = place(
+            &[s],
+            &[node("pve1", 64, 0, false), node("pve2", 64, 0, true)],
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("pve1: node is offline"), "{msg}");
         assert!(msg.contains("pve2: no replica"), "{msg}");

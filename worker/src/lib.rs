@@ -1,1 +1,154 @@
-//! worker
+//! The worker: consumes labfleet's jobs from Redis and runs them against Proxmox.
+//!
+//! [`run`] wires the job handlers of `shared::jobs` into an apalis worker over labfleet's own
+//! Redis backend (`shared::queue::LeaseBackend`): claims with a lease, renewal inside each
+//! job, fenced settle, a reaper, retries by kind. Any number of worker processes on any
+//! number of hosts may run at once; each has a unique identity. The binary (`main.rs`) and
+//! the producer's demo both call [`run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis::prelude::*;
+use shared::clusters::Clusters;
+use shared::config;
+use shared::jobs::{self, Env, Job, Timing};
+use shared::queue::{
+    JobError, Lease, LeaseBackend, Queue, QueueConfig, RetryPolicy, WorkerOptions,
+};
+use shared::secret::SecretKey;
+use tokio_util::sync::CancellationToken;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub redis_url: String,
+    /// Folder with `connections.yml` (the worker reads nothing else of it).
+    pub data_dir: PathBuf,
+    pub concurrency: usize,
+    /// Identity in claims and logs; default `<host>:<pid>:<random>`.
+    pub name: Option<String>,
+    pub queue: QueueConfig,
+    pub timing: Timing,
+}
+
+impl WorkerConfig {
+    pub fn new(redis_url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        WorkerConfig {
+            redis_url: redis_url.into(),
+            data_dir: data_dir.into(),
+            concurrency: 16,
+            name: None,
+            queue: queue_config(),
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// The queue settings labfleet's jobs use: retry policies per kind.
+pub fn queue_config() -> QueueConfig {
+    let mut q = QueueConfig::with_namespace("lf");
+    let quick = RetryPolicy {
+        max_attempts: 8,
+        base: Duration::from_millis(500),
+        cap: Duration::from_secs(30),
+    };
+    // Clones meet lock timeouts under load: more attempts, longer backoff.
+    let clone = RetryPolicy {
+        max_attempts: 10,
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(60),
+    };
+    for k in jobs::KINDS {
+        q.retry_by_kind.insert((*k).to_owned(), quick.clone());
+    }
+    q.retry_by_kind.insert("clone".into(), clone.clone());
+    q.retry_by_kind.insert("destroy".into(), clone);
+    q
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains gracefully.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let conn_path = cfg.data_dir.join("connections.yml");
+    let connections = config::load_connections(&conn_path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("reading {}", conn_path.display()))?;
+    let key = SecretKey::from_env().ok();
+    let queue = Queue::connect(&cfg.redis_url, cfg.queue.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Redis at {}",
+                shared::redact_url(&cfg.redis_url)
+            )
+        })?;
+    warn_about_redis(&queue).await;
+    let env = Env::new(
+        Clusters::new(connections, key),
+        queue.clone(),
+        cfg.timing.clone(),
+        shutdown.child_token(),
+    );
+    let mut opts = WorkerOptions::new(cfg.concurrency);
+    if let Some(n) = &cfg.name {
+        opts.worker_id = n.clone();
+    }
+    tracing::info!(worker = %opts.worker_id, concurrency = cfg.concurrency, "worker started");
+    let backend = LeaseBackend::<Job>::new(queue, opts);
+    let worker = WorkerBuilder::new("labfleet")
+        .backend(backend)
+        .data(env.clone())
+        .catch_panic()
+        .build(handle);
+    let stop = shutdown.clone();
+    worker
+        .run_until(async move {
+            stop.cancelled().await;
+            env.shutdown.cancel();
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("worker: {e}"))?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn handle(job: Job, lease: Lease, env: Data<Arc<Env>>) -> Result<(), JobError> {
+    let env: Arc<Env> = (*env).clone();
+    jobs::run(job, lease, env).await
+}
+
+/// Warns when Redis is not configured to keep what it acknowledges.
+async fn warn_about_redis(queue: &Queue) {
+    let mut c = queue.connection();
+    let get = |k: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(k)
+                .query_async(&mut c)
+                .await;
+            v.ok().and_then(|v| v.get(1).cloned())
+        }
+    };
+    let aof = get("appendonly").await;
+    let policy = get("maxmemory-policy").await;
+    let fsync = get("appendfsync").await;
+    let _ = &mut c;
+    if aof.as_deref() == Some("no") {
+        tracing::warn!(
+            "Redis runs without AOF persistence (appendonly no): a Redis restart loses every queued job and all deployment state; set `appendonly yes`"
+        );
+    }
+    if let Some(p) = policy.filter(|p| p != "noeviction") {
+        tracing::warn!(policy = %p, "Redis may evict keys under memory pressure; set `maxmemory-policy noeviction`");
+    }
+    if fsync.as_deref() == Some("no") {
+        tracing::warn!(
+            "Redis appendfsync is `no`: a host crash can lose recent acknowledgements; use `everysec` or `always`"
+        );
+    }
+}

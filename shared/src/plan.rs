@@ -1,0 +1,608 @@
+//! Planning a deployment: from the validated configuration and the cluster's facts to the
+//! list of students, VMs, bridges and jobs. Pure (no I/O): the producer gathers the facts
+//! and allocates VMIDs and bridge names in Redis, then calls these functions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BridgeTarget, Caps, CloneMode, Config, Machine, NetSpec, UserId, VmidPolicy};
+use crate::jobs::{
+    self, BridgePlan, CloneJob, Job, NetworkJob, NicPlan, NodeNetworkJob, PermissionJob, StartJob,
+    StudentJob, VmRef,
+};
+use crate::placement::{NodeCapacity, Placement, StudentDemand};
+use crate::queue::JobSpec;
+
+/// A template (or replica) as the cluster reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    pub vmid: u32,
+    pub node: String,
+    pub name: Option<String>,
+    /// Storages of its disks.
+    pub storages: Vec<String>,
+    /// Every disk on shared storage: clonable onto any node with `target`.
+    pub shared: bool,
+    pub maxmem: u64,
+}
+
+/// What the producer reads from the cluster before planning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Facts {
+    #[serde(skip)]
+    pub nodes: Vec<NodeCapacity>,
+    pub templates: Vec<Template>,
+    pub vmids_in_use: BTreeSet<u32>,
+    pub users: BTreeSet<String>,
+    /// node -> interface names.
+    pub ifaces: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Where one machine's clone comes from on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub node: String,
+    pub vmid: u32,
+    pub storage: Option<String>,
+    pub shared: bool,
+    pub maxmem: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudentPlan {
+    pub user: String,
+    pub index: usize,
+    pub node: String,
+    pub pool: String,
+    pub create_user: bool,
+    /// alias -> (bridge, VLAN-aware).
+    pub bridges: BTreeMap<String, (String, bool)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmPlan {
+    pub key: String,
+    pub user: String,
+    pub machine: String,
+    pub name: String,
+    pub node: String,
+    pub source: Source,
+    pub full: bool,
+    pub storage: Option<String>,
+    pub vmid: u32,
+    pub nics: Vec<NicPlan>,
+    pub slots: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: String,
+    pub cluster: String,
+    pub name: String,
+    pub role: String,
+    pub start: bool,
+    pub students: Vec<StudentPlan>,
+    pub vms: Vec<VmPlan>,
+    pub node_networks: Vec<NodeNetworkJob>,
+    pub placement: Placement,
+    pub warnings: Vec<String>,
+    pub vmid_min: u32,
+    pub vmid_max: u32,
+}
+
+/// The deployment id: `<name>@<cluster>`.
+pub fn deployment_id(cfg: &Config) -> String {
+    format!("{}@{}", cfg.deployment.name, cfg.cluster)
+}
+
+pub fn vm_key(user: &UserId, machine: &Machine) -> String {
+    format!("{user}/{}", machine.name)
+}
+
+/// Slot keys (and their caps) of a clone.
+pub fn clone_slots(
+    cluster: &str,
+    source: &Source,
+    full: bool,
+    storage: Option<&str>,
+    caps: &Caps,
+) -> Vec<(String, u32)> {
+    let mut v = vec![(
+        format!("clone-node:{cluster}/{}", source.node),
+        caps.per_node,
+    )];
+    let st = storage.map(str::to_owned).or(source.storage.clone());
+    if let Some(st) = st {
+        // A shared storage is one resource cluster-wide; a local one is per node.
+        let scope = if source.shared && storage.is_none() {
+            st
+        } else {
+            format!("{}/{st}", source.node)
+        };
+        if full {
+            v.push((
+                format!("clone-full:{cluster}/{scope}"),
+                caps.full_per_storage,
+            ));
+        } else {
+            v.push((
+                format!("clone-linked:{cluster}/{scope}"),
+                caps.linked_per_storage,
+            ));
+        }
+    }
+    v
+}
+
+/// The sources of `m` on every node that can hold it, with why the others cannot.
+pub fn sources(m: &Machine, facts: &Facts) -> (BTreeMap<String, Source>, BTreeMap<String, String>) {
+    let by_id: BTreeMap<(String, u32), &Template> = facts
+        .templates
+        .iter()
+        .map(|t| ((t.node.clone(), t.vmid), t))
+        .collect();
+    let main = by_id
+        .get(&(m.template_node.to_string(), m.template_vmid.get()))
+        .copied();
+    let src = |t: &Template| Source {
+        node: t.node.clone(),
+        vmid: t.vmid,
+        storage: t.storages.first().cloned(),
+        shared: t.shared,
+        maxmem: t.maxmem,
+    };
+    let mut ok = BTreeMap::new();
+    let mut refused = BTreeMap::new();
+    let Some(main) = main else {
+        for n in &facts.nodes {
+            refused.insert(
+                n.name.clone(),
+                format!(
+                    "template {} not found on {}",
+                    m.template_vmid, m.template_node
+                ),
+            );
+        }
+        return (ok, refused);
+    };
+    for n in &facts.nodes {
+        let replica = if n.name == main.node {
+            Some(main)
+        } else if !m.replicas.is_empty() {
+            m.replicas
+                .iter()
+                .find(|(node, _)| node.as_str() == n.name)
+                .and_then(|(node, id)| by_id.get(&(node.to_string(), id.get())).copied())
+        } else {
+            facts
+                .templates
+                .iter()
+                .find(|t| t.node == n.name && t.name.is_some() && t.name == main.name)
+        };
+        match replica {
+            Some(t) => {
+                ok.insert(n.name.clone(), src(t));
+            }
+            None if main.shared => {
+                ok.insert(n.name.clone(), src(main));
+            }
+            None => {
+                refused.insert(
+                    n.name.clone(),
+                    format!(
+                        "no replica of template {} ({}) and it is not on shared storage",
+                        main.vmid,
+                        main.name.as_deref().unwrap_or("unnamed")
+                    ),
+                );
+            }
+        }
+    }
+    (ok, refused)
+}
+
+/// What each student needs, for placement. `pinned`: nodes from an earlier submit.
+pub fn demands(
+    cfg: &Config,
+    facts: &Facts,
+    pinned: &BTreeMap<String, String>,
+) -> Vec<StudentDemand> {
+    let per_machine: Vec<_> = cfg
+        .deployment
+        .machines
+        .iter()
+        .map(|m| sources(m, facts))
+        .collect();
+    let mut eligible: BTreeSet<String> = facts.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut refused = BTreeMap::new();
+    let mut mem = 0u64;
+    for (ok, no) in &per_machine {
+        eligible.retain(|n| ok.contains_key(n));
+        for (n, why) in no {
+            refused.entry(n.clone()).or_insert_with(|| why.clone());
+        }
+        mem += ok.values().map(|s| s.maxmem).max().unwrap_or(0);
+    }
+    cfg.users
+        .users
+        .iter()
+        .map(|u| StudentDemand {
+            user: u.to_string(),
+            mem,
+            eligible: eligible.clone(),
+            refused: refused.clone(),
+            pinned: pinned.get(&u.to_string()).cloned(),
+        })
+        .collect()
+}
+
+/// Owners of VMID reservations and bridge reservations, in plan order.
+pub fn vm_owner(id: &str, key: &str) -> String {
+    format!("{id}|{key}")
+}
+pub fn bridge_owner(id: &str, user: &UserId, alias: &str) -> String {
+    format!("{id}|{user}|{alias}")
+}
+
+/// The private aliases of the deployment, with whether any use of each carries a tag.
+pub fn private_aliases(cfg: &Config) -> BTreeMap<String, bool> {
+    let mut out: BTreeMap<String, bool> = BTreeMap::new();
+    for m in &cfg.deployment.machines {
+        for n in &m.networks {
+            if let NetSpec::Private { alias, tag } = n {
+                *out.entry(alias.clone()).or_default() |= tag.is_some();
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic VMIDs (`vmid_base + index * stride + machine index`).
+pub fn fixed_vmid(policy: &VmidPolicy, user_index: usize, machine_index: usize) -> Option<u32> {
+    match policy {
+        VmidPolicy::Fixed { base, stride } => {
+            Some(base + user_index as u32 * stride + machine_index as u32)
+        }
+        VmidPolicy::Range { .. } => None,
+    }
+}
+
+/// Builds the plan. `vmids`: vm owner -> VMID; `bridges`: bridge owner -> interface.
+pub fn build(
+    cfg: &Config,
+    facts: &Facts,
+    placement: Placement,
+    vmids: &BTreeMap<String, u32>,
+    bridges: &BTreeMap<String, String>,
+) -> Plan {
+    let id = deployment_id(cfg);
+    let d = &cfg.deployment;
+    let caps = cfg.connection().caps;
+    let aliases = private_aliases(cfg);
+    let per_machine: Vec<_> = d.machines.iter().map(|m| sources(m, facts).0).collect();
+    let mut students = Vec::new();
+    let mut vms = Vec::new();
+    let mut node_bridges: BTreeMap<String, Vec<BridgePlan>> = BTreeMap::new();
+    for (index, u) in cfg.users.users.iter().enumerate() {
+        let user = u.to_string();
+        let node = placement.nodes[&user].clone();
+        let mut sb = BTreeMap::new();
+        for (alias, vlan_aware) in &aliases {
+            if let Some(iface) = bridges.get(&bridge_owner(&id, u, alias)) {
+                sb.insert(alias.clone(), (iface.clone(), *vlan_aware));
+                node_bridges
+                    .entry(node.clone())
+                    .or_default()
+                    .push(BridgePlan {
+                        iface: iface.clone(),
+                        vlan_aware: *vlan_aware,
+                        owner: format!("{user} {alias}"),
+                    });
+            }
+        }
+        students.push(StudentPlan {
+            user: user.clone(),
+            index,
+            node: node.clone(),
+            pool: d.pool_name(u),
+            create_user: !facts.users.contains(&user) && u.realm() == "pve",
+            bridges: sb.clone(),
+        });
+        for (mi, m) in d.machines.iter().enumerate() {
+            let key = vm_key(u, m);
+            let source = per_machine[mi][&node].clone();
+            let full = m.clone == CloneMode::Full;
+            let storage = if full { m.storage.clone() } else { None };
+            let nics = m
+                .networks
+                .iter()
+                .map(|n| nic(n, m, &node, &sb, d.vlan_base.map(|b| b + index as u16)))
+                .collect();
+            let slots = clone_slots(&cfg.cluster, &source, full, storage.as_deref(), &caps)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            vms.push(VmPlan {
+                vmid: vmids.get(&vm_owner(&id, &key)).copied().unwrap_or(0),
+                key,
+                user: user.clone(),
+                machine: m.name.to_string(),
+                name: d.vm_name(m, u),
+                node: node.clone(),
+                source,
+                full,
+                storage,
+                nics,
+                slots,
+            });
+        }
+    }
+    let node_networks = node_bridges
+        .into_iter()
+        .map(|(node, mut bridges)| {
+            bridges.sort();
+            NodeNetworkJob {
+                deployment: id.clone(),
+                cluster: cfg.cluster.clone(),
+                node,
+                bridges,
+            }
+        })
+        .collect();
+    let (vmid_min, vmid_max) = match d.vmids {
+        VmidPolicy::Range { min, max } => (min, max),
+        VmidPolicy::Fixed { .. } => (crate::config::VMID_MIN, crate::config::VMID_MAX),
+    };
+    let warnings = placement.warnings.clone();
+    Plan {
+        id,
+        cluster: cfg.cluster.clone(),
+        name: d.name.clone(),
+        role: d.role.clone(),
+        start: d.start,
+        students,
+        vms,
+        node_networks,
+        placement,
+        warnings,
+        vmid_min,
+        vmid_max,
+    }
+}
+
+fn nic(
+    n: &NetSpec,
+    m: &Machine,
+    node: &str,
+    private: &BTreeMap<String, (String, bool)>,
+    user_vlan: Option<u16>,
+) -> NicPlan {
+    let (bridge, tag) = match n {
+        NetSpec::Existing { bridge, tag } => (bridge.clone(), *tag),
+        NetSpec::Private { alias, tag } => (
+            private.get(alias).map(|b| b.0.clone()).unwrap_or_default(),
+            *tag,
+        ),
+        NetSpec::Mapped { target, tag, .. } => {
+            let b = match target {
+                BridgeTarget::Everywhere(b) => b.clone(),
+                BridgeTarget::PerNode(map) => map
+                    .iter()
+                    .find(|(k, _)| k.as_str() == node)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default(),
+            };
+            (b, tag.or(user_vlan))
+        }
+    };
+    NicPlan {
+        model: m.device_type.nic_model().to_owned(),
+        bridge,
+        tag,
+        firewall: m.device_type.nic_firewall(),
+    }
+}
+
+/// The jobs of a plan. `scope` prefixes keys and groups them (`<id>#<epoch>`); `sealed`
+/// holds the sealed initial password of each user labfleet creates.
+pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<JobSpec> {
+    let mut out = Vec::new();
+    let spec = |key: String, job: Job| {
+        JobSpec::new(key, job.kind(), job.to_value()).group(scope.to_owned())
+    };
+    for s in &plan.students {
+        let job = Job::Student(StudentJob {
+            deployment: plan.id.clone(),
+            cluster: plan.cluster.clone(),
+            user: s.user.clone(),
+            pool: s.pool.clone(),
+            sealed_password: if s.create_user {
+                sealed.get(&s.user).cloned()
+            } else {
+                None
+            },
+        });
+        out.push(spec(jobs::keys::student(scope, &s.user), job));
+    }
+    let mut nn_keys = BTreeMap::new();
+    for nn in &plan.node_networks {
+        let k = jobs::keys::node_network(scope, &nn.node, &nn.bridges);
+        nn_keys.insert(nn.node.clone(), k.clone());
+        out.push(spec(k, Job::NodeNetwork(nn.clone())));
+    }
+    let private_users: BTreeSet<&str> = plan
+        .students
+        .iter()
+        .filter(|s| !s.bridges.is_empty())
+        .map(|s| s.user.as_str())
+        .collect();
+    for v in &plan.vms {
+        let vm = VmRef {
+            deployment: plan.id.clone(),
+            cluster: plan.cluster.clone(),
+            key: v.key.clone(),
+            node: v.node.clone(),
+        };
+        let clone_key = jobs::keys::vm_step(scope, &v.key, "clone");
+        out.push(
+            spec(
+                clone_key.clone(),
+                Job::Clone(CloneJob {
+                    vm: vm.clone(),
+                    name: v.name.clone(),
+                    source_node: v.source.node.clone(),
+                    source_vmid: v.source.vmid,
+                    full: v.full,
+                    storage: v.storage.clone(),
+                    pool: plan
+                        .students
+                        .iter()
+                        .find(|s| s.user == v.user)
+                        .map(|s| s.pool.clone())
+                        .unwrap_or_default(),
+                    vmid: v.vmid,
+                    vmid_min: plan.vmid_min,
+                    vmid_max: plan.vmid_max,
+                }),
+            )
+            .after([jobs::keys::student(scope, &v.user)])
+            .slots(v.slots.clone()),
+        );
+        let mut net_gate = vec![clone_key.clone()];
+        if private_users.contains(v.user.as_str()) {
+            if let Some(k) = nn_keys.get(&v.node) {
+                net_gate.push(k.clone());
+            }
+        }
+        let net_key = jobs::keys::vm_step(scope, &v.key, "network");
+        out.push(
+            spec(
+                net_key.clone(),
+                Job::Network(NetworkJob {
+                    vm: vm.clone(),
+                    nics: v.nics.clone(),
+                }),
+            )
+            .after(net_gate),
+        );
+        let perm_key = jobs::keys::vm_step(scope, &v.key, "permission");
+        out.push(
+            spec(
+                perm_key.clone(),
+                Job::Permission(PermissionJob {
+                    vm: vm.clone(),
+                    user: v.user.clone(),
+                    role: plan.role.clone(),
+                }),
+            )
+            .after([clone_key.clone()]),
+        );
+        if plan.start {
+            out.push(
+                spec(
+                    jobs::keys::vm_step(scope, &v.key, "start"),
+                    Job::Start(StartJob { vm }),
+                )
+                .after([net_key, perm_key]),
+            );
+        }
+    }
+    out
+}
+
+/// The steps every VM of `plan` goes through (for status).
+pub fn vm_steps(plan: &Plan) -> Vec<&'static str> {
+    let mut v = vec!["clone", "network", "permission"];
+    if plan.start {
+        v.push("start");
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataPaths, load};
+    use crate::placement::place;
+
+    fn facts() -> Facts {
+        let node = |n: &str| NodeCapacity {
+            name: n.into(),
+            online: true,
+            maxmem: 64 << 30,
+            mem: 0,
+            cpu: 0.0,
+            maxcpu: 16,
+            planned_elsewhere: 0,
+        };
+        let t = |vmid, node: &str| Template {
+            vmid,
+            node: node.into(),
+            name: Some("linux-template".into()),
+            storages: vec!["local-lvm".into()],
+            shared: false,
+            maxmem: 2 << 30,
+        };
+        Facts {
+            nodes: vec![node("pve1"), node("pve2")],
+            templates: vec![t(100, "pve1"), t(101, "pve2")],
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn original_example_plans_with_replicas_private_bridges_and_gates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/original-design");
+        let cfg = load(&DataPaths::in_dir(dir), None).unwrap();
+        let f = facts();
+        let placement = place(&demands(&cfg, &f, &BTreeMap::new()), &f.nodes).unwrap();
+        let id = deployment_id(&cfg);
+        let mut vmids = BTreeMap::new();
+        let mut bridges = BTreeMap::new();
+        for (i, u) in cfg.users.users.iter().enumerate() {
+            vmids.insert(
+                vm_owner(&id, &vm_key(u, &cfg.deployment.machines[0])),
+                1000 + i as u32,
+            );
+            bridges.insert(bridge_owner(&id, u, "hq"), format!("vmbr{}", 1000 + i));
+        }
+        let plan = build(&cfg, &f, placement, &vmids, &bridges);
+        assert_eq!(plan.vms.len(), 2);
+        let v1 = &plan.vms[0];
+        let v2 = &plan.vms[1];
+        assert_ne!(v1.node, v2.node, "two students spread over two equal nodes");
+        assert_eq!(v2.source.vmid, 101, "replica on pve2 is the source there");
+        assert_eq!(v1.nics[0].bridge, "vmbr0");
+        assert_eq!(v1.nics[1].tag, Some(100));
+        assert_eq!(v1.nics[1].bridge, "vmbr1000");
+        assert!(v1.slots.iter().any(|s| s.starts_with("clone-node:")));
+        let specs = jobs(&plan, &format!("{id}#0"), &BTreeMap::new());
+        // 2 students + 2 node networks + 2 VMs x 3 steps
+        assert_eq!(specs.len(), 10);
+        let net = specs.iter().find(|s| s.kind == "network").unwrap();
+        assert_eq!(
+            net.gate.len(),
+            2,
+            "network waits for its clone and its node's bridges"
+        );
+        let clone = specs.iter().find(|s| s.kind == "clone").unwrap();
+        assert!(clone.gate[0].contains("/student/"));
+    }
+
+    #[test]
+    fn local_template_without_replica_refuses_other_nodes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/original-design");
+        let cfg = load(&DataPaths::in_dir(dir), None).unwrap();
+        let mut f = facts();
+        f.templates.retain(|t| t.node == "pve1");
+        let d = demands(&cfg, &f, &BTreeMap::new());
+        assert!(d[0].eligible.contains("pve1") && !d[0].eligible.contains("pve2"));
+        assert!(d[0].refused["pve2"].contains("no replica"));
+        f.templates[0].shared = true;
+        let d = demands(&cfg, &f, &BTreeMap::new());
+        assert!(d[0].eligible.contains("pve2"), "shared storage: any node");
+    }
+}
