@@ -123,10 +123,19 @@ async fn token_auth_reads_cluster_without_login() {
     assert!(st.memory.and_then(|m| m.total).unwrap_or(0) > 0);
 
     let all = pve.cluster_resources(None).await.unwrap();
-    assert!(all.iter().any(|r| matches!(r, ClusterResource::Node(n) if n.node == "pve2")));
-    assert!(all.iter().any(|r| matches!(r, ClusterResource::Storage(s) if s.storage == "local-lvm")));
+    assert!(
+        all.iter()
+            .any(|r| matches!(r, ClusterResource::Node(n) if n.node == "pve2"))
+    );
+    assert!(
+        all.iter()
+            .any(|r| matches!(r, ClusterResource::Storage(s) if s.storage == "local-lvm"))
+    );
     let vms = pve.cluster_vms().await.unwrap();
-    let tpl = vms.iter().find(|v| v.vmid == 9000).expect("template listed");
+    let tpl = vms
+        .iter()
+        .find(|v| v.vmid == 9000)
+        .expect("template listed");
     assert!(tpl.template);
     assert_eq!(tpl.node, "pve1");
 
@@ -137,7 +146,11 @@ async fn token_auth_reads_cluster_without_login() {
     assert_eq!(taken.class(), ErrorClass::AlreadyExists, "{taken}");
 
     let storages = pve.storage_list("pve1", None).await.unwrap();
-    assert!(storages.iter().any(|s| s.storage == "local-lvm" && s.supports("images")));
+    assert!(
+        storages
+            .iter()
+            .any(|s| s.storage == "local-lvm" && s.supports("images"))
+    );
     let images = pve.storage_list("pve1", Some("images")).await.unwrap();
     assert!(!images.is_empty());
 
@@ -152,10 +165,25 @@ async fn token_auth_reads_cluster_without_login() {
     assert!(!status.is_running());
 
     let roles = pve.roles().await.unwrap();
-    let vmuser = roles.iter().find(|r| r.roleid == "PVEVMUser").expect("PVEVMUser");
+    let vmuser = roles
+        .iter()
+        .find(|r| r.roleid == "PVEVMUser")
+        .expect("PVEVMUser");
     assert!(vmuser.privs.iter().any(|p| p == "VM.PowerMgmt"));
-    assert!(pve.users().await.unwrap().iter().any(|u| u.userid == "root@pam"));
-    assert!(pve.pools().await.unwrap().iter().any(|p| p.poolid == "existing"));
+    assert!(
+        pve.users()
+            .await
+            .unwrap()
+            .iter()
+            .any(|u| u.userid == "root@pam")
+    );
+    assert!(
+        pve.pools()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.poolid == "existing")
+    );
     pve.acl().await.unwrap();
 
     let counts = pve.request_counts();
@@ -275,7 +303,10 @@ async fn fingerprint_pin_accepted_wrong_pin_refused_with_presented_fingerprint()
 
     let ok = client(&h, root_token());
     ok.version().await.unwrap();
-    assert_eq!(ok.presented_fingerprint().as_deref(), Some(presented.as_str()));
+    assert_eq!(
+        ok.presented_fingerprint().as_deref(),
+        Some(presented.as_str())
+    );
 
     let mut cfg = config(&h, root_token());
     cfg.tls = TlsPolicy::Fingerprint([0x42; 32]);
@@ -343,7 +374,10 @@ async fn vm_lifecycle_clone_configure_start_stop_destroy() {
     assert_eq!(upid.task_type(), "qmclone");
     assert_eq!(upid.id(), "9000");
     assert_eq!(upid.user(), "root@pam");
-    assert_eq!(pve.wait_task(&upid, &wait_opts()).await.unwrap(), TaskOutcome::Ok);
+    assert_eq!(
+        pve.wait_task(&upid, &wait_opts()).await.unwrap(),
+        TaskOutcome::Ok
+    );
     let polls = pve.request_counts().polls;
     assert!(polls >= 1);
 
@@ -360,7 +394,10 @@ async fn vm_lifecycle_clone_configure_start_stop_destroy() {
         .set_net(0, &net0)
         .set("tags", "lab;student")
         .digest(cfg.digest().unwrap());
-    let upid = pve.update_config_async("pve1", newid, &update).await.unwrap();
+    let upid = pve
+        .update_config_async("pve1", newid, &update)
+        .await
+        .unwrap();
     assert_eq!(upid.task_type(), "qmconfig");
     pve.wait_task(&upid, &wait_opts()).await.unwrap();
     let cfg = pve.vm_config("pve1", newid).await.unwrap();
@@ -370,12 +407,18 @@ async fn vm_lifecycle_clone_configure_start_stop_destroy() {
 
     // A stale digest is refused; a synchronous update with `delete` works.
     let stale = ConfigUpdate::new().set("description", "x").digest("0000");
-    let err = pve.update_config_sync("pve1", newid, &stale).await.unwrap_err();
+    let err = pve
+        .update_config_sync("pve1", newid, &stale)
+        .await
+        .unwrap_err();
     assert!(!err.is_transient(), "{err:?}");
     pve.update_config_sync("pve1", newid, &ConfigUpdate::new().delete("description"))
         .await
         .unwrap();
-    assert_eq!(pve.vm_config("pve1", newid).await.unwrap().description(), None);
+    assert_eq!(
+        pve.vm_config("pve1", newid).await.unwrap().description(),
+        None
+    );
 
     let members = pve.pool("existing").await.unwrap();
     assert!(members.vmids().contains(&newid), "{members:?}");
@@ -426,7 +469,11 @@ async fn host_network_create_apply_delete_revert() {
     pve.network_create("pve1", &bridge).await.unwrap();
 
     let list = pve.network_list("pve1", None).await.unwrap();
-    let new = list.ifaces.iter().find(|i| i.iface == "vmbr9").expect("pending bridge listed");
+    let new = list
+        .ifaces
+        .iter()
+        .find(|i| i.iface == "vmbr9")
+        .expect("pending bridge listed");
     assert!(!new.active, "not active before apply");
     assert!(new.bridge_vlan_aware);
     assert!(list.changes.is_some(), "pending changes reported");
@@ -444,7 +491,10 @@ async fn host_network_create_apply_delete_revert() {
     pve.network_delete("pve1", "vmbr9").await.unwrap();
     pve.network_revert("pve1").await.unwrap();
     let list = pve.network_list("pve1", None).await.unwrap();
-    assert!(list.ifaces.iter().any(|i| i.iface == "vmbr9"), "revert keeps it");
+    assert!(
+        list.ifaces.iter().any(|i| i.iface == "vmbr9"),
+        "revert keeps it"
+    );
 }
 
 #[tokio::test]
@@ -529,7 +579,13 @@ async fn users_acl_and_pools() {
     .await
     .unwrap();
     pve.delete_pool("lab1").await.unwrap();
-    assert!(!pve.pools().await.unwrap().iter().any(|p| p.poolid == "lab1"));
+    assert!(
+        !pve.pools()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.poolid == "lab1")
+    );
 
     // The new user may not clone the template: a permission error naming path and privilege.
     let student = client(
@@ -540,7 +596,14 @@ async fn users_acl_and_pools() {
         },
     );
     let err = student
-        .clone_vm("pve1", 9000, &CloneParams { newid: 777, ..CloneParams::default() })
+        .clone_vm(
+            "pve1",
+            9000,
+            &CloneParams {
+                newid: 777,
+                ..CloneParams::default()
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Permission, "{err:?}");
@@ -552,7 +615,14 @@ async fn param_errors_keep_the_field_map() {
     let h = sim().await;
     let pve = client(&h, root_token());
     let err = pve
-        .clone_vm("pve1", 9000, &CloneParams { newid: 5, ..CloneParams::default() })
+        .clone_vm(
+            "pve1",
+            9000,
+            &CloneParams {
+                newid: 5,
+                ..CloneParams::default()
+            },
+        )
         .await
         .unwrap_err();
     match &err {
@@ -680,12 +750,21 @@ async fn lock_faults_are_transient() {
     h.inject(Fault::LockTimeouts { count: 1 });
     let newid = pve.nextid(None).await.unwrap();
     let upid = pve
-        .clone_vm("pve1", 9000, &CloneParams { newid, ..CloneParams::default() })
+        .clone_vm(
+            "pve1",
+            9000,
+            &CloneParams {
+                newid,
+                ..CloneParams::default()
+            },
+        )
         .await
         .unwrap();
     let err = pve.wait_task(&upid, &wait_opts()).await.unwrap_err();
     match &err {
-        PveError::TaskFailed { kind, exitstatus, .. } => {
+        PveError::TaskFailed {
+            kind, exitstatus, ..
+        } => {
             assert_eq!(*kind, MessageKind::LockTimeout, "{exitstatus}")
         }
         other => panic!("{other:?}"),
@@ -696,7 +775,14 @@ async fn lock_faults_are_transient() {
     h.inject(Fault::CloneHalfFail { count: 1 });
     let newid = pve.nextid(None).await.unwrap();
     let upid = pve
-        .clone_vm("pve1", 9000, &CloneParams { newid, ..CloneParams::default() })
+        .clone_vm(
+            "pve1",
+            9000,
+            &CloneParams {
+                newid,
+                ..CloneParams::default()
+            },
+        )
         .await
         .unwrap();
     let err = pve.wait_task(&upid, &wait_opts()).await.unwrap_err();
