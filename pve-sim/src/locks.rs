@@ -11,10 +11,10 @@ use tokio::sync::{
     OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore, watch,
 };
 
-/// `/var/lock/qemu-server/lock-<vmid>.conf`.
+/// `/var/lock/qemu-server/lock-<vmid>.conf`, node-local: keyed by (node, vmid).
 #[derive(Default)]
 pub(crate) struct Flocks {
-    map: Mutex<HashMap<u32, Arc<RwLock<()>>>>,
+    map: Mutex<HashMap<(String, u32), Arc<RwLock<()>>>>,
 }
 
 pub(crate) enum FlockGuard {
@@ -28,17 +28,22 @@ pub(crate) fn flock_timeout_msg(vmid: u32) -> String {
 }
 
 impl Flocks {
-    fn get(&self, vmid: u32) -> Arc<RwLock<()>> {
-        self.map.lock().entry(vmid).or_default().clone()
+    fn get(&self, node: &str, vmid: u32) -> Arc<RwLock<()>> {
+        self.map
+            .lock()
+            .entry((node.to_string(), vmid))
+            .or_default()
+            .clone()
     }
 
     pub async fn lock(
         &self,
+        node: &str,
         vmid: u32,
         exclusive: bool,
         timeout: Duration,
     ) -> Result<FlockGuard, String> {
-        let l = self.get(vmid);
+        let l = self.get(node, vmid);
         let r = if exclusive {
             tokio::time::timeout(timeout, l.write_owned())
                 .await

@@ -141,7 +141,7 @@ pub(crate) fn parse_size(s: &str) -> u64 {
 }
 
 pub(crate) fn format_size(bytes: u64) -> String {
-    if bytes % (1 << 30) == 0 {
+    if bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
     } else {
         format!("{}M", bytes.div_ceil(1 << 20))

@@ -57,6 +57,7 @@ pub(crate) fn config_digest(c: &BTreeMap<String, Value>) -> String {
 
 async fn flock(
     app: &Shared,
+    node: &str,
     vmid: u32,
     exclusive: bool,
     timeout_s: f64,
@@ -64,7 +65,9 @@ async fn flock(
     if app.zero_cost() {
         return Ok(FlockGuard::None);
     }
-    app.flocks.lock(vmid, exclusive, app.wall(timeout_s)).await
+    app.flocks
+        .lock(node, vmid, exclusive, app.wall(timeout_s))
+        .await
 }
 
 pub(super) async fn list(
@@ -151,7 +154,7 @@ pub(super) async fn current(
     let mut v = vm_status(vmid, vm, Instant::now());
     v["qmpstatus"] = json!(if vm.running { "running" } else { "stopped" });
     v["ha"] = json!({"managed": 0});
-    if vm.config.get("agent").is_some() {
+    if vm.config.contains_key("agent") {
         v["agent"] = json!(1);
     }
     if vm.running {
@@ -437,7 +440,7 @@ pub(super) async fn put_config(
     p.check(UPDATE_PARAMS, is_config_key)?;
     let vmid = path_vmid(&vmid)?;
     let ch = prepare_update(&app, &who, &node, vmid, &p)?;
-    let _g = flock(&app, vmid, true, app.costs.vm_lock_timeout_seconds)
+    let _g = flock(&app, &node, vmid, true, app.costs.vm_lock_timeout_seconds)
         .await
         .map_err(PveError::internal)?;
     apply_change(&app, &node, vmid, &ch)?;
@@ -463,7 +466,7 @@ pub(super) async fn post_config(
         Some(vmid),
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
-            let _g = match flock(&app, vmid, true, app.costs.vm_lock_timeout_seconds).await {
+            let _g = match flock(&app, &n2, vmid, true, app.costs.vm_lock_timeout_seconds).await {
                 Ok(g) => g,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
@@ -538,7 +541,7 @@ async fn power(
         Some(vmid),
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
-            let _g = match flock(&app, vmid, true, app.costs.vm_lock_timeout_seconds).await {
+            let _g = match flock(&app, &n2, vmid, true, app.costs.vm_lock_timeout_seconds).await {
                 Ok(g) => g,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
@@ -678,7 +681,7 @@ pub(super) async fn destroy(
         Some(vmid),
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
-            let _g = match flock(&app, vmid, true, app.costs.vm_lock_timeout_seconds).await {
+            let _g = match flock(&app, &n2, vmid, true, app.costs.vm_lock_timeout_seconds).await {
                 Ok(g) => g,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
@@ -776,7 +779,7 @@ pub(super) async fn template(
         Some(vmid),
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
-            let _g = match flock(&app, vmid, true, app.costs.vm_lock_timeout_seconds).await {
+            let _g = match flock(&app, &n2, vmid, true, app.costs.vm_lock_timeout_seconds).await {
                 Ok(g) => g,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
@@ -1067,11 +1070,11 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
     } = plan;
     let timeout = app.costs.clone_lock_timeout_seconds;
     let running = app.state.lock().vms.get(&src).is_some_and(|v| v.running);
-    let _g1 = match flock(&app, src, running, timeout).await {
+    let _g1 = match flock(&app, &node, src, running, timeout).await {
         Ok(g) => g,
         Err(e) => return (ctx, Outcome::Error(e)),
     };
-    let _g2 = match flock(&app, newid, true, timeout).await {
+    let _g2 = match flock(&app, &node, newid, true, timeout).await {
         Ok(g) => g,
         Err(e) => return (ctx, Outcome::Error(e)),
     };
