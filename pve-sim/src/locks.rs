@@ -14,8 +14,11 @@ use tokio::sync::{
 /// `/var/lock/qemu-server/lock-<vmid>.conf`, node-local: keyed by (node, vmid).
 #[derive(Default)]
 pub(crate) struct Flocks {
-    map: Mutex<HashMap<(String, u32), Arc<RwLock<()>>>>,
+    map: Mutex<HashMap<FlockKey, Arc<RwLock<()>>>>,
 }
+
+/// (node, vmid).
+type FlockKey = (String, u32);
 
 pub(crate) enum FlockGuard {
     Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>), // held for its Drop only
