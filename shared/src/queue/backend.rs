@@ -123,7 +123,11 @@ impl<Args: DeserializeOwned + Send + 'static> LeaseBackend<Args> {
     fn to_task(&self, job: ClaimedJob) -> Option<Task<Args>> {
         match serde_json::from_str::<Args>(&job.payload) {
             Ok(args) => {
-                let lease = Lease::new(self.queue().clone(), job.clone(), self.opts.worker_id.clone());
+                let lease = Lease::new(
+                    self.queue().clone(),
+                    job.clone(),
+                    self.opts.worker_id.clone(),
+                );
                 Some(
                     TaskBuilder::new(args)
                         .task_id(TaskId::from_string(job.key.clone()))
@@ -197,7 +201,9 @@ impl<Args: DeserializeOwned + Send + 'static> Backend for LeaseBackend<Args> {
                 let cfg = self.queue().config();
                 match res {
                     Ok(claim) if claim.jobs.is_empty() => {
-                        let wait = claim.next_due.map_or(cfg.idle_poll, |d| d.min(cfg.idle_poll));
+                        let wait = claim
+                            .next_due
+                            .map_or(cfg.idle_poll, |d| d.min(cfg.idle_poll));
                         self.error_backoff = Duration::from_millis(200);
                         self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
                     }
@@ -208,7 +214,8 @@ impl<Args: DeserializeOwned + Send + 'static> Backend for LeaseBackend<Args> {
                     Err(e) => {
                         tracing::warn!(error = %e, backoff = ?self.error_backoff, "claim failed; backing off");
                         self.sleep = Some(Box::pin(tokio::time::sleep(self.error_backoff)));
-                        self.error_backoff = (self.error_backoff * 2).min(Duration::from_millis(6400));
+                        self.error_backoff =
+                            (self.error_backoff * 2).min(Duration::from_millis(6400));
                     }
                 }
                 continue;

@@ -28,7 +28,11 @@ pub struct JobSpec {
 
 impl JobSpec {
     /// A job with no gate, slot, delay or group.
-    pub fn new(key: impl Into<String>, kind: impl Into<String>, payload: serde_json::Value) -> Self {
+    pub fn new(
+        key: impl Into<String>,
+        kind: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
         Self {
             key: key.into(),
             kind: kind.into(),

@@ -281,8 +281,7 @@ impl Queue {
                     key: s.key.clone(),
                     source,
                 })?,
-                m: s
-                    .max_attempts
+                m: s.max_attempts
                     .unwrap_or_else(|| self.config.retry_for(&s.kind).max_attempts)
                     .max(1),
                 ml: self.config.max_lease_losses.max(1),
@@ -383,7 +382,9 @@ impl Queue {
 
     /// Acks a job: done, its slots freed, its successors' gates counted down.
     pub async fn ack(&self, job: &str, token: &str) -> Result<Settled, QueueError> {
-        self.ack_with_followups(job, token, &[]).await.map(|(s, _)| s)
+        self.ack_with_followups(job, token, &[])
+            .await
+            .map(|(s, _)| s)
     }
 
     /// Acks a job and enqueues its follow-ups in the same atomic step (idempotent by key).
@@ -554,7 +555,10 @@ impl Queue {
         let _: i64 = self
             .eval(
                 &scripts::SET_CAP,
-                [slot.to_owned(), cap.map(|c| c.to_string()).unwrap_or_default()],
+                [
+                    slot.to_owned(),
+                    cap.map(|c| c.to_string()).unwrap_or_default(),
+                ],
             )
             .await?;
         Ok(())

@@ -63,15 +63,14 @@ async fn handle(job: Job, lease: Lease) -> Result<(), JobError> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let url = std::env::var("QW_URL")?;
     let lease = env_ms("QW_LEASE_MS", 2000);
-    let mut cfg = QueueConfig::with_namespace(std::env::var("QW_NS").unwrap_or("lf".into()))
-        .lease(lease);
+    let mut cfg =
+        QueueConfig::with_namespace(std::env::var("QW_NS").unwrap_or("lf".into())).lease(lease);
     cfg.reap_every = env_ms("QW_REAP_MS", 500);
     cfg.shutdown_grace = env_ms("QW_GRACE_MS", 5000);
     cfg.idle_poll = Duration::from_millis(100);

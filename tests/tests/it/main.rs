@@ -2,3 +2,4 @@
 //! Shared support (a real redis-server on a free port, the simulator, binaries) lives in the
 //! `labfleet_tests` library (`tests/src`).
 mod pve_client;
+mod queue;
