@@ -16,7 +16,11 @@ use crate::exit::EXIT_CODES_HELP;
 plans it, and submits one job per VM and step to Redis, where workers pick them up.",
     after_help = concat!(
         "Examples:\n",
+        "  producer demo                      # full deployment on the embedded simulator\n",
         "  producer validate --data-dir data\n",
+        "  producer plan && producer submit --wait\n",
+        "  producer status demo-lab@lab --watch\n",
+        "  producer teardown demo-lab@lab --wait\n",
         "  producer secret encrypt            # reads the secret from stdin, prints enc:...\n",
         "\n",
     ),
@@ -92,6 +96,41 @@ impl Global {
 pub enum Command {
     /// Check the three files offline and print every problem found (exit 1 if any).
     Validate,
+    /// Log in to the cluster; print its version, nodes and templates.
+    CheckConnection,
+    /// Show placement, VMIDs and bridges before anything happens.
+    Plan,
+    /// Submit the deployment (again: converge, adding what is missing).
+    Submit {
+        /// Wait until every VM is done or failed, then write the handout.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Progress of a deployment (default: the data folder's).
+    Status {
+        id: Option<String>,
+        /// Refresh until the deployment finishes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Queue the failed parts of a deployment again.
+    Retry { id: Option<String> },
+    /// Destroy what a deployment created.
+    Teardown {
+        id: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List deployments.
+    List,
+    /// Write the teacher's handout (mode 0600).
+    Handout { id: Option<String> },
+    /// Run a full demo deployment against the embedded simulator (needs only Redis).
+    Demo {
+        /// Simulated time scale (1.0 = real Proxmox durations).
+        #[arg(long, default_value_t = 0.25)]
+        time_scale: f64,
+    },
     /// Manage `enc:` secrets for connections.yml.
     #[command(subcommand)]
     Secret(SecretCommand),

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod deploy;
 pub mod exit;
 pub mod output;
 
@@ -53,7 +54,26 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 /// Runs one parsed command.
 pub fn run(cli: Cli, out: &mut Out) -> Result<Exit, Failure> {
     match &cli.command {
-        Command::Validate => cmd::validate::run(&cli.global, out),
-        Command::Secret(s) => cmd::secret::run(s, out),
+        Command::Validate => return cmd::validate::run(&cli.global, out),
+        Command::Secret(s) => return cmd::secret::run(s, out),
+        _ => {}
+    }
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(Exit::Usage, e))?;
+    rt.block_on(run_async(&cli, out))
+}
+
+async fn run_async(cli: &Cli, out: &mut Out) -> Result<Exit, Failure> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::CheckConnection => cmd::check::run(g, out).await,
+        Command::Plan => cmd::plan::run(g, out).await,
+        Command::Submit { wait } => cmd::submit::run(g, *wait, out).await,
+        Command::Status { id, watch } => cmd::status::run(g, id, *watch, out).await,
+        Command::Retry { id } => cmd::retry::run(g, id, out).await,
+        Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,
+        Command::List => cmd::list::run(g, out).await,
+        Command::Handout { id } => cmd::handout::run(g, id, out).await,
+        Command::Demo { time_scale } => cmd::demo::run(g, *time_scale, out).await,
+        Command::Validate | Command::Secret(_) => unreachable!("handled above"),
     }
 }

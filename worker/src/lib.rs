@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     pub name: Option<String>,
     pub queue: QueueConfig,
     pub timing: Timing,
+    /// The `enc:` key (default: from `LABFLEET_SECRET_KEY` / `LABFLEET_SECRET_KEY_FILE`).
+    pub secret_key: Option<SecretKey>,
 }
 
 impl WorkerConfig {
@@ -43,6 +45,7 @@ impl WorkerConfig {
             name: None,
             queue: queue_config(),
             timing: Timing::default(),
+            secret_key: SecretKey::from_env().ok(),
         }
     }
 }
@@ -75,7 +78,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let connections = config::load_connections(&conn_path)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("reading {}", conn_path.display()))?;
-    let key = SecretKey::from_env().ok();
+    let key = cfg.secret_key.clone();
     let queue = Queue::connect(&cfg.redis_url, cfg.queue.clone())
         .await
         .with_context(|| {

@@ -1,0 +1,135 @@
+//! `producer demo`: the whole path on this machine. Starts the Proxmox simulator in-process
+//! on 127.0.0.1:8006 with the demo certificate (the shipped connections.yml pins it), two
+//! workers in-process, submits the `data/` example, shows live progress and a final table.
+//! Needs only Redis; its state goes under a namespace of its own, removed at the end.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use pve_sim::{Sim, SimConfig, TlsMode};
+use shared::jobs::state::Store;
+use shared::secret::SecretKey;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Global;
+use crate::cmd::{common, handout, status};
+use crate::deploy;
+use crate::exit::{Exit, Failure};
+use crate::output::Out;
+
+pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Failure> {
+    let cfg = common::load_config(g, out)?;
+    let ns = format!("lf-demo-{}", std::process::id());
+    let mut qcfg = worker::queue_config();
+    qcfg.namespace = ns.clone();
+    let queue = deploy::connect_queue(&g.redis, qcfg.clone()).await?;
+    let store = Store::new(queue.clone());
+
+    let sim_dir = g.data_dir.join("sim");
+    let mut sc = SimConfig::from_cluster_file(&sim_dir.join("cluster.yml"))
+        .map_err(|e| Failure::new(Exit::Usage, e))?;
+    sc.listen = SocketAddr::from(([127, 0, 0, 1], cfg.connection().host.port));
+    sc.tls = TlsMode::Pem {
+        cert: sim_dir.join("demo-cert.pem"),
+        key: sim_dir.join("demo-key.pem"),
+    };
+    sc.time_scale = time_scale;
+    let sim = Sim::start(sc)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the simulator on {} (is another one running?)",
+                cfg.connection().host.authority()
+            )
+        })
+        .map_err(|e| Failure::new(Exit::ProxmoxUnreachable, e))?;
+    out.err_line(format!(
+        "simulated Proxmox VE cluster on {} (time scale {time_scale})",
+        sim.base_url()
+    ));
+
+    let key = match common::secret_key()? {
+        Some(k) => k,
+        None => SecretKey::generate(),
+    };
+    let shutdown = CancellationToken::new();
+    let mut workers = Vec::new();
+    for i in 1..=2u32 {
+        let mut wc = worker::WorkerConfig::new(g.redis.clone(), g.data_dir.clone());
+        wc.queue = qcfg.clone();
+        wc.name = Some(format!("demo-worker-{i}"));
+        wc.secret_key = Some(key.clone());
+        wc.concurrency = 16;
+        workers.push(worker::run(wc, shutdown.child_token()));
+    }
+
+    // The workers run in this task beside the submit-and-watch flow (apalis worker futures
+    // are not `Send`-general enough for `tokio::spawn`).
+    let workers = futures::future::join_all(workers);
+    let flow = async {
+        let pve = deploy::connect_pve(&cfg, Some(&key))?;
+        let started = std::time::Instant::now();
+        let (id, plan) = deploy::submit(&cfg, &pve, &store, Some(&key)).await?;
+        out.err_line(format!(
+            "submitted {id}: {} VMs for {} students on {} nodes",
+            plan.vms.len(),
+            plan.students.len(),
+            plan.placement.load.len()
+        ));
+        let code = status::watch(&store, &id, g.json, out, Duration::from_millis(300)).await?;
+        let took = started.elapsed();
+        let dir: PathBuf = std::env::temp_dir();
+        let path = handout::write(&store, &id, &key, &dir, out).await?;
+        if !g.json {
+            out.line(format!(
+                "finished in {:.1} s; teacher's handout (mode 0600): {}",
+                took.as_secs_f64(),
+                path.display()
+            ));
+            let stats = sim.stats();
+            out.line(format!(
+                "simulator: task makespan {:.1} s (lower bound {:.1} s), peak concurrent clones per node {}",
+                stats["task_makespan_seconds"].as_f64().unwrap_or(0.0),
+                stats["lower_bound_seconds"].as_f64().unwrap_or(0.0),
+                stats["peak_concurrent_clones"]["per_node"]
+            ));
+        }
+        Ok::<Exit, Failure>(code)
+    };
+    let flow = async {
+        let r = flow.await;
+        shutdown.cancel();
+        r
+    };
+    let (result, _) = tokio::join!(flow, workers);
+    sim.shutdown().await;
+    cleanup(&queue, &ns).await;
+    result
+}
+
+/// Removes the demo's namespace from Redis.
+async fn cleanup(queue: &shared::queue::Queue, ns: &str) {
+    let mut c = queue.connection();
+    let pattern = format!("{{{ns}}}*");
+    let mut cursor: u64 = 0;
+    loop {
+        let r: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await;
+        let Ok((next, keys)) = r else { return };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,86 @@
+//! `producer handout ID`: the teacher's handout: each student's VMs and, for users labfleet
+//! created, their initial password. Written to a file with mode 0600 (the only place a
+//! student's password is ever written), as text, CSV and Markdown.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use shared::jobs::state::Store;
+use shared::plan::Plan;
+use shared::secret::SecretKey;
+
+use crate::cli::Global;
+use crate::cmd::common;
+use crate::deploy;
+use crate::exit::{Exit, Failure};
+use crate::output::Out;
+
+pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit, Failure> {
+    let id = common::resolve_id(g, id, out)?;
+    let store = common::store(g).await?;
+    let key = common::secret_key()?.ok_or_else(|| {
+        Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!("the handout needs LABFLEET_SECRET_KEY (the key used at submit)"),
+        )
+    })?;
+    let path = write(&store, &id, &key, &g.data_dir, out).await?;
+    out.line(format!("handout written to {} (mode 0600)", path.display()));
+    Ok(Exit::Ok)
+}
+
+pub async fn write(
+    store: &Store,
+    id: &str,
+    key: &SecretKey,
+    dir: &Path,
+    _out: &mut Out,
+) -> Result<PathBuf, Failure> {
+    let plan: Plan = store
+        .plan_json(id)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| Failure::new(Exit::Usage, anyhow::anyhow!("no deployment {id:?}")))?;
+    let st = deploy::status(store, id).await?;
+    let mut md = format!(
+        "# Handout: {id}\n\n| student | password | VM | VMID | node |\n|---|---|---|---|---|\n"
+    );
+    let mut csv = String::from("student,password,vm,vmid,node\n");
+    for s in &plan.students {
+        let pw = if s.create_user {
+            deploy::student_password(key, id, &s.user)
+                .expose()
+                .to_owned()
+        } else {
+            "(existing account)".to_owned()
+        };
+        for v in st.vms.iter().filter(|v| v.user == s.user) {
+            let vmid = v.vmid.map(|x| x.to_string()).unwrap_or_default();
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                s.user, pw, v.name, vmid, v.node
+            ));
+            csv.push_str(&format!(
+                "{},{},{},{},{}\n",
+                s.user, pw, v.name, vmid, v.node
+            ));
+        }
+    }
+    let safe = id.replace(['/', '@'], "_");
+    let base = dir.join(format!("handout-{safe}"));
+    for (ext, body) in [("md", &md), ("csv", &csv)] {
+        let p = base.with_extension(ext);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        f.write_all(body.as_bytes())?;
+    }
+    Ok(base.with_extension("md"))
+}

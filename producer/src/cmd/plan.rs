@@ -1,0 +1,79 @@
+//! `producer plan`: placement, VMIDs and bridges, before anything happens. Reads the
+//! cluster and Redis, writes nothing.
+
+use crate::cli::Global;
+use crate::cmd::common;
+use crate::deploy;
+use crate::exit::{Exit, Failure};
+use crate::output::Out;
+
+pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
+    let cfg = common::load_config(g, out)?;
+    let key = common::secret_key()?;
+    let store = common::store(g).await?;
+    let pve = deploy::connect_pve(&cfg, key.as_ref())?;
+    let mut facts = deploy::gather_facts(&pve, &cfg)
+        .await
+        .map_err(|e| deploy::pve_failure(e, "reading the cluster"))?;
+    let plan = deploy::make_plan(&cfg, &mut facts, &store, false).await?;
+    if g.json {
+        out.json(&serde_json::to_value(&plan).expect("serializes"));
+        return Ok(Exit::Ok);
+    }
+    out.line(format!(
+        "deployment {} on {}: {} students, {} VMs",
+        plan.id,
+        plan.cluster,
+        plan.students.len(),
+        plan.vms.len()
+    ));
+    for (node, load) in &plan.placement.load {
+        out.line(format!(
+            "  {node}: {} students, {} MiB planned, {} MiB free after",
+            load.students,
+            load.planned_mem >> 20,
+            load.free_mem_after >> 20
+        ));
+    }
+    for t in &facts.templates {
+        out.line(format!(
+            "  template {} on {} ({}): {}",
+            t.vmid,
+            t.node,
+            t.name.as_deref().unwrap_or("?"),
+            if t.shared {
+                "shared storage"
+            } else {
+                "local storage"
+            }
+        ));
+    }
+    out.line(format!(
+        "{:<28} {:<14} {:>7} {:<6} {:<10} networks",
+        "VM", "student", "VMID", "node", "source"
+    ));
+    for v in &plan.vms {
+        let nets: Vec<String> = v
+            .nics
+            .iter()
+            .map(|n| match n.tag {
+                Some(t) => format!("{}.{t}", n.bridge),
+                None => n.bridge.clone(),
+            })
+            .collect();
+        out.line(format!(
+            "{:<28} {:<14} {:>7} {:<6} {:<10} {}",
+            v.name,
+            v.user,
+            v.vmid,
+            v.node,
+            format!("{}/{}", v.source.node, v.source.vmid),
+            nets.join(" ")
+        ));
+    }
+    for w in &plan.warnings {
+        out.err_line(format!("warning: {w}"));
+    }
+    out.line("(VMIDs and bridge names are a preview; `submit` reserves them)");
+    Ok(Exit::Ok)
+}

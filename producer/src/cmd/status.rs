@@ -1,0 +1,103 @@
+//! `producer status [ID] [--watch]`: counts by state, per node, failures with their
+//! Proxmox message, quarantined VMIDs.
+
+use std::time::Duration;
+
+use crate::cli::Global;
+use crate::cmd::common;
+use crate::deploy::{self, Status};
+use crate::exit::{Exit, Failure};
+use crate::output::Out;
+use shared::jobs::state::Store;
+
+pub async fn run(
+    g: &Global,
+    id: &Option<String>,
+    watch_: bool,
+    out: &mut Out,
+) -> Result<Exit, Failure> {
+    let id = common::resolve_id(g, id, out)?;
+    let store = common::store(g).await?;
+    if watch_ {
+        return watch(&store, &id, g.json, out, Duration::from_secs(1)).await;
+    }
+    let st = deploy::status(&store, &id).await?;
+    print(&st, g.json, out);
+    Ok(exit_for(&st))
+}
+
+pub fn exit_for(st: &Status) -> Exit {
+    if st.state == "failed" {
+        Exit::DeploymentFailed
+    } else {
+        Exit::Ok
+    }
+}
+
+/// Polls until the deployment is done or failed, printing progress lines.
+pub async fn watch(
+    store: &Store,
+    id: &str,
+    json: bool,
+    out: &mut Out,
+    every: Duration,
+) -> Result<Exit, Failure> {
+    let mut last = String::new();
+    loop {
+        let st = deploy::status(store, id).await?;
+        let line = summary(&st);
+        if !json && line != last {
+            out.err_line(&line);
+            last = line;
+        }
+        if matches!(st.state.as_str(), "done" | "failed" | "torn-down") {
+            print(&st, json, out);
+            return Ok(exit_for(&st));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+pub fn summary(st: &Status) -> String {
+    let counts: Vec<String> = st.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!("{} [{}]: {}", st.id, st.state, counts.join(", "))
+}
+
+pub fn print(st: &Status, json: bool, out: &mut Out) {
+    if json {
+        out.json(&serde_json::to_value(st).expect("serializes"));
+        return;
+    }
+    out.line(summary(st));
+    for (node, c) in &st.per_node {
+        let c: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out.line(format!("  {node}: {}", c.join(", ")));
+    }
+    out.line(format!(
+        "{:<28} {:<14} {:>7} {:<6} {:<12} error",
+        "VM", "student", "VMID", "node", "state"
+    ));
+    for v in &st.vms {
+        out.line(format!(
+            "{:<28} {:<14} {:>7} {:<6} {:<12} {}",
+            v.name,
+            v.user,
+            v.vmid.map(|v| v.to_string()).unwrap_or_default(),
+            v.node,
+            v.state,
+            v.error.as_deref().unwrap_or("")
+        ));
+    }
+    for f in &st.setup_failures {
+        out.line(format!("setup failed: {f}"));
+    }
+    for q in &st.quarantined {
+        out.line(format!(
+            "quarantined VMID {} on {} ({}): {}",
+            q["vmid"],
+            q["node"].as_str().unwrap_or(""),
+            q["reason"].as_str().unwrap_or(""),
+            q["command"].as_str().unwrap_or("")
+        ));
+    }
+}

@@ -1,0 +1,732 @@
+//! The producer's side of a deployment: gather the cluster's facts, place students,
+//! allocate VMIDs and bridges in Redis, build the plan, enqueue its jobs; and read the state
+//! back for `status`. Planning itself is pure (`shared::plan`); this module does the I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
+use base64::Engine as _;
+use chrono::Utc;
+use serde::Serialize;
+use shared::alloc::{self, Space};
+use shared::clusters::{ConnectError, client_config};
+use shared::config::{Config, VmidPolicy};
+use shared::jobs::state::{DeploymentRecord, StepState, Store};
+use shared::placement::{self, NodeCapacity};
+use shared::plan::{self, Facts, Plan, Template};
+use shared::pve::{ClusterResource, PveClient, PveError};
+use shared::queue::{Queue, QueueConfig};
+use shared::secret::{Secret, SecretKey};
+
+use crate::exit::{Exit, Failure};
+
+/// Opens the queue, mapping failure to exit code 3.
+pub async fn connect_queue(url: &str, cfg: QueueConfig) -> Result<Queue, Failure> {
+    let q = Queue::connect(url, cfg).await.map_err(|e| {
+        Failure::new(
+            Exit::RedisUnreachable,
+            anyhow::anyhow!(
+                "cannot reach Redis at {}: {e}\nhint: start one (`redis-server --appendonly yes`) or set --redis / REDIS_URL",
+                shared::redact_url(url)
+            ),
+        )
+    })?;
+    // Queue::connect may succeed lazily; prove the server answers.
+    let mut c = q.connection();
+    let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
+    pong.map_err(|e| {
+        Failure::new(
+            Exit::RedisUnreachable,
+            anyhow::anyhow!("Redis at {} does not answer: {e}", shared::redact_url(url)),
+        )
+    })?;
+    Ok(q)
+}
+
+/// Maps a Proxmox error to the exit code its variant calls for.
+pub fn pve_failure(e: PveError, what: &str) -> Failure {
+    let exit = match &e {
+        PveError::Auth { .. } | PveError::Permission { .. } => Exit::AuthRefused,
+        _ => Exit::ProxmoxUnreachable,
+    };
+    Failure::new(exit, anyhow::Error::new(e).context(what.to_owned()))
+}
+
+pub fn connect_pve(cfg: &Config, key: Option<&SecretKey>) -> Result<PveClient, Failure> {
+    let cc = client_config(cfg.connection(), key).map_err(|e| match e {
+        ConnectError::Pve(p) => pve_failure(p, "connecting to Proxmox"),
+        other => Failure::new(Exit::InvalidConfig, other),
+    })?;
+    PveClient::new(cc).map_err(|e| pve_failure(e, "connecting to Proxmox"))
+}
+
+fn disk_storages(cfg: &shared::pve::VmConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in &cfg.raw {
+        let is_disk = ["scsi", "virtio", "ide", "sata", "efidisk", "tpmstate"]
+            .iter()
+            .any(|p| k.starts_with(p) && k[p.len()..].chars().all(|c| c.is_ascii_digit()));
+        if !is_disk {
+            continue;
+        }
+        if let Some(s) = v.as_str() {
+            if s.contains("media=cdrom") {
+                continue;
+            }
+            if let Some((st, _)) = s.split_once(':') {
+                if !out.contains(&st.to_owned()) {
+                    out.push(st.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads what planning needs from the cluster: nodes, templates (with their storages),
+/// used VMIDs, users, and each node's interfaces. A handful of requests, whatever the size.
+pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveError> {
+    let resources = pve.cluster_resources(None).await?;
+    let mut nodes = Vec::new();
+    let mut shared_storage: BTreeMap<String, bool> = BTreeMap::new();
+    let mut vms = Vec::new();
+    for r in resources {
+        match r {
+            ClusterResource::Node(n) => nodes.push(NodeCapacity {
+                online: n.status == "online",
+                maxmem: n.maxmem.unwrap_or(0),
+                mem: n.mem.unwrap_or(0),
+                cpu: n.cpu.unwrap_or(0.0),
+                maxcpu: n.maxcpu.unwrap_or(0) as u32,
+                planned_elsewhere: 0,
+                name: n.node,
+            }),
+            ClusterResource::Storage(s) => {
+                shared_storage.insert(s.storage.clone(), s.shared);
+            }
+            ClusterResource::Vm(v) => vms.push(v),
+            _ => {}
+        }
+    }
+    let wanted: BTreeSet<String> = cfg
+        .deployment
+        .machines
+        .iter()
+        .map(|m| m.template_node.to_string())
+        .collect();
+    let _ = wanted;
+    let mut templates = Vec::new();
+    // Template configs: only templates whose name matches one the deployment uses, plus
+    // the named template VMIDs themselves (a few requests).
+    let wanted_ids: BTreeSet<(String, u32)> = cfg
+        .deployment
+        .machines
+        .iter()
+        .flat_map(|m| {
+            std::iter::once((m.template_node.to_string(), m.template_vmid.get()))
+                .chain(m.replicas.iter().map(|(n, v)| (n.to_string(), v.get())))
+        })
+        .collect();
+    let wanted_names: BTreeSet<String> = vms
+        .iter()
+        .filter(|v| wanted_ids.contains(&(v.node.clone(), v.vmid)))
+        .filter_map(|v| v.name.clone())
+        .collect();
+    for v in vms.iter().filter(|v| v.template) {
+        let relevant = wanted_ids.contains(&(v.node.clone(), v.vmid))
+            || v.name.as_ref().is_some_and(|n| wanted_names.contains(n));
+        if !relevant {
+            continue;
+        }
+        let c = pve.vm_config(&v.node, v.vmid).await?;
+        let storages = disk_storages(&c);
+        let shared = !storages.is_empty()
+            && storages
+                .iter()
+                .all(|s| shared_storage.get(s).copied().unwrap_or(false));
+        templates.push(Template {
+            vmid: v.vmid,
+            node: v.node.clone(),
+            name: c.name().or(v.name.clone()),
+            storages,
+            shared,
+            maxmem: c.memory_mib().map(|m| m << 20).or(v.maxmem).unwrap_or(0),
+        });
+    }
+    let users = pve.users().await?.into_iter().map(|u| u.userid).collect();
+    let mut ifaces = BTreeMap::new();
+    for n in nodes.iter().filter(|n| n.online) {
+        let list = pve.network_list(&n.name, None).await?;
+        ifaces.insert(
+            n.name.clone(),
+            list.ifaces.into_iter().map(|i| i.iface).collect(),
+        );
+    }
+    Ok(Facts {
+        nodes,
+        templates,
+        vmids_in_use: vms.iter().map(|v| v.vmid).collect(),
+        users,
+        ifaces,
+    })
+}
+
+/// The initial password of a student, derived from the key and the deployment: the same
+/// every time it is asked (so `handout` can print it again), unguessable without the key.
+pub fn student_password(key: &SecretKey, deployment: &str, user: &str) -> Secret {
+    let bytes = key.derive("student-password", &format!("{deployment}|{user}"));
+    let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..12]);
+    Secret::new(s)
+}
+
+/// What other active deployments have planned per node (memory), for placement.
+async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    if let Ok(deps) = store.deployments().await {
+        for d in deps.iter().filter(|d| d.id != id && d.phase == "active") {
+            if let Ok(Some(p)) = store.plan_json(&d.id).await {
+                if let Ok(p) = serde_json::from_str::<Plan>(&p) {
+                    for v in &p.vms {
+                        *out.entry(v.node.clone()).or_default() += v.source.maxmem;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Plans the deployment. With `allocate`, VMIDs and bridges are reserved in Redis (submit);
+/// without, they are previewed (plan): the next free numbers, not reserved.
+pub async fn make_plan(
+    cfg: &Config,
+    facts: &mut Facts,
+    store: &Store,
+    allocate: bool,
+) -> Result<Plan, Failure> {
+    let id = plan::deployment_id(cfg);
+    let prior: Option<Plan> = store
+        .plan_json(&id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let pinned: BTreeMap<String, String> = prior
+        .as_ref()
+        .map(|p| {
+            p.students
+                .iter()
+                .map(|s| (s.user.clone(), s.node.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let elsewhere = planned_elsewhere(store, &id).await;
+    for n in &mut facts.nodes {
+        n.planned_elsewhere = elsewhere.get(&n.name).copied().unwrap_or(0);
+    }
+    let demands = plan::demands(cfg, facts, &pinned);
+    let placement = placement::place(&demands, &facts.nodes).map_err(|e| {
+        Failure::new(
+            Exit::InvalidConfig,
+            anyhow::Error::new(e).context("placing students"),
+        )
+    })?;
+    let q = store.queue();
+    // VMIDs.
+    let mut vmids = BTreeMap::new();
+    let owners: Vec<(String, usize, usize)> = cfg
+        .users
+        .users
+        .iter()
+        .enumerate()
+        .flat_map(|(ui, u)| {
+            cfg.deployment
+                .machines
+                .iter()
+                .enumerate()
+                .map(move |(mi, m)| {
+                    (
+                        plan::vm_owner(&plan::deployment_id(cfg), &plan::vm_key(u, m)),
+                        ui,
+                        mi,
+                    )
+                })
+        })
+        .collect();
+    let space = Space::vmids(q, &cfg.cluster);
+    match cfg.deployment.vmids {
+        VmidPolicy::Range { min, max } => {
+            if allocate {
+                let names: Vec<String> = owners.iter().map(|o| o.0.clone()).collect();
+                vmids = alloc::reserve(q, &space, &names, min, max, &facts.vmids_in_use)
+                    .await
+                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+            } else {
+                let mut next = min;
+                for (o, _, _) in &owners {
+                    if let Ok(Some(v)) = alloc::lookup(q, &space, o).await {
+                        vmids.insert(o.clone(), v);
+                        continue;
+                    }
+                    while facts.vmids_in_use.contains(&next) {
+                        next += 1;
+                    }
+                    vmids.insert(o.clone(), next);
+                    next += 1;
+                }
+            }
+        }
+        policy @ VmidPolicy::Fixed { .. } => {
+            for (o, ui, mi) in &owners {
+                let want = plan::fixed_vmid(&policy, *ui, *mi).expect("fixed policy");
+                if allocate {
+                    match alloc::reserve_exact(q, &space, o, want)
+                        .await
+                        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+                    {
+                        Some(v) => {
+                            vmids.insert(o.clone(), v);
+                        }
+                        None => {
+                            return Err(Failure::new(
+                                Exit::InvalidConfig,
+                                anyhow::anyhow!(
+                                    "VMID {want} (vmid_base/vmid_stride) is already reserved by another deployment; choose another vmid_base"
+                                ),
+                            ));
+                        }
+                    }
+                } else {
+                    vmids.insert(o.clone(), want);
+                }
+            }
+        }
+    }
+    // Private bridges per (node, student, alias).
+    let aliases = plan::private_aliases(cfg);
+    let mut bridges = BTreeMap::new();
+    if !aliases.is_empty() {
+        let (lo, hi) = cfg.deployment.bridge_range;
+        let mut per_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for u in &cfg.users.users {
+            let node = &placement.nodes[&u.to_string()];
+            for alias in aliases.keys() {
+                per_node
+                    .entry(node.clone())
+                    .or_default()
+                    .push(plan::bridge_owner(&id, u, alias));
+            }
+        }
+        for (node, owners) in per_node {
+            let taken: BTreeSet<u32> = facts
+                .ifaces
+                .get(&node)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.strip_prefix("vmbr").and_then(|n| n.parse().ok()))
+                .collect();
+            let space = Space::bridges(q, &cfg.cluster, &node);
+            let got = if allocate {
+                alloc::reserve(q, &space, &owners, lo, hi, &taken)
+                    .await
+                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+            } else {
+                let mut m = BTreeMap::new();
+                let mut next = lo;
+                for o in &owners {
+                    if let Ok(Some(v)) = alloc::lookup(q, &space, o).await {
+                        m.insert(o.clone(), v);
+                        continue;
+                    }
+                    while taken.contains(&next) {
+                        next += 1;
+                    }
+                    m.insert(o.clone(), next);
+                    next += 1;
+                }
+                m
+            };
+            for (o, n) in got {
+                bridges.insert(o, format!("vmbr{n}"));
+            }
+        }
+    }
+    Ok(plan::build(cfg, facts, placement, &vmids, &bridges))
+}
+
+/// Submits (or resubmits: converges) the deployment. Returns its id.
+pub async fn submit(
+    cfg: &Config,
+    pve: &PveClient,
+    store: &Store,
+    key: Option<&SecretKey>,
+) -> Result<(String, Plan), Failure> {
+    let mut facts = gather_facts(pve, cfg)
+        .await
+        .map_err(|e| pve_failure(e, "reading the cluster"))?;
+    let plan = make_plan(cfg, &mut facts, store, true).await?;
+    let id = plan.id.clone();
+    let now = Utc::now();
+    let mut rec = store
+        .deployment(&id)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .unwrap_or(DeploymentRecord {
+            id: id.clone(),
+            cluster: cfg.cluster.clone(),
+            name: cfg.deployment.name.clone(),
+            epoch: 0,
+            created: now,
+            updated: now,
+            finished: None,
+            phase: "active".into(),
+        });
+    if rec.phase != "active" {
+        rec.epoch += 1;
+        rec.phase = "active".into();
+    }
+    rec.updated = now;
+    rec.finished = None;
+    let mut sealed = BTreeMap::new();
+    if plan.students.iter().any(|s| s.create_user) {
+        let key = key.ok_or_else(|| {
+            Failure::new(
+                Exit::InvalidConfig,
+                anyhow::anyhow!("labfleet will create @pve users and needs a secret key to hand their passwords to the workers: set LABFLEET_SECRET_KEY (`producer secret keygen`) for the producer and every worker"),
+            )
+        })?;
+        for s in plan.students.iter().filter(|s| s.create_user) {
+            sealed.insert(
+                s.user.clone(),
+                key.seal(&student_password(key, &id, &s.user)),
+            );
+        }
+    }
+    let caps = cfg.connection().caps;
+    let q = store.queue();
+    let mut cap_set = BTreeMap::new();
+    for v in &plan.vms {
+        for (slot, cap) in plan::clone_slots(
+            &plan.cluster,
+            &v.source,
+            v.full,
+            v.storage.as_deref(),
+            &caps,
+        ) {
+            cap_set.insert(slot, cap);
+        }
+    }
+    for (slot, cap) in cap_set {
+        q.set_cap(&slot, Some(cap))
+            .await
+            .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+    }
+    let plan_json = serde_json::to_string(&plan).context("serializing the plan")?;
+    store
+        .put_deployment(&rec, Some(&plan_json))
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+    let specs = plan::jobs(&plan, &rec.scope(), &sealed);
+    q.enqueue_batch(&specs)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+    tracing::info!(deployment = %id, jobs = specs.len(), vms = plan.vms.len(), "submitted");
+    Ok((id, plan))
+}
+
+/// One VM's state for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub user: String,
+    pub machine: String,
+    pub name: String,
+    pub vmid: Option<u32>,
+    pub node: String,
+    pub state: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub id: String,
+    pub state: String,
+    pub counts: BTreeMap<String, usize>,
+    pub per_node: BTreeMap<String, BTreeMap<String, usize>>,
+    pub vms: Vec<VmStatus>,
+    pub setup_failures: Vec<String>,
+    pub quarantined: Vec<serde_json::Value>,
+}
+
+pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let rec = store.deployment(id).await.map_err(redis)?.ok_or_else(|| {
+        Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
+        )
+    })?;
+    let plan: Plan = store
+        .plan_json(id)
+        .await
+        .map_err(redis)?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Usage,
+                anyhow::anyhow!("deployment {id:?} has no plan"),
+            )
+        })?;
+    let steps = store.steps(id).await.map_err(redis)?;
+    let facts = store.vm_facts(id).await.map_err(redis)?;
+    let names = plan::vm_steps(&plan);
+    let mut vms = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_node: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for v in &plan.vms {
+        let recs: Vec<Option<&shared::jobs::state::StepRecord>> = names
+            .iter()
+            .map(|s| steps.get(&shared::jobs::state::step_field(&v.key, s)))
+            .collect();
+        let failed = recs.iter().flatten().find(|r| r.state == StepState::Failed);
+        let student_failed = steps
+            .get(&shared::jobs::state::step_field(
+                &format!("student:{}", v.user),
+                "student",
+            ))
+            .filter(|r| r.state == StepState::Failed);
+        let (state, error) = if rec.phase == "torn-down" {
+            ("removed".to_owned(), None)
+        } else if let Some(f) = failed.copied().or(student_failed) {
+            ("failed".to_owned(), f.error.clone())
+        } else if recs
+            .iter()
+            .all(|r| r.is_some_and(|r| r.state == StepState::Done))
+        {
+            ("done".to_owned(), None)
+        } else {
+            let clone = recs[0];
+            let s = match clone.map(|r| r.state) {
+                None => "pending",
+                Some(StepState::Running) => "cloning",
+                Some(StepState::Retrying) => "retrying",
+                Some(StepState::Done) => "configuring",
+                Some(StepState::Failed) => "failed",
+            };
+            (s.to_owned(), clone.and_then(|r| r.error.clone()))
+        };
+        *counts.entry(state.clone()).or_default() += 1;
+        *per_node
+            .entry(v.node.clone())
+            .or_default()
+            .entry(state.clone())
+            .or_default() += 1;
+        let f = facts.get(&v.key);
+        vms.push(VmStatus {
+            user: v.user.clone(),
+            machine: v.machine.clone(),
+            name: v.name.clone(),
+            vmid: f.map(|f| f.vmid).or(Some(v.vmid)).filter(|v| *v != 0),
+            node: v.node.clone(),
+            state,
+            error,
+        });
+    }
+    let setup_failures: Vec<String> = steps
+        .iter()
+        .filter(|(k, r)| {
+            (k.starts_with("student:") || k.starts_with("node:")) && r.state == StepState::Failed
+        })
+        .map(|(k, r)| format!("{k}: {}", r.error.clone().unwrap_or_default()))
+        .collect();
+    let g = store
+        .queue()
+        .group_stats(&rec.scope())
+        .await
+        .map_err(redis)?;
+    let runnable = g.ready + g.scheduled + g.in_flight + g.waiting_for_slot;
+    let total = plan.vms.len();
+    let done = counts.get("done").copied().unwrap_or(0);
+    let failed = counts.get("failed").copied().unwrap_or(0);
+    let state = if rec.phase == "torn-down" {
+        "torn-down"
+    } else if rec.phase == "tearing-down" {
+        "tearing-down"
+    } else if done == total && setup_failures.is_empty() {
+        "done"
+    } else if runnable == 0 && (failed > 0 || !setup_failures.is_empty() || g.dead > 0) {
+        "failed"
+    } else if counts.get("pending").copied().unwrap_or(0) == total
+        && g.in_flight == 0
+        && g.done == 0
+    {
+        "pending"
+    } else {
+        "running"
+    };
+    let quarantined = store
+        .quarantined(&rec.cluster)
+        .await
+        .map_err(redis)?
+        .into_iter()
+        .filter(|q| q.deployment == id)
+        .map(|q| serde_json::json!({"vmid": q.vmid, "node": q.node, "vm": q.vm, "reason": q.reason, "command": q.command()}))
+        .collect();
+    Ok(Status {
+        id: id.to_owned(),
+        state: state.to_owned(),
+        counts,
+        per_node,
+        vms,
+        setup_failures,
+        quarantined,
+    })
+}
+
+/// Starts a teardown: cancels the deployment's queued jobs, fences in-flight ones, then
+/// enqueues destroy jobs for every VM it may have created, and the removal of pools, users
+/// and bridges it created once those are gone.
+pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let mut rec = store
+        .deployment(id)
+        .await
+        .map_err(redis)?
+        .ok_or_else(|| Failure::new(Exit::Usage, anyhow::anyhow!("no deployment {id:?}")))?;
+    let plan: Plan = store
+        .plan_json(id)
+        .await
+        .map_err(redis)?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Usage,
+                anyhow::anyhow!("deployment {id:?} has no plan"),
+            )
+        })?;
+    let q = store.queue();
+    q.cancel_group(&rec.scope()).await.map_err(redis)?;
+    rec.epoch += 1;
+    rec.phase = "tearing-down".into();
+    rec.updated = Utc::now();
+    store.put_deployment(&rec, None).await.map_err(redis)?;
+    let scope = rec.scope();
+    let facts = store.vm_facts(id).await.map_err(redis)?;
+    let mut specs = Vec::new();
+    let mut by_user: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    use shared::jobs::{DestroyJob, Job, NodeNetworkJob, StudentJob, VmRef, keys};
+    use shared::queue::JobSpec;
+    for v in &plan.vms {
+        let k = keys::destroy(&scope, &v.key);
+        let job = Job::Destroy(DestroyJob {
+            vm: VmRef {
+                deployment: id.to_owned(),
+                cluster: plan.cluster.clone(),
+                key: v.key.clone(),
+                node: v.node.clone(),
+            },
+            vmid: facts.get(&v.key).map(|f| f.vmid),
+        });
+        specs.push(JobSpec::new(k.clone(), job.kind(), job.to_value()).group(scope.clone()));
+        by_user.entry(&v.user).or_default().push(k.clone());
+        by_node.entry(&v.node).or_default().push(k);
+    }
+    for s in &plan.students {
+        let job = Job::StudentTeardown(StudentJob {
+            deployment: id.to_owned(),
+            cluster: plan.cluster.clone(),
+            user: s.user.clone(),
+            pool: s.pool.clone(),
+            sealed_password: None,
+        });
+        let gate = by_user.get(s.user.as_str()).cloned().unwrap_or_default();
+        specs.push(
+            JobSpec::new(
+                keys::student_teardown(&scope, &s.user),
+                job.kind(),
+                job.to_value(),
+            )
+            .group(scope.clone())
+            .after(gate),
+        );
+    }
+    for nn in &plan.node_networks {
+        let job = Job::NodeNetworkTeardown(NodeNetworkJob {
+            bridges: vec![],
+            ..nn.clone()
+        });
+        let gate = by_node.get(nn.node.as_str()).cloned().unwrap_or_default();
+        specs.push(
+            JobSpec::new(
+                keys::node_network_teardown(&scope, &nn.node),
+                job.kind(),
+                job.to_value(),
+            )
+            .group(scope.clone())
+            .after(gate),
+        );
+    }
+    q.enqueue_batch(&specs).await.map_err(redis)?;
+    Ok(scope)
+}
+
+/// Finishes a teardown whose jobs are all done: frees VMIDs and bridge names, clears the
+/// progress records, marks the deployment torn down.
+pub async fn finish_teardown(store: &Store, id: &str) -> Result<bool, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let Some(mut rec) = store.deployment(id).await.map_err(redis)? else {
+        return Ok(false);
+    };
+    if rec.phase != "tearing-down" {
+        return Ok(rec.phase == "torn-down");
+    }
+    let g = store
+        .queue()
+        .group_stats(&rec.scope())
+        .await
+        .map_err(redis)?;
+    if g.ready + g.scheduled + g.in_flight + g.waiting_for_slot + g.gated > 0 {
+        return Ok(false);
+    }
+    if g.dead > 0 {
+        return Err(Failure::new(
+            Exit::DeploymentFailed,
+            anyhow::anyhow!(
+                "{} teardown jobs failed; see `producer status {id}`, fix, then `producer retry {id}`",
+                g.dead
+            ),
+        ));
+    }
+    if let Ok(Some(p)) = store.plan_json(id).await {
+        if let Ok(plan) = serde_json::from_str::<Plan>(&p) {
+            let q = store.queue();
+            let owners: Vec<String> = plan
+                .vms
+                .iter()
+                .map(|v| plan::vm_owner(id, &v.key))
+                .collect();
+            alloc::release(q, &Space::vmids(q, &plan.cluster), &owners)
+                .await
+                .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+            let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for s in &plan.students {
+                for alias in s.bridges.keys() {
+                    by_node
+                        .entry(&s.node)
+                        .or_default()
+                        .push(format!("{id}|{}|{alias}", s.user));
+                }
+            }
+            for (node, owners) in by_node {
+                alloc::release(q, &Space::bridges(q, &plan.cluster, node), &owners)
+                    .await
+                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+            }
+        }
+    }
+    store.clear_progress(id).await.map_err(redis)?;
+    rec.phase = "torn-down".into();
+    rec.finished = Some(Utc::now());
+    store.put_deployment(&rec, None).await.map_err(redis)?;
+    Ok(true)
+}
