@@ -470,8 +470,10 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             .slots(v.slots.clone()),
         );
         let mut net_gate = vec![clone_key.clone()];
-        if private_users.contains(v.user.as_str()) {
-            if let Some(k) = nn_keys.get(&v.node) {
+        if private_users.contains(v.user.as_str())
+            && let Some(k) = nn_keys.get(&v.node)
+        {
+            {
                 net_gate.push(k.clone());
             }
         }

@@ -1003,8 +1003,10 @@ pub fn deployment_from_raw(
             machines.push(machine);
         }
     }
-    if let (Some(VmidPolicy::Fixed { stride, .. }), Some(s)) = (&vmids, &raw.vmid_stride) {
-        if (*stride as usize) < machines.len() {
+    if let (Some(VmidPolicy::Fixed { stride, .. }), Some(s)) = (&vmids, &raw.vmid_stride)
+        && (*stride as usize) < machines.len()
+    {
+        {
             let i = cx.at(s, format!("vmid_stride {stride} is smaller than the {} machines each student gets: VMIDs would overlap", machines.len()));
             hint(i, format!("use vmid_stride: {} or more", machines.len()));
         }
@@ -1093,8 +1095,10 @@ fn machine_from_raw(
             networks.push(spec);
         }
     }
-    if clone == Some(CloneMode::Linked) {
-        if let (Some(s), Some(st)) = (&m.storage, storage.as_ref().and_then(|s| s.as_ref())) {
+    if clone == Some(CloneMode::Linked)
+        && let (Some(s), Some(st)) = (&m.storage, storage.as_ref().and_then(|s| s.as_ref()))
+    {
+        {
             let i = cx.at(s, format!("storage {st:?} is set for a linked clone; Proxmox refuses `storage` for linked clones"));
             hint(i, "add `clone: full` to this machine, or remove `storage`");
         }
@@ -1209,8 +1213,10 @@ pub fn cross_check(
             }
         }
     }
-    if let Some(base) = deployment.vlan_base {
-        if base as usize + n_users.saturating_sub(1) > 4094 {
+    if let Some(base) = deployment.vlan_base
+        && base as usize + n_users.saturating_sub(1) > 4094
+    {
+        {
             issues.push(
                 Issue::new(
                     deployment_file,

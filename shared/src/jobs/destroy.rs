@@ -26,8 +26,10 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
     let mine = marker(&j.vm.deployment, &j.vm.key);
     let desc = cfg.description().unwrap_or_default();
     let ours = desc.lines().any(|l| l.trim() == mine);
-    if let Some(lock) = cfg.lock() {
-        if ours || desc.is_empty() {
+    if let Some(lock) = cfg.lock()
+        && (ours || desc.is_empty())
+    {
+        {
             // Our clone still running (or a stale lock): try again later.
             return Err(JobError::Retry(format!(
                 "VM {vmid} is locked ({lock}); waiting"
