@@ -1,4 +1,5 @@
 //! Test support for the integration tests: see `harness`.
 
+pub mod bins;
 pub mod redis_server;
 pub mod wait;
