@@ -99,7 +99,12 @@ async fn handle(
     router: axum::Router,
     req: hyper::Request<Incoming>,
 ) -> Result<axum::response::Response, std::io::Error> {
-    if let Some(rest) = req.uri().path().strip_prefix("/api2/json") {
+    if let Some(rest) = req
+        .uri()
+        .path()
+        .strip_prefix("/api2/json")
+        .filter(|r| !r.starts_with("/sim/"))
+    {
         let fault = app
             .state
             .lock()
