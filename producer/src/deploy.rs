@@ -672,7 +672,7 @@ pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
 
 /// Finishes a teardown whose jobs are all done: frees VMIDs and bridge names, clears the
 /// progress records, marks the deployment torn down.
-pub async fn finish_teardown(store: &Store, id: &str) -> Result<bool, Failure> {
+pub async fn finish_teardown(store: &Store, id: &str, pve: &PveClient) -> Result<bool, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let Some(mut rec) = store.deployment(id).await.map_err(redis)? else {
         return Ok(false);
@@ -696,6 +696,58 @@ pub async fn finish_teardown(store: &Store, id: &str) -> Result<bool, Failure> {
                 g.dead
             ),
         ));
+    }
+    // A clone fenced by the cancel may still have finished on Proxmox after its destroy job
+    // looked: verify against the cluster and destroy again what is still there.
+    let facts = store.vm_facts(id).await.map_err(redis)?;
+    let quarantined: BTreeSet<u32> = store
+        .quarantined(&rec.cluster)
+        .await
+        .map_err(redis)?
+        .into_iter()
+        .map(|q| q.vmid)
+        .collect();
+    let present: BTreeSet<u32> = pve
+        .cluster_vms()
+        .await
+        .map_err(|e| pve_failure(e, "checking the cluster after teardown"))?
+        .into_iter()
+        .map(|v| v.vmid)
+        .collect();
+    let leftovers: Vec<(&String, &shared::jobs::state::VmFacts)> = facts
+        .iter()
+        .filter(|(_, f)| present.contains(&f.vmid) && !quarantined.contains(&f.vmid))
+        .collect();
+    if !leftovers.is_empty() {
+        use shared::jobs::{DestroyJob, Job, VmRef, keys};
+        let round = Utc::now().timestamp_millis();
+        let specs: Vec<shared::queue::JobSpec> = leftovers
+            .iter()
+            .map(|(key, f)| {
+                let job = Job::Destroy(DestroyJob {
+                    vm: VmRef {
+                        deployment: id.to_owned(),
+                        cluster: rec.cluster.clone(),
+                        key: (*key).clone(),
+                        node: f.node.clone(),
+                    },
+                    vmid: Some(f.vmid),
+                });
+                shared::queue::JobSpec::new(
+                    format!("{}/{round}", keys::destroy(&rec.scope(), key)),
+                    job.kind(),
+                    job.to_value(),
+                )
+                .group(rec.scope())
+            })
+            .collect();
+        tracing::info!(
+            deployment = id,
+            count = specs.len(),
+            "VMs still present after teardown; destroying them again"
+        );
+        store.queue().enqueue_batch(&specs).await.map_err(redis)?;
+        return Ok(false);
     }
     if let Ok(Some(p)) = store.plan_json(id).await {
         if let Ok(plan) = serde_json::from_str::<Plan>(&p) {

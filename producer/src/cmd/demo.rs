@@ -93,7 +93,7 @@ pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Fai
                 "simulator: task makespan {:.1} s (lower bound {:.1} s), peak concurrent clones per node {}",
                 stats["task_makespan_seconds"].as_f64().unwrap_or(0.0),
                 stats["lower_bound_seconds"].as_f64().unwrap_or(0.0),
-                stats["peak_concurrent_clones"]["per_node"]
+                stats["peak_concurrent_clones"]["nodes"]
             ));
         }
         Ok::<Exit, Failure>(code)

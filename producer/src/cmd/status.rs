@@ -51,6 +51,11 @@ pub async fn watch(
             last = line;
         }
         if matches!(st.state.as_str(), "done" | "failed" | "torn-down") {
+            if !json {
+                // The summary line was just shown; print the rest of the report.
+                print_details(&st, out);
+                return Ok(exit_for(&st));
+            }
             print(&st, json, out);
             return Ok(exit_for(&st));
         }
@@ -69,6 +74,10 @@ pub fn print(st: &Status, json: bool, out: &mut Out) {
         return;
     }
     out.line(summary(st));
+    print_details(st, out);
+}
+
+fn print_details(st: &Status, out: &mut Out) {
     for (node, c) in &st.per_node {
         let c: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out.line(format!("  {node}: {}", c.join(", ")));

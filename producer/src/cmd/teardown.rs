@@ -17,6 +17,8 @@ pub async fn run(
     let id = common::resolve_id(g, id, out)?;
     let store = common::store(g).await?;
     deploy::teardown(&store, &id).await?;
+    let cfg = common::load_config(g, out)?;
+    let pve = deploy::connect_pve(&cfg, common::secret_key()?.as_ref())?;
     if !g.json {
         out.line(format!("teardown of {id} started"));
     }
@@ -27,7 +29,7 @@ pub async fn run(
         return Ok(Exit::Ok);
     }
     loop {
-        if deploy::finish_teardown(&store, &id).await? {
+        if deploy::finish_teardown(&store, &id, &pve).await? {
             if g.json {
                 out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
             } else {

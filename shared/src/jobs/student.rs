@@ -9,7 +9,13 @@ use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let pve = env.pve(&j.cluster)?;
-    let users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+    let mut users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+    if !users.contains(&j.user) {
+        // Decide on fresh facts: the user may have been created since the cache was filled
+        // (an admin fixing a failed deployment, then `producer retry`).
+        env.cache.invalidate(&Cache::users_key(&j.cluster));
+        users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+    }
     if !users.contains(&j.user) {
         let Some(sealed) = &j.sealed_password else {
             return Err(JobError::Permanent(format!(

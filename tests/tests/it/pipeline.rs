@@ -1,14 +1,17 @@
 //! End to end: a real redis-server, the simulator over HTTPS (pinned fingerprint), workers
-//! and the producer's submit/status/teardown, checked through the simulator's own state.
+//! and the producer's submit/status/retry/teardown, checked through the simulator's own state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::time::Duration;
 
 use labfleet_tests::redis_server::RedisServer;
 use labfleet_tests::wait::wait_for;
-use pve_sim::{Sim, SimConfig};
-use shared::config::{DataPaths, load};
+use pve_sim::{Fault, Sim, SimConfig, SimHandle};
+use shared::config::{Config, DataPaths, load};
 use shared::jobs::state::Store;
+use shared::pve::{Auth, ClientConfig, PveClient, TlsPolicy, parse_fingerprint};
+use shared::queue::QueueConfig;
 use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
 
@@ -16,96 +19,141 @@ fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A data folder aimed at a simulator on `port`, with the shipped deployment and `users`.
-fn data_dir(port: u16, fingerprint: &str, users: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("connections.yml"),
-        format!(
-            "lab:\n  host: \"127.0.0.1:{port}\"\n  user: root@pam\n  token_name: labfleet\n  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n  fingerprint: \"{fingerprint}\"\n  max_parallel_clones: {{per_node: 3, linked_per_storage: 2}}\n"
-        ),
-    )
-    .unwrap();
-    std::fs::copy(
-        root().join("data/deployment_config.yml"),
-        dir.path().join("deployment_config.yml"),
-    )
-    .unwrap();
-    let list: String = (1..=users)
-        .map(|i| format!("  - \"student{i}@pve\"\n"))
-        .collect();
-    std::fs::write(dir.path().join("users.yml"), format!("users:\n{list}")).unwrap();
-    dir
+/// One lab: Redis, the simulator, a data folder aimed at it, the key, the store.
+struct Lab {
+    redis: RedisServer,
+    sim: SimHandle,
+    data: tempfile::TempDir,
+    cfg: Config,
+    key: SecretKey,
+    qcfg: QueueConfig,
+    store: Store,
 }
+
+impl Lab {
+    async fn new(time_scale: f64, users: &[&str], deployment: &str) -> Lab {
+        let redis = RedisServer::start();
+        let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml")).unwrap();
+        sc.time_scale = time_scale;
+        let sim = Sim::start(sc).await.unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(
+            data.path().join("connections.yml"),
+            format!(
+                "lab:\n  host: \"127.0.0.1:{}\"\n  user: root@pam\n  token_name: labfleet\n  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n  fingerprint: \"{}\"\n  max_parallel_clones: {{per_node: 3, linked_per_storage: 2}}\n",
+                sim.addr().port(),
+                sim.fingerprint().unwrap()
+            ),
+        )
+        .unwrap();
+        std::fs::write(data.path().join("deployment_config.yml"), deployment).unwrap();
+        let list: String = users.iter().map(|u| format!("  - \"{u}\"\n")).collect();
+        std::fs::write(data.path().join("users.yml"), format!("users:\n{list}")).unwrap();
+        let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
+        let mut qcfg = worker::queue_config();
+        qcfg.lease = Duration::from_secs(5);
+        qcfg.reap_every = Duration::from_millis(500);
+        qcfg.idle_poll = Duration::from_millis(100);
+        for p in qcfg.retry_by_kind.values_mut() {
+            p.base = Duration::from_millis(50);
+            p.cap = Duration::from_millis(500);
+        }
+        let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
+            .await
+            .unwrap();
+        Lab {
+            redis,
+            sim,
+            data,
+            cfg,
+            key: SecretKey::generate(),
+            qcfg,
+            store: Store::new(queue),
+        }
+    }
+
+    fn users(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("student{i}@pve")).collect()
+    }
+
+    fn pve(&self) -> PveClient {
+        producer::deploy::connect_pve(&self.cfg, Some(&self.key))
+            .map_err(|f| f.error)
+            .unwrap()
+    }
+
+    async fn submit(&self) -> (String, shared::plan::Plan) {
+        producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
+            .await
+            .map_err(|f| f.error)
+            .unwrap()
+    }
+
+    async fn state(&self, id: &str) -> String {
+        producer::deploy::status(&self.store, id)
+            .await
+            .map(|s| s.state)
+            .unwrap_or_default()
+    }
+
+    /// Runs `flow` while `n` in-process workers consume the queue; stops them after.
+    async fn with_workers<F: Future<Output = ()>>(&self, n: usize, flow: F) {
+        let shutdown = CancellationToken::new();
+        let mut workers = Vec::new();
+        for i in 0..n {
+            let mut wc = worker::WorkerConfig::new(self.redis.url(), self.data.path());
+            wc.queue = self.qcfg.clone();
+            wc.name = Some(format!("w{i}"));
+            wc.secret_key = Some(self.key.clone());
+            wc.concurrency = 8;
+            workers.push(worker::run(wc, shutdown.child_token()));
+        }
+        let workers = futures::future::join_all(workers);
+        let flow = async {
+            flow.await;
+            shutdown.cancel();
+        };
+        let ((), results) = tokio::join!(flow, workers);
+        for r in results {
+            r.expect("worker ran and stopped cleanly");
+        }
+    }
+}
+
+const TWO_MACHINES: &str = "name: demo-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_converge_and_teardown_a_class() {
-    let redis = RedisServer::start();
-    let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml")).unwrap();
-    sc.time_scale = 0.05;
-    let sim = Sim::start(sc).await.unwrap();
-    let before = sim.snapshot();
-    let data = data_dir(sim.addr().port(), &sim.fingerprint().unwrap(), 8);
-    let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-    let key = SecretKey::generate();
-
-    let mut qcfg = worker::queue_config();
-    qcfg.lease = Duration::from_secs(5);
-    qcfg.reap_every = Duration::from_millis(500);
-    let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
-        .await
-        .unwrap();
-    let store = Store::new(queue.clone());
-
-    let shutdown = CancellationToken::new();
-    let mut workers = Vec::new();
-    for i in 0..3 {
-        let mut wc = worker::WorkerConfig::new(redis.url(), data.path());
-        wc.queue = qcfg.clone();
-        wc.name = Some(format!("w{i}"));
-        wc.secret_key = Some(key.clone());
-        wc.concurrency = 8;
-        workers.push(worker::run(wc, shutdown.child_token()));
-    }
-    let workers = futures::future::join_all(workers);
-
-    let flow = async {
-        let pve = producer::deploy::connect_pve(&cfg, Some(&key))
-            .map_err(|f| f.error)
-            .unwrap();
-        let (id, plan) = producer::deploy::submit(&cfg, &pve, &store, Some(&key))
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
-        assert_eq!(plan.vms.len(), 16);
-        wait_for(Duration::from_secs(60), "deployment done", || async {
-            producer::deploy::status(&store, &id)
-                .await
-                .map(|s| s.state == "done")
-                .unwrap_or(false)
+    let users = Lab::users(20);
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let lab = Lab::new(0.02, &users, TWO_MACHINES).await;
+    let before = lab.sim.snapshot();
+    lab.with_workers(3, async {
+        let (id, plan) = lab.submit().await;
+        assert_eq!(plan.vms.len(), 40);
+        wait_for(Duration::from_secs(90), "deployment done", || async {
+            lab.state(&id).await == "done"
         })
         .await;
 
         // Every VM once, with its name, node, pool, NICs and ACL; a student's VMs on one node.
-        let vms = sim.vms();
+        let vms = lab.sim.vms();
         let ours: Vec<_> = vms.iter().filter(|v| !v.template).collect();
-        assert_eq!(ours.len(), 16, "exactly one VM per planned VM");
+        assert_eq!(ours.len(), 40, "exactly one VM per planned VM");
         let names: BTreeSet<_> = ours.iter().filter_map(|v| v.name.clone()).collect();
-        assert_eq!(names.len(), 16, "no duplicate names");
+        assert_eq!(names.len(), 40, "no duplicate names");
         let vmids: BTreeSet<_> = ours.iter().map(|v| v.vmid).collect();
-        assert_eq!(vmids.len(), 16);
+        assert_eq!(vmids.len(), 40);
         let mut node_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let acls = sim.acls();
+        let acls = lab.sim.acls();
         for p in &plan.vms {
             let v = ours
                 .iter()
                 .find(|v| v.name.as_deref() == Some(p.name.as_str()))
                 .expect("VM exists");
             assert_eq!(v.node, p.node);
-            assert_eq!(
-                v.pool.as_deref(),
-                Some(format!("demo-lab-{}", p.user.split('@').next().unwrap()).as_str())
-            );
+            let pool = format!("demo-lab-{}", p.user.split('@').next().unwrap());
+            assert_eq!(v.pool.as_deref(), Some(pool.as_str()));
             let net1 = v
                 .config
                 .get("net1")
@@ -117,7 +165,15 @@ async fn deploy_converge_and_teardown_a_class() {
                 "{net1}"
             );
             if p.machine == "student-pc" {
-                assert!(net1.contains("tag=100"), "{net1}");
+                assert!(
+                    net1.contains("tag=100") && net1.starts_with("virtio="),
+                    "{net1}"
+                );
+            } else {
+                assert!(
+                    net1.contains("firewall=0"),
+                    "router NICs have the firewall off: {net1}"
+                );
             }
             assert!(acls.iter().any(|a| a.path == format!("/vms/{}", v.vmid)
                 && a.ugid == p.user
@@ -131,53 +187,329 @@ async fn deploy_converge_and_teardown_a_class() {
             node_of.values().all(|n| n.len() == 1),
             "a student's VMs share a node"
         );
+        let used_nodes: BTreeSet<_> = node_of.values().flatten().collect();
+        assert!(
+            used_nodes.len() >= 2,
+            "students are spread over nodes: {used_nodes:?}"
+        );
         for s in &plan.students {
             for (iface, _) in s.bridges.values() {
                 assert!(
-                    sim.bridges(&s.node).contains(iface),
+                    lab.sim.bridges(&s.node).contains(iface),
                     "bridge {iface} applied on {}",
                     s.node
                 );
             }
         }
-        assert!(sim.users().contains(&"student1@pve".to_owned()));
 
         // Caps: the simulator's exact high-water marks never exceed them.
-        let stats = sim.stats();
-        if let Some(per_node) = stats["peak_concurrent_clones"]["per_node"].as_object() {
-            for (n, peak) in per_node {
-                assert!(peak.as_u64().unwrap_or(0) <= 3, "node {n} peak {peak}");
-            }
+        let stats = lab.sim.stats();
+        let peaks = stats["peak_concurrent_clones"]["nodes"]
+            .as_object()
+            .expect("per-node peaks")
+            .clone();
+        assert!(!peaks.is_empty());
+        for (n, peak) in &peaks {
+            assert!(
+                peak.as_u64().unwrap() <= 3,
+                "node {n} peak {peak} over its cap of 3"
+            );
         }
 
-        // A resubmit changes nothing.
-        let before_resubmit = sim.vms().len();
-        producer::deploy::submit(&cfg, &pve, &store, Some(&key))
+        // Each student sees only their own VMs.
+        let pw = producer::deploy::student_password(&lab.key, &id, "student1@pve");
+        let mut cc = ClientConfig::new(
+            "lab",
+            "127.0.0.1",
+            Auth::Password {
+                user: "student1@pve".into(),
+                password: pw,
+            },
+        );
+        cc.port = lab.sim.addr().port();
+        cc.tls =
+            TlsPolicy::Fingerprint(parse_fingerprint(&lab.sim.fingerprint().unwrap()).unwrap());
+        let student = PveClient::new(cc).unwrap();
+        let seen: BTreeSet<String> = student
+            .cluster_vms()
             .await
-            .map_err(|f| f.error)
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.name)
+            .collect();
+        let own: BTreeSet<String> = plan
+            .vms
+            .iter()
+            .filter(|v| v.user == "student1@pve")
+            .map(|v| v.name.clone())
+            .collect();
+        assert_eq!(seen, own, "student1 sees exactly their VMs");
+
+        // A resubmit changes nothing.
+        let n = lab.sim.vms().len();
+        let (_, plan2) = lab.submit().await;
+        assert_eq!(
+            plan2.vms.iter().map(|v| v.vmid).collect::<Vec<_>>(),
+            plan.vms.iter().map(|v| v.vmid).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(sim.vms().len(), before_resubmit);
+        assert_eq!(lab.sim.vms().len(), n);
+        assert_eq!(lab.state(&id).await, "done");
 
         // Teardown returns the cluster to its state before the deployment.
-        producer::deploy::teardown(&store, &id)
+        producer::deploy::teardown(&lab.store, &id)
             .await
             .map_err(|f| f.error)
             .unwrap();
-        wait_for(Duration::from_secs(60), "teardown finished", || async {
-            producer::deploy::finish_teardown(&store, &id)
+        wait_for(Duration::from_secs(90), "teardown finished", || async {
+            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
                 .await
                 .unwrap_or(false)
         })
         .await;
-        let after = sim.snapshot();
+        let after = lab.sim.snapshot();
         assert_eq!(
             after["vms"], before["vms"],
             "VMs back to the templates only"
         );
         assert_eq!(after["pools"], before["pools"]);
         assert_eq!(after["users"], before["users"]);
-        shutdown.cancel();
-    };
-    let ((), _) = tokio::join!(flow, workers);
+        assert_eq!(after["acl"], before["acl"]);
+        assert_eq!(after["nodes"], before["nodes"], "bridges removed");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmids_are_unique_across_four_workers_and_two_concurrent_deployments() {
+    let users = Lab::users(50);
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let lab = Lab::new(0.0, &users, TWO_MACHINES).await;
+    // A second deployment of the same size, submitted at the same moment by a second producer.
+    let second = TWO_MACHINES.replace("demo-lab", "other-lab");
+    std::fs::write(lab.data.path().join("deployment_config.yml"), &second).unwrap();
+    let cfg2 = load(&DataPaths::in_dir(lab.data.path()), None).unwrap();
+    lab.with_workers(4, async {
+        let pve = lab.pve();
+        let (a, b) = tokio::join!(
+            producer::deploy::submit(&lab.cfg, &pve, &lab.store, Some(&lab.key)),
+            producer::deploy::submit(&cfg2, &pve, &lab.store, Some(&lab.key)),
+        );
+        let (ida, pa) = a.map_err(|f| f.error).unwrap();
+        let (idb, pb) = b.map_err(|f| f.error).unwrap();
+        let planned: BTreeSet<u32> = pa.vms.iter().chain(&pb.vms).map(|v| v.vmid).collect();
+        assert_eq!(planned.len(), 200, "reserved VMIDs never collide");
+        wait_for(Duration::from_secs(120), "both done", || async {
+            lab.state(&ida).await == "done" && lab.state(&idb).await == "done"
+        })
+        .await;
+        let ours: Vec<_> = lab.sim.vms().into_iter().filter(|v| !v.template).collect();
+        assert_eq!(ours.len(), 200);
+        assert_eq!(
+            ours.iter().map(|v| v.vmid).collect::<BTreeSet<_>>().len(),
+            200
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_made_clones_are_quarantined_and_cloned_again() {
+    let lab = Lab::new(0.02, &["student1@pve", "student2@pve"], TWO_MACHINES).await;
+    lab.sim.inject(Fault::CloneHalfFail { count: 2 });
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(90), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let st = producer::deploy::status(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        // A token may not use skiplock, so each locked leftover is quarantined, listed with
+        // the command that clears it, and the VM is cloned again under a new VMID.
+        assert_eq!(st.quarantined.len(), 2, "{:?}", st.quarantined);
+        assert!(
+            st.quarantined[0]["command"]
+                .as_str()
+                .unwrap()
+                .contains("qm unlock")
+        );
+        let named: Vec<_> = lab
+            .sim
+            .vms()
+            .into_iter()
+            .filter(|v| !v.template && v.name.is_some())
+            .collect();
+        assert_eq!(named.len(), 4, "every VM exists once, complete");
+        assert_eq!(
+            named
+                .iter()
+                .map(|v| v.name.clone())
+                .collect::<BTreeSet<_>>()
+                .len(),
+            4
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_redis_record_does_not_duplicate_the_vm() {
+    let lab = Lab::new(0.0, &["student1@pve"], TWO_MACHINES).await;
+    lab.with_workers(1, async {
+        let (id, plan) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let v = &plan.vms[0];
+        // Forget the VM's record, then run its clone job again under a new job key.
+        let mut c = lab.store.queue().connection();
+        let _: () = redis::cmd("HDEL")
+            .arg(lab.store.key_vms(&id))
+            .arg(&v.key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let specs = shared::plan::jobs(&plan, &format!("{id}#rerun"), &BTreeMap::new());
+        let clone = specs
+            .into_iter()
+            .find(|s| s.kind == "clone" && s.key.contains(&v.key))
+            .unwrap();
+        let clone = shared::queue::JobSpec {
+            gate: vec![],
+            ..clone
+        };
+        lab.store.queue().enqueue(&clone).await.unwrap();
+        wait_for(Duration::from_secs(30), "re-run clone done", || async {
+            lab.store
+                .queue()
+                .job(&clone.key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|j| j.state == "done")
+        })
+        .await;
+        let copies = lab
+            .sim
+            .vms()
+            .into_iter()
+            .filter(|x| x.name.as_deref() == Some(v.name.as_str()))
+            .count();
+        assert_eq!(copies, 1, "found by VMID and marker, not cloned twice");
+        assert_eq!(
+            lab.store.one_vm(&id, &v.key).await.unwrap().unwrap().vmid,
+            v.vmid
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_fails_once_and_retry_fixes_only_that() {
+    // A student of another realm who does not exist yet: a permanent error naming the user.
+    let lab = Lab::new(0.0, &["student1@pve", "anna@ldap"], TWO_MACHINES).await;
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment failed", || async {
+            lab.state(&id).await == "failed"
+        })
+        .await;
+        let st = producer::deploy::status(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(st.counts.get("done"), Some(&2), "{:?}", st.counts);
+        assert_eq!(st.counts.get("failed"), Some(&2), "{:?}", st.counts);
+        let anna = st.vms.iter().find(|v| v.user == "anna@ldap").unwrap();
+        assert!(
+            anna.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("anna@ldap does not exist"),
+            "{anna:?}"
+        );
+        let job = lab
+            .store
+            .queue()
+            .job(&format!("{id}#0/student/anna@ldap"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (job.state.as_str(), job.attempts),
+            ("dead", 1),
+            "one attempt only"
+        );
+        let done_before: Vec<_> = lab
+            .sim
+            .vms()
+            .into_iter()
+            .filter(|v| !v.template)
+            .map(|v| v.vmid)
+            .collect();
+
+        // The admin creates the user, then retries: only anna's part runs.
+        lab.pve()
+            .raw_call(
+                shared::pve::Method::POST,
+                "/access/users",
+                &[("userid", "anna@ldap")],
+            )
+            .await
+            .unwrap();
+        let retried = lab
+            .store
+            .queue()
+            .retry_dead_group(&format!("{id}#0"))
+            .await
+            .unwrap();
+        assert_eq!(retried, 1);
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let after: Vec<_> = lab.sim.vms().into_iter().filter(|v| !v.template).collect();
+        assert_eq!(after.len(), 4);
+        for v in done_before {
+            assert!(after.iter().any(|a| a.vmid == v), "earlier VMs untouched");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_of_a_running_deployment_leaves_nothing() {
+    let users = Lab::users(10);
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let lab = Lab::new(0.2, &users, TWO_MACHINES).await;
+    let before = lab.sim.snapshot();
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "clones in flight", || async {
+            lab.sim
+                .vms()
+                .iter()
+                .any(|v| v.lock.as_deref() == Some("clone"))
+        })
+        .await;
+        producer::deploy::teardown(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        wait_for(Duration::from_secs(120), "teardown finished", || async {
+            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
+                .await
+                .unwrap_or(false)
+        })
+        .await;
+        let after = lab.sim.snapshot();
+        assert_eq!(after["vms"], before["vms"], "no VM left behind");
+        assert_eq!(after["pools"], before["pools"]);
+        assert_eq!(after["users"], before["users"]);
+    })
+    .await;
 }
