@@ -31,6 +31,19 @@ struct Args {
     /// Worker identity (default: host:pid:random).
     #[arg(long)]
     name: Option<String>,
+    /// Lease of a claimed job in seconds; a crashed worker's job is re-delivered within
+    /// lease + sweep (35 s by default).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    lease: f64,
+    /// How often this worker sweeps for expired leases, in seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    sweep: f64,
+    /// Grace period for running jobs at SIGTERM, in seconds; the rest is handed back.
+    #[arg(long, default_value_t = 20.0, value_name = "SECS")]
+    grace: f64,
+    /// Cap of the retry backoff in seconds (per kind defaults: 30 s, clones 60 s).
+    #[arg(long, value_name = "SECS")]
+    backoff_cap: Option<f64>,
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
     #[arg(long)]
@@ -53,6 +66,17 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = worker::WorkerConfig::new(a.redis, a.data_dir);
     cfg.concurrency = a.concurrency.max(1);
     cfg.name = a.name;
+    let secs = |s: f64| std::time::Duration::from_secs_f64(s.max(0.05));
+    cfg.queue.lease = secs(a.lease);
+    cfg.queue.renew_every = secs(a.lease / 3.0);
+    cfg.queue.reap_every = secs(a.sweep);
+    cfg.queue.shutdown_grace = secs(a.grace);
+    if let Some(cap) = a.backoff_cap {
+        for p in cfg.queue.retry_by_kind.values_mut() {
+            p.cap = secs(cap);
+            p.base = p.base.min(secs(cap));
+        }
+    }
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
