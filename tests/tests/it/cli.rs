@@ -208,3 +208,92 @@ fn redis_unreachable_is_exit_3_with_the_password_redacted() {
     assert!(out.contains("redis://:***@127.0.0.1:1"), "{out}");
     assert!(!out.contains("TopSecretPw"), "{out}");
 }
+
+/// A data folder whose connections.yml reaches `port` with the given credential and TLS lines.
+fn conn_folder(port: u16, cred_and_tls: &str) -> tempfile::TempDir {
+    let conn = format!("lab:\n  host: \"127.0.0.1:{port}\"\n  user: root@pam\n{cred_and_tls}");
+    folder_with("connections.yml", conn.as_bytes())
+}
+
+async fn check_connection(dir: &Path) -> Output {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        producer(&["check-connection", "--data-dir", dir.to_str().unwrap()])
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_connection_reports_each_failure_with_its_exit_code() {
+    let mut sc =
+        pve_sim::SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml")).unwrap();
+    sc.cluster.api.auth_failure_delay_seconds = 0.2;
+    let sim = pve_sim::Sim::start(sc).await.unwrap();
+    let port = sim.addr().port();
+    let fp = sim.fingerprint().unwrap();
+
+    // Good: version, nodes with load, templates.
+    let ok = conn_folder(
+        port,
+        &format!("  password: labfleet\n  fingerprint: \"{fp}\"\n"),
+    );
+    let o = check_connection(ok.path()).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("Proxmox VE 9"), "{out}");
+    assert!(out.contains("node pve1") && out.contains("mem"), "{out}");
+    assert!(
+        out.contains("linux-template") && out.contains("router-template"),
+        "{out}"
+    );
+
+    // A wrong pin: exit 4, and the fingerprint the server presented is shown.
+    let wrong = format!("{}AB", "AB:".repeat(31));
+    let d = conn_folder(
+        port,
+        &format!("  password: labfleet\n  fingerprint: \"{wrong}\"\n"),
+    );
+    let o = check_connection(d.path()).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(out.contains(&fp), "presented fingerprint shown: {out}");
+
+    // Self-signed without a pin: verification against the system roots fails, exit 4.
+    let d = conn_folder(port, "  password: labfleet\n");
+    let o = check_connection(d.path()).await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    // Bad password: exit 5, and the password is not echoed.
+    let d = conn_folder(
+        port,
+        &format!("  password: \"Wr0ng-Passw0rd!\"\n  fingerprint: \"{fp}\"\n"),
+    );
+    let o = check_connection(d.path()).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{out}");
+    assert!(!out.contains("Wr0ng-Passw0rd!"), "{out}");
+
+    // Nothing listening: exit 4.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = conn_folder(
+        closed,
+        &format!("  password: labfleet\n  fingerprint: \"{fp}\"\n"),
+    );
+    let o = check_connection(d.path()).await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    // A secret from the environment that is not set: a clear error naming the variable.
+    let d = conn_folder(
+        port,
+        &format!("  password_env: LABFLEET_TEST_UNSET_PW\n  fingerprint: \"{fp}\"\n"),
+    );
+    let o = check_connection(d.path()).await;
+    assert!(text(&o).contains("LABFLEET_TEST_UNSET_PW"), "{}", text(&o));
+    assert_ne!(o.status.code(), Some(0));
+    sim.shutdown().await;
+}
