@@ -14,6 +14,13 @@
 //! nothing. Handlers must therefore tolerate running a job again (converge, check "already
 //! done?"), and producers re-enqueue by key, which is idempotent.
 
+//! A worker is an apalis worker over `LeaseBackend`:
+//! `WorkerBuilder::new(name).backend(LeaseBackend::<Args>::new(queue, WorkerOptions::new(8)))
+//! .catch_panic().build(handler)`, where the handler is
+//! `async fn(args: Args, lease: Lease, ...) -> Result<(), JobError>`; run it with
+//! `run_until(shutdown)`. The backend claims, the `LeaseLayer` (added by apalis outside every
+//! user layer) renews and settles; do not add apalis `retry`: retries belong to the queue.
+
 mod backend;
 mod config;
 mod error;

@@ -108,7 +108,7 @@ pub struct QueueStats {
     pub in_flight: u64,
     /// Dead letters.
     pub dead: u64,
-    /// Done and still retained.
+    /// Jobs finished (a counter: not decremented when a done record expires).
     pub done: u64,
     /// Cancelled.
     pub cancelled: u64,
@@ -252,7 +252,7 @@ impl Queue {
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
-    fn wire<'a>(&self, specs: &'a [JobSpec]) -> Result<String, QueueError> {
+    fn wire(&self, specs: &[JobSpec]) -> Result<String, QueueError> {
         let mut wire = Vec::with_capacity(specs.len());
         for s in specs {
             let bad = |reason| QueueError::InvalidSpec {
@@ -635,6 +635,7 @@ impl Queue {
     pub async fn slot_stats(&self, slot: &str) -> Result<SlotStats, QueueError> {
         let k = &self.keys;
         let mut conn = self.conn.clone();
+        #[allow(clippy::type_complexity)] // one tuple per pipelined reply
         let (cap, held, waiting, hwm, oldest, time): (
             Option<u32>,
             u64,

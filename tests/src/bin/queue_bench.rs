@@ -19,7 +19,7 @@ use apalis_redis::{Config, RedisStorage};
 use labfleet_tests::redis_server::RedisServer;
 use serde::{Deserialize, Serialize};
 use shared::queue::{JobError, JobSpec, LeaseBackend, Queue, QueueConfig, WorkerOptions};
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 const POLL: Duration = Duration::from_millis(100);
 
@@ -32,7 +32,7 @@ struct Noop {
 struct Counter {
     n: usize,
     seen: Arc<AtomicUsize>,
-    done: Arc<Notify>,
+    done: CancellationToken,
 }
 
 impl Counter {
@@ -40,13 +40,13 @@ impl Counter {
         Self {
             n,
             seen: Arc::new(AtomicUsize::new(0)),
-            done: Arc::new(Notify::new()),
+            done: CancellationToken::new(),
         }
     }
 
     fn hit(&self) {
         if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.n {
-            self.done.notify_one();
+            self.done.cancel();
         }
     }
 }
@@ -81,14 +81,15 @@ async fn run_ours(url: &str, ns: &str, n: usize, conc: usize) -> anyhow::Result<
         .build(ours_handler);
     let done = counter.done.clone();
     let handle = tokio::spawn(worker.run_until(async move {
-        done.notified().await;
+        done.cancelled().await;
         Ok::<(), std::io::Error>(())
     }));
-    tokio::time::timeout(Duration::from_secs(120), counter.done.notified())
+    let drained = tokio::time::timeout(Duration::from_secs(120), counter.done.cancelled())
         .await
-        .ok();
+        .is_ok();
     let elapsed = t0.elapsed();
-    counter.done.notify_one();
+    counter.done.cancel();
+    anyhow::ensure!(drained, "{ns}: not drained within 120 s");
     handle.await??;
     let st = queue.stats().await?;
     anyhow::ensure!(st.done as usize == n, "only {} of {n} acked", st.done);
@@ -112,14 +113,15 @@ async fn run_raw(url: &str, ns: &str, n: usize, conc: usize) -> anyhow::Result<D
         .build(raw_handler);
     let done = counter.done.clone();
     let handle = tokio::spawn(worker.run_until(async move {
-        done.notified().await;
+        done.cancelled().await;
         Ok::<(), std::io::Error>(())
     }));
-    tokio::time::timeout(Duration::from_secs(120), counter.done.notified())
+    let drained = tokio::time::timeout(Duration::from_secs(120), counter.done.cancelled())
         .await
-        .ok();
+        .is_ok();
     let elapsed = t0.elapsed();
-    counter.done.notify_one();
+    counter.done.cancel();
+    anyhow::ensure!(drained, "{ns}: not drained within 120 s");
     handle.await??;
     anyhow::ensure!(
         counter.seen.load(Ordering::SeqCst) >= n,
