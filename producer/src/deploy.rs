@@ -364,7 +364,15 @@ pub async fn submit(
     let mut facts = gather_facts(pve, cfg)
         .await
         .map_err(|e| pve_failure(e, "reading the cluster"))?;
-    let plan = make_plan(cfg, &mut facts, store, true).await?;
+    let mut plan = make_plan(cfg, &mut facts, store, true).await?;
+    let prior: Option<Plan> = store
+        .plan_json(&plan.id)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .and_then(|s| serde_json::from_str(&s).ok());
+    if let Some(prior) = &prior {
+        plan.retire_from(prior);
+    }
     let id = plan.id.clone();
     let now = Utc::now();
     let mut rec = store
@@ -531,6 +539,23 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
             error,
         });
     }
+    for v in &plan.retired {
+        *counts.entry("not-in-files".to_owned()).or_default() += 1;
+        let f = facts.get(&v.key);
+        vms.push(VmStatus {
+            user: v.user.clone(),
+            machine: v.machine.clone(),
+            name: v.name.clone(),
+            vmid: f.map(|f| f.vmid),
+            node: v.node.clone(),
+            state: if rec.phase == "torn-down" {
+                "removed".to_owned()
+            } else {
+                "not-in-files".to_owned()
+            },
+            error: None,
+        });
+    }
     let setup_failures: Vec<String> = steps
         .iter()
         .filter(|(k, r)| {
@@ -616,7 +641,7 @@ pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
     let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     use shared::jobs::{DestroyJob, Job, NodeNetworkJob, StudentJob, VmRef, keys};
     use shared::queue::JobSpec;
-    for v in &plan.vms {
+    for v in plan.vms.iter().chain(&plan.retired) {
         let k = keys::destroy(&scope, &v.key);
         let job = Job::Destroy(DestroyJob {
             vm: VmRef {
@@ -631,7 +656,7 @@ pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
         by_user.entry(&v.user).or_default().push(k.clone());
         by_node.entry(&v.node).or_default().push(k);
     }
-    for s in &plan.students {
+    for s in plan.students.iter().chain(&plan.retired_students) {
         let job = Job::StudentTeardown(StudentJob {
             deployment: id.to_owned(),
             cluster: plan.cluster.clone(),
@@ -650,15 +675,25 @@ pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
             .after(gate),
         );
     }
-    for nn in &plan.node_networks {
+    // Every node that got private bridges, including for students no longer in the files.
+    let bridge_nodes: BTreeSet<&str> = plan
+        .students
+        .iter()
+        .chain(&plan.retired_students)
+        .filter(|s| !s.bridges.is_empty())
+        .map(|s| s.node.as_str())
+        .collect();
+    for node in bridge_nodes {
         let job = Job::NodeNetworkTeardown(NodeNetworkJob {
+            deployment: id.to_owned(),
+            cluster: plan.cluster.clone(),
+            node: node.to_owned(),
             bridges: vec![],
-            ..nn.clone()
         });
-        let gate = by_node.get(nn.node.as_str()).cloned().unwrap_or_default();
+        let gate = by_node.get(node).cloned().unwrap_or_default();
         specs.push(
             JobSpec::new(
-                keys::node_network_teardown(&scope, &nn.node),
+                keys::node_network_teardown(&scope, node),
                 job.kind(),
                 job.to_value(),
             )
@@ -755,13 +790,14 @@ pub async fn finish_teardown(store: &Store, id: &str, pve: &PveClient) -> Result
             let owners: Vec<String> = plan
                 .vms
                 .iter()
+                .chain(&plan.retired)
                 .map(|v| plan::vm_owner(id, &v.key))
                 .collect();
             alloc::release(q, &Space::vmids(q, &plan.cluster), &owners)
                 .await
                 .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
             let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for s in &plan.students {
+            for s in plan.students.iter().chain(&plan.retired_students) {
                 for alias in s.bridges.keys() {
                     by_node
                         .entry(&s.node)

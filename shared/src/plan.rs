@@ -89,6 +89,40 @@ pub struct Plan {
     pub warnings: Vec<String>,
     pub vmid_min: u32,
     pub vmid_max: u32,
+    /// VMs of earlier submits that are no longer in the files: reported, kept, and removed
+    /// by teardown.
+    #[serde(default)]
+    pub retired: Vec<VmPlan>,
+    #[serde(default)]
+    pub retired_students: Vec<StudentPlan>,
+}
+
+impl Plan {
+    /// Carries over what an earlier plan had and this one no longer has.
+    pub fn retire_from(&mut self, prior: &Plan) {
+        let keys: BTreeSet<&str> = self.vms.iter().map(|v| v.key.as_str()).collect();
+        let users: BTreeSet<&str> = self.students.iter().map(|s| s.user.as_str()).collect();
+        let mut retired: Vec<VmPlan> = prior
+            .vms
+            .iter()
+            .chain(&prior.retired)
+            .filter(|v| !keys.contains(v.key.as_str()))
+            .cloned()
+            .collect();
+        retired.sort_by(|a, b| a.key.cmp(&b.key));
+        retired.dedup_by(|a, b| a.key == b.key);
+        let mut students: Vec<StudentPlan> = prior
+            .students
+            .iter()
+            .chain(&prior.retired_students)
+            .filter(|s| !users.contains(s.user.as_str()))
+            .cloned()
+            .collect();
+        students.sort_by(|a, b| a.user.cmp(&b.user));
+        students.dedup_by(|a, b| a.user == b.user);
+        self.retired = retired;
+        self.retired_students = students;
+    }
 }
 
 /// The deployment id: `<name>@<cluster>`.
@@ -368,6 +402,8 @@ pub fn build(
         warnings,
         vmid_min,
         vmid_max,
+        retired: Vec::new(),
+        retired_students: Vec::new(),
     }
 }
 

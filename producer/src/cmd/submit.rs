@@ -24,6 +24,12 @@ pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure>
             plan.vms.len(),
             plan.students.len()
         ));
+        if !plan.retired.is_empty() {
+            out.err_line(format!(
+                "note: {} VMs of an earlier submit are no longer in the files; they are kept (listed as not-in-files in `status`) and `teardown` removes them",
+                plan.retired.len()
+            ));
+        }
         for w in &plan.warnings {
             out.err_line(format!("warning: {w}"));
         }

@@ -513,3 +513,72 @@ async fn teardown_of_a_running_deployment_leaves_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubmit_adds_new_students_and_reports_removed_ones() {
+    let lab = Lab::new(0.0, &["student1@pve", "student2@pve"], TWO_MACHINES).await;
+    let before = lab.sim.snapshot();
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "first submit done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        // student2 leaves, student3 joins.
+        std::fs::write(
+            lab.data.path().join("users.yml"),
+            "users:\n  - student1@pve\n  - student3@pve\n",
+        )
+        .unwrap();
+        let cfg = load(&DataPaths::in_dir(lab.data.path()), None).unwrap();
+        let (_, plan) = producer::deploy::submit(&cfg, &lab.pve(), &lab.store, Some(&lab.key))
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(
+            plan.retired.len(),
+            2,
+            "student2's VMs are reported, not destroyed"
+        );
+        wait_for(Duration::from_secs(60), "second submit done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let st = producer::deploy::status(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(st.counts.get("done"), Some(&4));
+        assert_eq!(st.counts.get("not-in-files"), Some(&2));
+        let names: BTreeSet<String> = lab
+            .sim
+            .vms()
+            .into_iter()
+            .filter(|v| !v.template)
+            .filter_map(|v| v.name)
+            .collect();
+        assert_eq!(
+            names.len(),
+            6,
+            "student1 kept, student2 kept until teardown, student3 added: {names:?}"
+        );
+        producer::deploy::teardown(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        wait_for(Duration::from_secs(60), "teardown finished", || async {
+            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
+                .await
+                .unwrap_or(false)
+        })
+        .await;
+        let after = lab.sim.snapshot();
+        assert_eq!(
+            after["vms"], before["vms"],
+            "teardown removes the retired VMs too"
+        );
+        assert_eq!(after["users"], before["users"]);
+        assert_eq!(after["nodes"], before["nodes"]);
+    })
+    .await;
+}
