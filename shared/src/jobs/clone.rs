@@ -65,7 +65,9 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
 
     // A previous attempt may have started a clone: find out what became of it.
     if let Some(f) = &prior {
+        let mut task_ended = false;
         if let Some(upid) = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok()) {
+            task_ended = true;
             match pve.task_status(&upid).await {
                 Ok(st) if st.is_running() => {
                     tracing::info!(vmid, %upid, "clone of a previous attempt still running; waiting for it");
@@ -87,6 +89,19 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
         match inspect(&pve, j, vmid, &my_marker).await? {
             Found::Ours => return finish(j, lease, env, &pve, vmid, None, &quarantined).await,
             Found::Nothing => {}
+            Found::Unfinished { .. }
+                if !task_ended
+                    && f.since.is_none_or(|t| {
+                        Utc::now() - t
+                            < chrono::Duration::from_std(env.timing.task_deadline)
+                                .unwrap_or(chrono::TimeDelta::MAX)
+                    }) =>
+            {
+                // A clone whose task we never learned (the worker died between the call and
+                // recording its UPID) may still be running: wait for it without spending an
+                // attempt, until the clone deadline says it is half-made.
+                return Err(JobError::DeferredFor(Duration::from_secs(3)));
+            }
             Found::Unfinished { node, lock } => {
                 vmid = clean_up(
                     j,
@@ -120,6 +135,7 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     node: j.vm.node.clone(),
                     upid: None,
                     quarantined: quarantined.clone(),
+                    since: Some(Utc::now()),
                 },
             )
             .await?;
@@ -158,6 +174,7 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     node: j.vm.node.clone(),
                     upid: Some(upid.to_string()),
                     quarantined: quarantined.clone(),
+                    since: Some(Utc::now()),
                 },
             )
             .await?;
@@ -367,6 +384,7 @@ async fn finish(
                 node: j.vm.node.clone(),
                 upid: upid.map(|u| u.to_string()),
                 quarantined: quarantined.to_vec(),
+                since: None,
             },
         )
         .await

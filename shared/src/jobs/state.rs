@@ -49,6 +49,10 @@ pub struct VmFacts {
     /// VMIDs given up because a half-made VM could not be removed (see `quarantine`).
     #[serde(default)]
     pub quarantined: Vec<u32>,
+    /// When the clone call was about to be made: a `lock: clone` found without a known
+    /// task is trusted to be a running clone until `since + task_deadline`.
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
