@@ -98,6 +98,14 @@ impl Clusters {
         Ok(client)
     }
 
+    /// The clients created so far, by cluster name (for metrics: their request counters).
+    pub fn clients(&self) -> Vec<(String, PveClient)> {
+        let map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Whether `cluster` authenticates as `root@pam` with a password ticket: the only
     /// identity Proxmox lets use `skiplock`.
     pub fn can_skiplock(&self, cluster: &str) -> bool {

@@ -4,10 +4,14 @@
 //! Redis backend (`shared::queue::LeaseBackend`): claims with a lease, renewal inside each
 //! job, fenced settle, a reaper, retries by kind. Any number of worker processes on any
 //! number of hosts may run at once; each has a unique identity. The binary (`main.rs`) and
-//! the producer's demo both call [`run`].
+//! the producer's demo both call [`run`]. With `WorkerConfig::metrics` set, it also serves
+//! Prometheus metrics (`metrics`).
 
+pub mod metrics;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,6 +38,10 @@ pub struct WorkerConfig {
     pub timing: Timing,
     /// The `enc:` key (default: from `LABFLEET_SECRET_KEY` / `LABFLEET_SECRET_KEY_FILE`).
     pub secret_key: Option<SecretKey>,
+    /// Serve Prometheus metrics at `http://<addr>/metrics` (port 0 picks a free port).
+    pub metrics: Option<SocketAddr>,
+    /// Set to the metrics server's bound address once it listens (useful with port 0).
+    pub metrics_bound: Arc<OnceLock<SocketAddr>>,
 }
 
 impl WorkerConfig {
@@ -46,6 +54,8 @@ impl WorkerConfig {
             queue: queue_config(),
             timing: Timing::default(),
             secret_key: SecretKey::from_env().ok(),
+            metrics: None,
+            metrics_bound: Arc::default(),
         }
     }
 }
@@ -94,6 +104,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         cfg.timing.clone(),
         shutdown.child_token(),
     );
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let (bound, task) =
+                metrics::start(addr, env.clone(), queue.clone(), shutdown.child_token()).await?;
+            let _ = cfg.metrics_bound.set(bound);
+            Some(task)
+        }
+        None => None,
+    };
     let mut opts = WorkerOptions::new(cfg.concurrency);
     if let Some(n) = &cfg.name {
         opts.worker_id = n.clone();
@@ -114,6 +133,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         })
         .await
         .map_err(|e| anyhow::anyhow!("worker: {e}"))?;
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

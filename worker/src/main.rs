@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
     name = "worker",
     version,
     about = "Run labfleet jobs from Redis against Proxmox VE",
-    after_help = "Examples:\n  worker --redis redis://127.0.0.1:6379 --data-dir data\n  worker --concurrency 32 --name lab-host-1"
+    after_help = "Examples:\n  worker --redis redis://127.0.0.1:6379 --data-dir data\n  worker --concurrency 32 --name lab-host-1\n  worker --redis rediss://:PASSWORD@queue.example.org:6380 --metrics 0.0.0.0:9100"
 )]
 struct Args {
     /// Redis URL (redis://[:password@]host:port[/db], rediss:// for TLS).
@@ -44,6 +44,9 @@ struct Args {
     /// Cap of the retry backoff in seconds (per kind defaults: 30 s, clones 60 s).
     #[arg(long, value_name = "SECS")]
     backoff_cap: Option<f64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
     #[arg(long)]
@@ -66,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = worker::WorkerConfig::new(a.redis, a.data_dir);
     cfg.concurrency = a.concurrency.max(1);
     cfg.name = a.name;
+    cfg.metrics = a.metrics;
     let secs = |s: f64| std::time::Duration::from_secs_f64(s.max(0.05));
     cfg.queue.lease = secs(a.lease);
     cfg.queue.renew_every = secs(a.lease / 3.0);

@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod clone;
+pub mod counters;
 pub mod destroy;
 pub mod network;
 pub mod node_network;
@@ -61,6 +62,8 @@ pub struct Env {
     pub timing: Timing,
     /// Cancelled at shutdown: long waits end and the job is handed back.
     pub shutdown: CancellationToken,
+    /// Outcomes by kind and jobs in flight per node, for the worker's `/metrics`.
+    pub counters: counters::JobCounters,
 }
 
 impl Env {
@@ -76,6 +79,7 @@ impl Env {
             cache: cache::Cache::new(timing.cache_ttl),
             timing,
             shutdown,
+            counters: counters::JobCounters::default(),
         })
     }
 
@@ -126,6 +130,7 @@ pub fn pve_error(e: PveError) -> JobError {
 pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> {
     let (subject, step) = subject_and_step(&job);
     let dep = job.deployment().to_owned();
+    let in_flight = env.counters.start(&job);
     let _ = env
         .store
         .put_step(&lease, &dep, &subject, step, StepState::Running, None)
@@ -164,6 +169,12 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
             .put_step(&lease, &dep, &subject, step, state, err)
             .await;
     }
+    drop(in_flight);
+    env.counters.record(
+        job.kind(),
+        lease.attempt(),
+        counters::Outcome::of(&result, &lease),
+    );
     match &result {
         Ok(()) => tracing::info!(kind = job.kind(), subject, "job done"),
         Err(e) => tracing::warn!(kind = job.kind(), subject, error = %e, "job not done"),

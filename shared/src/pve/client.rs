@@ -32,6 +32,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use super::config::{Auth, ClientConfig};
 use super::error::{ParamErrors, PveError};
+use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
 use crate::secret::Secret;
@@ -64,6 +65,8 @@ struct Counters {
     logins: AtomicU64,
     polls: AtomicU64,
     other: AtomicU64,
+    /// Request latency (send until the body is read, or the transport error), by kind.
+    latency: [LatencyHistogram; 3],
 }
 
 /// Query or form parameters of one call. Deliberately without `Debug`: it may hold a password.
@@ -273,6 +276,17 @@ impl PveClient {
         }
     }
 
+    /// Latency of the requests sent so far by this client and its clones, by kind
+    /// (`login`, `poll`, `other`, as in [`RequestCounts`]).
+    pub fn request_latency(&self) -> [(&'static str, LatencySnapshot); 3] {
+        let h = &self.inner.counters.latency;
+        [
+            ("login", h[0].snapshot()),
+            ("poll", h[1].snapshot()),
+            ("other", h[2].snapshot()),
+        ]
+    }
+
     /// SHA-256 fingerprint (`AB:CD:..`) of the last certificate the server presented, when
     /// the client verifies with a pin, a CA file or not at all.
     pub fn presented_fingerprint(&self) -> Option<String> {
@@ -439,10 +453,10 @@ impl PveClient {
             .acquire()
             .await
             .map_err(|_| PveError::Cancelled)?;
-        let counter = match kind {
-            RequestKind::Login => &self.inner.counters.logins,
-            RequestKind::Poll => &self.inner.counters.polls,
-            RequestKind::Other => &self.inner.counters.other,
+        let (counter, latency) = match kind {
+            RequestKind::Login => (&self.inner.counters.logins, &self.inner.counters.latency[0]),
+            RequestKind::Poll => (&self.inner.counters.polls, &self.inner.counters.latency[1]),
+            RequestKind::Other => (&self.inner.counters.other, &self.inner.counters.latency[2]),
         };
         counter.fetch_add(1, Ordering::Relaxed);
 
@@ -496,6 +510,7 @@ impl PveClient {
                     &self.inner.origin,
                     &self.inner.presented,
                 );
+                latency.observe(started.elapsed());
                 tracing::debug!(
                     connection = %self.inner.config.connection_name,
                     method = %method, path, error = %err,
@@ -511,7 +526,9 @@ impl PveClient {
             .extensions()
             .get::<hyper::ext::ReasonPhrase>()
             .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-        let body = resp.bytes().await.map_err(|e| {
+        let body = resp.bytes().await;
+        latency.observe(started.elapsed());
+        let body = body.map_err(|e| {
             transport_error(
                 e,
                 method.as_str(),

@@ -30,6 +30,7 @@ mod client;
 mod cluster;
 mod config;
 pub mod error;
+mod latency;
 mod lenient;
 mod network;
 mod task;
@@ -51,6 +52,7 @@ pub use config::{
     parse_fingerprint,
 };
 pub use error::{ConnectFailure, ErrorClass, MessageKind, ParamErrors, PveError};
+pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;
 pub use task::{
