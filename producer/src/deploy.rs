@@ -73,10 +73,10 @@ fn disk_storages(cfg: &shared::pve::VmConfig) -> Vec<String> {
             if s.contains("media=cdrom") {
                 continue;
             }
-            if let Some((st, _)) = s.split_once(':') {
-                if !out.contains(&st.to_owned()) {
-                    out.push(st.to_owned());
-                }
+            if let Some((st, _)) = s.split_once(':')
+                && !out.iter().any(|o| o == st)
+            {
+                out.push(st.to_owned());
             }
         }
     }
@@ -184,11 +184,11 @@ async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     if let Ok(deps) = store.deployments().await {
         for d in deps.iter().filter(|d| d.id != id && d.phase == "active") {
-            if let Ok(Some(p)) = store.plan_json(&d.id).await {
-                if let Ok(p) = serde_json::from_str::<Plan>(&p) {
-                    for v in &p.vms {
-                        *out.entry(v.node.clone()).or_default() += v.source.maxmem;
-                    }
+            if let Ok(Some(p)) = store.plan_json(&d.id).await
+                && let Ok(p) = serde_json::from_str::<Plan>(&p)
+            {
+                for v in &p.vms {
+                    *out.entry(v.node.clone()).or_default() += v.source.maxmem;
                 }
             }
         }
@@ -784,32 +784,32 @@ pub async fn finish_teardown(store: &Store, id: &str, pve: &PveClient) -> Result
         store.queue().enqueue_batch(&specs).await.map_err(redis)?;
         return Ok(false);
     }
-    if let Ok(Some(p)) = store.plan_json(id).await {
-        if let Ok(plan) = serde_json::from_str::<Plan>(&p) {
-            let q = store.queue();
-            let owners: Vec<String> = plan
-                .vms
-                .iter()
-                .chain(&plan.retired)
-                .map(|v| plan::vm_owner(id, &v.key))
-                .collect();
-            alloc::release(q, &Space::vmids(q, &plan.cluster), &owners)
+    if let Ok(Some(p)) = store.plan_json(id).await
+        && let Ok(plan) = serde_json::from_str::<Plan>(&p)
+    {
+        let q = store.queue();
+        let owners: Vec<String> = plan
+            .vms
+            .iter()
+            .chain(&plan.retired)
+            .map(|v| plan::vm_owner(id, &v.key))
+            .collect();
+        alloc::release(q, &Space::vmids(q, &plan.cluster), &owners)
+            .await
+            .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+        let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for s in plan.students.iter().chain(&plan.retired_students) {
+            for alias in s.bridges.keys() {
+                by_node
+                    .entry(&s.node)
+                    .or_default()
+                    .push(format!("{id}|{}|{alias}", s.user));
+            }
+        }
+        for (node, owners) in by_node {
+            alloc::release(q, &Space::bridges(q, &plan.cluster, node), &owners)
                 .await
                 .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-            let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for s in plan.students.iter().chain(&plan.retired_students) {
-                for alias in s.bridges.keys() {
-                    by_node
-                        .entry(&s.node)
-                        .or_default()
-                        .push(format!("{id}|{}|{alias}", s.user));
-                }
-            }
-            for (node, owners) in by_node {
-                alloc::release(q, &Space::bridges(q, &plan.cluster, node), &owners)
-                    .await
-                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-            }
         }
     }
     store.clear_progress(id).await.map_err(redis)?;

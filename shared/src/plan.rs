@@ -509,9 +509,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         if private_users.contains(v.user.as_str())
             && let Some(k) = nn_keys.get(&v.node)
         {
-            {
-                net_gate.push(k.clone());
-            }
+            net_gate.push(k.clone());
         }
         let net_key = jobs::keys::vm_step(scope, &v.key, "network");
         out.push(

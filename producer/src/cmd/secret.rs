@@ -13,7 +13,7 @@ pub fn run(cmd: &SecretCommand, out: &mut Out) -> Result<Exit, Failure> {
     match cmd {
         SecretCommand::Keygen => {
             // The one place a key is printed: on purpose, to stdout, for the admin to store.
-            out.line(SecretKey::generate().to_base64().expose().to_owned());
+            out.line(SecretKey::generate().to_base64().expose());
             Ok(Exit::Ok)
         }
         SecretCommand::Encrypt => {

@@ -1006,10 +1006,8 @@ pub fn deployment_from_raw(
     if let (Some(VmidPolicy::Fixed { stride, .. }), Some(s)) = (&vmids, &raw.vmid_stride)
         && (*stride as usize) < machines.len()
     {
-        {
-            let i = cx.at(s, format!("vmid_stride {stride} is smaller than the {} machines each student gets: VMIDs would overlap", machines.len()));
-            hint(i, format!("use vmid_stride: {} or more", machines.len()));
-        }
+        let i = cx.at(s, format!("vmid_stride {stride} is smaller than the {} machines each student gets: VMIDs would overlap", machines.len()));
+        hint(i, format!("use vmid_stride: {} or more", machines.len()));
     }
 
     if !issues.is_empty() {
@@ -1098,10 +1096,8 @@ fn machine_from_raw(
     if clone == Some(CloneMode::Linked)
         && let (Some(s), Some(st)) = (&m.storage, storage.as_ref().and_then(|s| s.as_ref()))
     {
-        {
-            let i = cx.at(s, format!("storage {st:?} is set for a linked clone; Proxmox refuses `storage` for linked clones"));
-            hint(i, "add `clone: full` to this machine, or remove `storage`");
-        }
+        let i = cx.at(s, format!("storage {st:?} is set for a linked clone; Proxmox refuses `storage` for linked clones"));
+        hint(i, "add `clone: full` to this machine, or remove `storage`");
     }
     Some(Machine {
         name: name?,
@@ -1216,17 +1212,15 @@ pub fn cross_check(
     if let Some(base) = deployment.vlan_base
         && base as usize + n_users.saturating_sub(1) > 4094
     {
-        {
-            issues.push(
-                Issue::new(
-                    deployment_file,
-                    1,
-                    1,
-                    format!("vlan_base {base} + {n_users} students goes past VLAN 4094"),
-                )
-                .with_hint("lower vlan_base"),
-            );
-        }
+        issues.push(
+            Issue::new(
+                deployment_file,
+                1,
+                1,
+                format!("vlan_base {base} + {n_users} students goes past VLAN 4094"),
+            )
+            .with_hint("lower vlan_base"),
+        );
     }
     issues
 }
