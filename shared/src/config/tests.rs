@@ -83,6 +83,15 @@ fn shipped_data_folders_validate() {
         cfg.connection().host.is_loopback(),
         "shipped data must point at loopback"
     );
+    // data/compose is used only inside docker-compose.yml's containers, where the simulator
+    // is the service `pve-sim` (127.0.0.1 would be the container itself); it pins the same
+    // demo certificate as data/, and names its own deployment.
+    let compose = load(&DataPaths::in_dir(root.join("compose")), None).unwrap();
+    let c = compose.connection();
+    assert_eq!((c.host.host.as_str(), c.host.port), ("pve-sim", 8006));
+    assert_eq!(c.tls, cfg.connection().tls, "same pinned demo certificate");
+    assert!(matches!(c.tls, TlsSetting::Fingerprint(_)));
+    assert_ne!(compose.deployment.name, cfg.deployment.name);
 }
 
 #[test]

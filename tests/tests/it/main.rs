@@ -2,6 +2,7 @@
 //! Shared support (a real redis-server on a free port, the simulator, binaries) lives in the
 //! `labfleet_tests` library (`tests/src`).
 mod cli;
+mod compose;
 mod metrics;
 mod pipeline;
 mod pve_client;
