@@ -39,6 +39,11 @@ pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
         )
     };
     let version = pve.version().await.map_err(fail)?;
+    // Reading the cluster's state needs Sys.Audit on `/`; without it labfleet cannot place
+    // students or find templates, so say so now rather than at submit.
+    pve.raw_call(shared::pve::Method::GET, "/cluster/status", &[])
+        .await
+        .map_err(fail)?;
     let resources = pve.cluster_resources(None).await.map_err(fail)?;
     let mut nodes = Vec::new();
     let mut templates = Vec::new();

@@ -287,6 +287,35 @@ async fn check_connection_reports_each_failure_with_its_exit_code() {
     let o = check_connection(d.path()).await;
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
 
+    // Valid credentials without the privileges labfleet needs: exit 5, naming the privilege.
+    let mut cc = shared::pve::ClientConfig::new(
+        "lab",
+        "127.0.0.1",
+        shared::pve::Auth::Password {
+            user: "root@pam".into(),
+            password: "labfleet".into(),
+        },
+    );
+    cc.port = port;
+    cc.tls = shared::pve::TlsPolicy::Fingerprint(shared::pve::parse_fingerprint(&fp).unwrap());
+    let root_client = shared::pve::PveClient::new(cc).unwrap();
+    root_client
+        .raw_call(
+            shared::pve::Method::POST,
+            "/access/users",
+            &[("userid", "nobody@pve"), ("password", "nobody-pw-123")],
+        )
+        .await
+        .unwrap();
+    let conn = format!(
+        "lab:\n  host: \"127.0.0.1:{port}\"\n  user: nobody@pve\n  password: nobody-pw-123\n  fingerprint: \"{fp}\"\n"
+    );
+    let d = folder_with("connections.yml", conn.as_bytes());
+    let o = check_connection(d.path()).await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{out}");
+    assert!(out.contains("Sys.Audit"), "{out}");
+
     // A secret from the environment that is not set: a clear error naming the variable.
     let d = conn_folder(
         port,
