@@ -22,6 +22,8 @@ plans it, and submits one job per VM and step to Redis, where workers pick them 
         "  producer status demo-lab@lab --watch\n",
         "  producer teardown demo-lab@lab --wait\n",
         "  producer secret encrypt            # reads the secret from stdin, prints enc:...\n",
+        "  producer completions bash          # shell completions (bash, zsh, fish)\n",
+        "  producer                           # in a terminal: an interactive menu of these\n",
         "\n",
     ),
     after_long_help = EXIT_CODES_HELP,
@@ -29,8 +31,9 @@ plans it, and submits one job per VM and step to Redis, where workers pick them 
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    /// Without a command, in a terminal: the interactive menu.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -92,54 +95,106 @@ impl Global {
     }
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Check the three files offline and print every problem found (exit 1 if any).
+    #[command(
+        after_help = "Examples:\n  producer validate\n  producer validate --data-dir labs/netlab --json"
+    )]
     Validate,
     /// Log in to the cluster; print its version, nodes and templates.
+    #[command(
+        after_help = "Examples:\n  producer check-connection\n  producer check-connection --cluster lab --json"
+    )]
     CheckConnection,
     /// Show placement, VMIDs and bridges before anything happens.
+    #[command(
+        after_help = "Examples:\n  producer plan\n  producer plan --json | jq '.vms[] | {name, node, vmid}'"
+    )]
     Plan,
     /// Submit the deployment (again: converge, adding what is missing).
+    #[command(
+        after_help = "Examples:\n  producer submit                    # enqueue and return; prints the deployment id\n  producer submit --wait             # progress, final table, handout (.md, .csv)\n  producer submit --wait --json      # one JSON document: status and handout paths"
+    )]
     Submit {
         /// Wait until every VM is done or failed, then write the handout.
         #[arg(long)]
         wait: bool,
     },
     /// Progress of a deployment (default: the data folder's).
+    #[command(
+        after_help = "Examples:\n  producer status\n  producer status demo-lab@lab --watch\n  producer status demo-lab@lab --json | jq .state"
+    )]
     Status {
+        /// Deployment id (`<name>@<cluster>`, see `producer list`); default: the data folder's.
         id: Option<String>,
         /// Refresh until the deployment finishes.
         #[arg(long)]
         watch: bool,
     },
     /// Queue the failed parts of a deployment again.
-    Retry { id: Option<String> },
-    /// Destroy what a deployment created.
-    Teardown {
+    #[command(after_help = "Examples:\n  producer retry demo-lab@lab\n  producer retry --json")]
+    Retry {
+        /// Deployment id; default: the data folder's.
         id: Option<String>,
+    },
+    /// Destroy what a deployment created.
+    #[command(
+        after_help = "Examples:\n  producer teardown demo-lab@lab          # start it and return\n  producer teardown demo-lab@lab --wait   # progress bar until all of it is gone"
+    )]
+    Teardown {
+        /// Deployment id; default: the data folder's.
+        id: Option<String>,
+        /// Wait until everything is removed and verified against the cluster.
         #[arg(long)]
         wait: bool,
     },
     /// List deployments.
+    #[command(after_help = "Examples:\n  producer list\n  producer list --json | jq -r '.[].id'")]
     List,
-    /// Write the teacher's handout (mode 0600).
-    Handout { id: Option<String> },
+    /// Write the teacher's handout as Markdown and CSV (mode 0600), in the data folder.
+    #[command(
+        after_help = "Examples:\n  LABFLEET_SECRET_KEY=... producer handout demo-lab@lab\n      # writes data/handout-demo-lab_lab.md and data/handout-demo-lab_lab.csv\n  producer handout --json            # {\"id\": ..., \"handout\": {\"markdown\": ..., \"csv\": ...}}"
+    )]
+    Handout {
+        /// Deployment id; default: the data folder's.
+        id: Option<String>,
+    },
     /// Run a full demo deployment against the embedded simulator (needs only Redis).
+    #[command(
+        after_help = "Examples:\n  producer demo\n  producer demo --time-scale 0.05 --redis redis://127.0.0.1:6380"
+    )]
     Demo {
         /// Simulated time scale (1.0 = real Proxmox durations).
         #[arg(long, default_value_t = 0.25)]
         time_scale: f64,
     },
     /// Manage `enc:` secrets for connections.yml.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  producer secret keygen > key && chmod 600 key\n  LABFLEET_SECRET_KEY=$(cat key) producer secret encrypt < pw.txt"
+    )]
     Secret(SecretCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  producer completions bash > /etc/bash_completion.d/producer\n  producer completions zsh > \"${fpath[1]}/_producer\"\n  producer completions fish > ~/.config/fish/completions/producer.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum SecretCommand {
     /// Print a new random key (base64); keep it in LABFLEET_SECRET_KEY or a key file.
+    #[command(
+        after_help = "Example:\n  producer secret keygen > /etc/labfleet/key && chmod 600 /etc/labfleet/key"
+    )]
     Keygen,
     /// Read a secret from stdin and print it as an `enc:` value for connections.yml.
+    #[command(
+        after_help = "Example:\n  LABFLEET_SECRET_KEY_FILE=/etc/labfleet/key producer secret encrypt < pw.txt"
+    )]
     Encrypt,
 }

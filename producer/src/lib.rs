@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use shared::telemetry::{self, LogOptions};
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, Global};
 use exit::{Exit, Failure};
 use output::Out;
 
@@ -51,20 +51,28 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-/// Runs one parsed command.
+/// Runs one parsed command; without one, the interactive menu (in a terminal) or the usage.
 pub fn run(cli: Cli, out: &mut Out) -> Result<Exit, Failure> {
     match &cli.command {
-        Command::Validate => return cmd::validate::run(&cli.global, out),
+        Some(c) => run_command(&cli.global, c, out),
+        None => cmd::interactive::run(&cli.global, out),
+    }
+}
+
+/// Runs one command (also what the interactive menu calls for each action).
+pub fn run_command(g: &Global, command: &Command, out: &mut Out) -> Result<Exit, Failure> {
+    match command {
+        Command::Validate => return cmd::validate::run(g, out),
         Command::Secret(s) => return cmd::secret::run(s, out),
+        Command::Completions { shell } => return cmd::completions::run(*shell),
         _ => {}
     }
     let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(Exit::Usage, e))?;
-    rt.block_on(run_async(&cli, out))
+    rt.block_on(run_async(g, command, out))
 }
 
-async fn run_async(cli: &Cli, out: &mut Out) -> Result<Exit, Failure> {
-    let g = &cli.global;
-    match &cli.command {
+async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit, Failure> {
+    match command {
         Command::CheckConnection => cmd::check::run(g, out).await,
         Command::Plan => cmd::plan::run(g, out).await,
         Command::Submit { wait } => cmd::submit::run(g, *wait, out).await,
@@ -74,6 +82,8 @@ async fn run_async(cli: &Cli, out: &mut Out) -> Result<Exit, Failure> {
         Command::List => cmd::list::run(g, out).await,
         Command::Handout { id } => cmd::handout::run(g, id, out).await,
         Command::Demo { time_scale } => cmd::demo::run(g, *time_scale, out).await,
-        Command::Validate | Command::Secret(_) => unreachable!("handled above"),
+        Command::Validate | Command::Secret(_) | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
     }
 }

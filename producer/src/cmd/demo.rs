@@ -81,13 +81,10 @@ pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Fai
         let code = status::watch(&store, &id, g.json, out, Duration::from_millis(300)).await?;
         let took = started.elapsed();
         let dir: PathBuf = std::env::temp_dir();
-        let path = handout::write(&store, &id, &key, &dir, out).await?;
+        let handout = handout::write(&store, &id, &key, &dir, out).await?;
         if !g.json {
-            out.line(format!(
-                "finished in {:.1} s; teacher's handout (mode 0600): {}",
-                took.as_secs_f64(),
-                path.display()
-            ));
+            out.line(format!("finished in {:.1} s", took.as_secs_f64()));
+            out.line(handout.describe());
             let stats = sim.stats();
             out.line(format!(
                 "simulator: task makespan {:.1} s (lower bound {:.1} s), peak concurrent clones per node {}",

@@ -26,9 +26,34 @@ pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit,
             anyhow::anyhow!("the handout needs LABFLEET_SECRET_KEY (the key used at submit)"),
         )
     })?;
-    let path = write(&store, &id, &key, &g.data_dir, out).await?;
-    out.line(format!("handout written to {} (mode 0600)", path.display()));
+    let written = write(&store, &id, &key, &g.data_dir, out).await?;
+    if g.json {
+        out.json(&serde_json::json!({ "id": id, "handout": written }));
+    } else {
+        out.line(written.describe());
+    }
     Ok(Exit::Ok)
+}
+
+/// The two files of a handout: the same table (student, password, VM, VMID, node) as
+/// Markdown and as CSV, both mode 0600.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Handout {
+    pub markdown: PathBuf,
+    pub csv: PathBuf,
+    /// Always "0600": only the owner may read the students' initial passwords.
+    pub mode: &'static str,
+}
+
+impl Handout {
+    /// One line for people: both paths and their format.
+    pub fn describe(&self) -> String {
+        format!(
+            "handout (mode 0600, holds initial passwords): {} (Markdown table), {} (CSV: student,password,vm,vmid,node)",
+            self.markdown.display(),
+            self.csv.display()
+        )
+    }
 }
 
 pub async fn write(
@@ -37,7 +62,7 @@ pub async fn write(
     key: &SecretKey,
     dir: &Path,
     _out: &mut Out,
-) -> Result<PathBuf, Failure> {
+) -> Result<Handout, Failure> {
     let plan: Plan = store
         .plan_json(id)
         .await
@@ -63,10 +88,9 @@ pub async fn write(
                 "| {} | {} | {} | {} | {} |\n",
                 s.user, pw, v.name, vmid, v.node
             ));
-            csv.push_str(&format!(
-                "{},{},{},{},{}\n",
-                s.user, pw, v.name, vmid, v.node
-            ));
+            let row = [s.user.as_str(), &pw, &v.name, &vmid, &v.node];
+            csv.push_str(&row.map(csv_field).join(","));
+            csv.push('\n');
         }
     }
     let safe = id.replace(['/', '@'], "_");
@@ -82,5 +106,28 @@ pub async fn write(
             .with_context(|| format!("writing {}", p.display()))?;
         f.write_all(body.as_bytes())?;
     }
-    Ok(base.with_extension("md"))
+    Ok(Handout {
+        markdown: base.with_extension("md"),
+        csv: base.with_extension("csv"),
+        mode: "0600",
+    })
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn csv_fields_are_quoted_only_when_needed() {
+        assert_eq!(super::csv_field("student1@pve"), "student1@pve");
+        assert_eq!(super::csv_field("a,b"), "\"a,b\"");
+        assert_eq!(super::csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
 }

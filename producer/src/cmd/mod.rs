@@ -2,10 +2,13 @@
 
 pub mod check;
 pub mod common;
+pub mod completions;
 pub mod demo;
 pub mod handout;
+pub mod interactive;
 pub mod list;
 pub mod plan;
+pub mod progress;
 pub mod retry;
 pub mod secret;
 pub mod status;

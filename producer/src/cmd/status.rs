@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::{common, progress};
 use crate::deploy::{self, Status};
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
@@ -34,7 +34,8 @@ pub fn exit_for(st: &Status) -> Exit {
     }
 }
 
-/// Polls until the deployment is done or failed, printing progress lines.
+/// Polls until the deployment is done or failed, showing progress, then prints the report
+/// (the status document with `--json`).
 pub async fn watch(
     store: &Store,
     id: &str,
@@ -42,25 +43,56 @@ pub async fn watch(
     out: &mut Out,
     every: Duration,
 ) -> Result<Exit, Failure> {
+    let st = wait_until_finished(store, id, json, out, every).await?;
+    if json {
+        print(&st, json, out);
+    } else {
+        // The summary line was just shown (or the bar held it); print the rest of the report.
+        if progress::shown(json) {
+            out.line(summary(&st));
+        }
+        print_details(&st, out);
+    }
+    Ok(exit_for(&st))
+}
+
+/// Polls until the deployment is done, failed or torn down and returns its last status.
+/// Progress: a bar on a terminal; otherwise (not with `--json`) a line on stderr whenever
+/// the counts change.
+pub async fn wait_until_finished(
+    store: &Store,
+    id: &str,
+    json: bool,
+    out: &mut Out,
+    every: Duration,
+) -> Result<Status, Failure> {
+    let bar = progress::Progress::new(json, "VMs");
     let mut last = String::new();
     loop {
         let st = deploy::status(store, id).await?;
         let line = summary(&st);
-        if !json && line != last {
+        if bar.is_shown() {
+            let finished = st
+                .vms
+                .iter()
+                .filter(|v| matches!(v.state.as_str(), "done" | "failed" | "removed"))
+                .count();
+            bar.update(finished as u64, st.vms.len() as u64, counts(&st));
+        } else if !json && line != last {
             out.err_line(&line);
             last = line;
         }
         if matches!(st.state.as_str(), "done" | "failed" | "torn-down") {
-            if !json {
-                // The summary line was just shown; print the rest of the report.
-                print_details(&st, out);
-                return Ok(exit_for(&st));
-            }
-            print(&st, json, out);
-            return Ok(exit_for(&st));
+            bar.finish();
+            return Ok(st);
         }
         tokio::time::sleep(every).await;
     }
+}
+
+fn counts(st: &Status) -> String {
+    let c: Vec<String> = st.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!("[{}] {}", st.state, c.join(", "))
 }
 
 pub fn summary(st: &Status) -> String {

@@ -37,12 +37,25 @@ pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure>
     if !wait {
         return Ok(Exit::Ok);
     }
-    let code = status::watch(&store, &id, g.json, out, Duration::from_millis(500)).await?;
-    if let Some(k) = key.as_ref() {
-        let path = handout::write(&store, &id, k, &g.data_dir, out).await?;
-        if !g.json {
-            out.line(format!("handout written to {}", path.display()));
+    let st =
+        status::wait_until_finished(&store, &id, g.json, out, Duration::from_millis(500)).await?;
+    let handout = match key.as_ref() {
+        Some(k) => Some(handout::write(&store, &id, k, &g.data_dir, out).await?),
+        None => None,
+    };
+    if g.json {
+        // One document: the final status, plus where the handout went (null without a key).
+        let mut doc = serde_json::to_value(&st).expect("serializes");
+        doc["handout"] = serde_json::to_value(&handout).expect("serializes");
+        out.json(&doc);
+    } else {
+        status::print(&st, false, out);
+        match &handout {
+            Some(h) => out.line(h.describe()),
+            None => out.err_line(
+                "no handout: set LABFLEET_SECRET_KEY (the key of the students' passwords), then `producer handout`",
+            ),
         }
     }
-    Ok(code)
+    Ok(status::exit_for(&st))
 }

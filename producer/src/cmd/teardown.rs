@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::{common, progress};
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
@@ -16,7 +16,7 @@ pub async fn run(
 ) -> Result<Exit, Failure> {
     let id = common::resolve_id(g, id, out)?;
     let store = common::store(g).await?;
-    deploy::teardown(&store, &id).await?;
+    let scope = deploy::teardown(&store, &id).await?;
     let cfg = common::load_config(g, out)?;
     let pve = deploy::connect_pve(&cfg, common::secret_key()?.as_ref())?;
     if !g.json {
@@ -28,8 +28,21 @@ pub async fn run(
         }
         return Ok(Exit::Ok);
     }
+    let bar = progress::Progress::new(g.json, "teardown jobs");
     loop {
+        if bar.is_shown()
+            && let Ok(gs) = store.queue().group_stats(&scope).await
+        {
+            let finished = gs.done + gs.dead + gs.cancelled;
+            let total = finished + gs.ready + gs.scheduled + gs.gated + gs.waiting_for_slot;
+            bar.update(
+                finished,
+                total + gs.in_flight,
+                format!("running {}, failed {}", gs.in_flight, gs.dead),
+            );
+        }
         if deploy::finish_teardown(&store, &id, &pve).await? {
+            bar.finish();
             if g.json {
                 out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
             } else {

@@ -35,7 +35,10 @@ async fn compose_connection_pins_the_demo_cert_whatever_the_name() {
     cc.host = "127.0.0.2".into();
     cc.port = sim.addr().port();
     let pve = shared::pve::PveClient::new(cc).unwrap();
-    let v = pve.version().await.expect("pinned connection to a name not in the SANs");
+    let v = pve
+        .version()
+        .await
+        .expect("pinned connection to a name not in the SANs");
     assert!(v.version.is_some());
     sim.shutdown().await;
 }

@@ -8,3 +8,4 @@ mod pipeline;
 mod pve_client;
 mod queue;
 mod sim;
+mod ui;
