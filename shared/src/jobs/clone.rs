@@ -19,7 +19,7 @@ use chrono::Utc;
 
 use crate::alloc::{self, Space};
 use crate::jobs::state::{Quarantined, VmFacts};
-use crate::jobs::{CloneJob, Env, marker, pve_error};
+use crate::jobs::{CloneJob, Env, marker, pve_error, retryable};
 use crate::pve::{CloneParams, DestroyParams, MessageKind, PveClient, PveError, Upid, VmConfig};
 use crate::queue::{JobError, Lease};
 
@@ -63,6 +63,14 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
         .map(|f| f.quarantined.clone())
         .unwrap_or_default();
 
+    // A previous attempt that recorded a VMID but no UPID may have made the clone call
+    // anyway (the worker died in between): a clone in progress at that VMID may be ours.
+    let maybe_ours_in_flight = prior.as_ref().is_some_and(|f| f.upid.is_none());
+    let prior_vmid = prior.as_ref().map(|f| f.vmid);
+    let recent = |since: Option<chrono::DateTime<Utc>>| {
+        since.is_some_and(|t| Utc::now() - t < chrono::TimeDelta::seconds(10))
+    };
+
     // A previous attempt may have started a clone: find out what became of it.
     if let Some(f) = &prior {
         let mut task_ended = false;
@@ -82,12 +90,16 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     }
                 }
                 Ok(_) => {}
-                Err(e) if e.is_transient() => return Err(pve_error(e)),
+                Err(e) if retryable(&e) => return Err(pve_error(e)),
                 Err(_) => {} // task unknown (e.g. node reinstalled): inspect the VMID instead
             }
         }
         match inspect(&pve, j, vmid, &my_marker).await? {
             Found::Ours => return finish(j, lease, env, &pve, vmid, None, &quarantined).await,
+            // A call made just before the crash may not have written its config yet.
+            Found::Nothing if !task_ended && recent(f.since) => {
+                return Err(JobError::DeferredFor(Duration::from_secs(2)));
+            }
             Found::Nothing => {}
             Found::Unfinished { .. }
                 if !task_ended
@@ -156,6 +168,12 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     Found::Ours => {
                         return finish(j, lease, env, &pve, vmid, None, &quarantined).await;
                     }
+                    Found::Unfinished { .. }
+                        if maybe_ours_in_flight && Some(vmid) == prior_vmid =>
+                    {
+                        // Our own earlier call's clone, still running: wait for it.
+                        return Err(JobError::DeferredFor(Duration::from_secs(3)));
+                    }
                     _ => {
                         vmid = new_vmid(j, env, &space, &owner).await?;
                         continue;
@@ -178,14 +196,15 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                 },
             )
             .await?;
-        match env.wait(&pve, &upid, lease).await {
+        match env.wait_task(&pve, &upid, lease).await? {
             Ok(()) => return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await,
-            Err(JobError::Retry(msg) | JobError::Permanent(msg)) => {
-                let err = PveError::TaskFailed {
-                    upid: Box::new(upid.clone()),
-                    exitstatus: msg.clone(),
-                    kind: crate::pve::error::classify_message(&msg),
-                    log_tail: vec![],
+            // Could not learn the outcome (polls failing): the task may still run. Retry;
+            // the next attempt finds it by its recorded UPID.
+            Err(e) if !matches!(e, PveError::TaskFailed { .. }) => return Err(pve_error(e)),
+            Err(err) => {
+                let msg = match &err {
+                    PveError::TaskFailed { exitstatus, .. } => exitstatus.clone(),
+                    other => other.to_string(),
                 };
                 match inspect(&pve, j, vmid, &my_marker).await? {
                     Found::Ours => {
@@ -197,7 +216,10 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     }
                     Found::Nothing => return Err(task_error(err, msg)),
                     Found::Unfinished { node, lock } if !collision(&msg, vmid) => {
-                        clean_up(
+                        // Our task died and left a half-made VM: remove or quarantine it,
+                        // then clone again (under a new VMID if quarantined).
+                        tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
+                        vmid = clean_up(
                             j,
                             lease,
                             env,
@@ -210,7 +232,7 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                             &mut quarantined,
                         )
                         .await?;
-                        return Err(JobError::Retry(msg));
+                        continue;
                     }
                     Found::Unfinished { .. } | Found::Foreign => {
                         vmid = new_vmid(j, env, &space, &owner).await?;
@@ -218,7 +240,6 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
                     }
                 }
             }
-            Err(other) => return Err(other),
         }
     }
     Err(JobError::Retry(
@@ -335,7 +356,7 @@ async fn clean_up(
                 return Ok(vmid);
             }
             Err(PveError::NotFound { .. }) => return Ok(vmid),
-            Err(e) if e.is_transient() => return Err(pve_error(e)),
+            Err(e) if retryable(&e) => return Err(pve_error(e)),
             Err(_) => {}
         }
     }

@@ -90,6 +90,21 @@ impl Env {
     /// Waits for a Proxmox task. Ends early (handing the job back) at shutdown or when the
     /// lease is lost; the task itself keeps running and a re-delivery finds it by its UPID.
     pub async fn wait(&self, pve: &PveClient, upid: &Upid, lease: &Lease) -> Result<(), JobError> {
+        match self.wait_task(pve, upid, lease).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(pve_error(e)),
+        }
+    }
+
+    /// Like [`Env::wait`], but keeps the Proxmox error, so a caller can tell a task that
+    /// failed (`PveError::TaskFailed`) from a wait that could not find out (a poll failing).
+    /// The outer error is `Deferred` (shutdown) or `LeaseLost`.
+    pub async fn wait_task(
+        &self,
+        pve: &PveClient,
+        upid: &Upid,
+        lease: &Lease,
+    ) -> Result<Result<(), PveError>, JobError> {
         let cancel = self.shutdown.child_token();
         let opts = WaitOptions {
             deadline: Some(tokio::time::Instant::now() + self.timing.task_deadline),
@@ -103,9 +118,9 @@ impl Env {
             _ = lease.lost() => return Err(JobError::LeaseLost),
         };
         match r {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Ok(())),
             Err(PveError::Cancelled) => Err(JobError::Deferred),
-            Err(e) => Err(pve_error(e)),
+            Err(e) => Ok(Err(e)),
         }
     }
 }
@@ -119,11 +134,19 @@ fn connect_error(e: ConnectError) -> JobError {
 
 /// Maps a Proxmox error to the queue's retry decision, by variant.
 pub fn pve_error(e: PveError) -> JobError {
-    if e.is_transient() {
+    if retryable(&e) {
         JobError::Retry(e.to_string())
     } else {
         JobError::Permanent(e.to_string())
     }
+}
+
+/// Whether a job should try again after this error. Besides the client's transient errors,
+/// a 5xx of unknown meaning is retried within the kind's attempt budget: Proxmox answers 500
+/// for hiccups too ("got unexpected error"), and a job converges when run again. Errors known
+/// to be permanent by their variant (not found, permission, parameters, auth, TLS) are not.
+pub fn retryable(e: &PveError) -> bool {
+    e.is_transient() || matches!(e, PveError::Server { .. })
 }
 
 /// Runs one job: records `running`, calls the kind's handler, records the outcome.
