@@ -7,5 +7,6 @@ mod metrics;
 mod pipeline;
 mod pve_client;
 mod queue;
+mod redis_tls;
 mod sim;
 mod ui;
