@@ -33,7 +33,13 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     let log = LogOptions {
         format: cli.global.log_format,
-        verbosity: cli.global.verbose as i8 - cli.global.quiet as i8,
+        // The demo's workers run in this process; their one line per job would bury the
+        // progress display, so the demo logs warnings only unless asked for more.
+        verbosity: cli.global.verbose as i8
+            - cli.global.quiet as i8
+            - i8::from(
+                matches!(cli.command, Some(Command::Demo { .. })) && cli.global.verbose == 0,
+            ),
         file: cli.global.log_file.clone(),
         ..LogOptions::default()
     };

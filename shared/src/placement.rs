@@ -4,8 +4,9 @@
 //! A node is eligible for a student when it is online and can hold every machine of the
 //! deployment: a template replica on that node, or a template on shared storage. Among the
 //! eligible nodes, memory ranks them: the student goes to the node with the most free
-//! memory (its total, minus what is in use, minus what this and other running deployments
-//! have already planned there), ties broken by lower CPU load, then fewer students, then
+//! memory as a share of its total (its total, minus what is in use, minus what this and
+//! other running deployments have already planned there), so nodes fill evenly and every
+//! node's clone slots get work; ties are broken by lower CPU load, then fewer students, then
 //! name. Overcommitting memory gives a warning, never a refusal: Proxmox itself has no
 //! admission control, and a lab's VMs rarely all run at full memory.
 
@@ -119,9 +120,12 @@ pub fn place(
             Some(p) if candidates.iter().any(|c| c.name == p) => by_name[p],
             _ => {
                 let best = candidates.iter().copied().max_by(|a, b| {
-                    let fa = free[a.name.as_str()];
-                    let fb = free[b.name.as_str()];
-                    fa.cmp(&fb)
+                    // The share of a node's memory still free, so a small node is used
+                    // too (and its clone slots with it) once the big ones are as full.
+                    let share =
+                        |n: &NodeCapacity| free[n.name.as_str()] as f64 / n.maxmem.max(1) as f64;
+                    share(a)
+                        .total_cmp(&share(b))
                         .then_with(|| b.cpu.total_cmp(&a.cpu))
                         .then_with(|| {
                             count
@@ -280,6 +284,29 @@ mod tests {
             }
             assert_eq!(p.warnings.len(), c.warnings, "{}: {:?}", c.name, p.warnings);
         }
+    }
+
+    #[test]
+    fn a_smaller_node_gets_its_share() {
+        let nodes = [
+            node("pve1", 128, 4, true),
+            node("pve2", 128, 4, true),
+            node("pve3", 64, 3, true),
+        ];
+        let all = ["pve1", "pve2", "pve3"];
+        let students: Vec<_> = (1..=6)
+            .map(|i| student(&format!("s{i}"), 3, &all))
+            .collect();
+        let p = place(&students, &nodes).unwrap();
+        let on = |n: &str| p.nodes.values().filter(|v| *v == n).count();
+        // Students go where the largest share of memory is free: the half-size node gets
+        // students (and its clone slots get work), about half as many as the big ones.
+        assert_eq!(
+            (on("pve1"), on("pve2"), on("pve3")),
+            (3, 2, 1),
+            "{:?}",
+            p.nodes
+        );
     }
 
     #[test]
