@@ -54,6 +54,7 @@ pub fn client_config(
     };
     cfg.max_concurrent_requests = conn.max_requests as usize;
     cfg.request_timeout = Duration::from_secs(30);
+    cfg.read_retries = 2;
     Ok(cfg)
 }
 

@@ -415,11 +415,25 @@ impl PveClient {
         kind: RequestKind,
     ) -> Result<Envelope, PveError> {
         let mut retried = false;
+        let mut read_tries = 0u32;
         loop {
             let creds = self.credentials().await?;
             let result = self
                 .send_once(method.clone(), path, params, kind, &creds)
                 .await;
+            match &result {
+                Err(e)
+                    if method == Method::GET
+                        && read_tries < self.inner.config.read_retries
+                        && (e.is_transient() || matches!(e, PveError::Server { .. })) =>
+                {
+                    tracing::debug!(connection = %self.inner.config.connection_name, path, error = %e, "read failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(100 << read_tries)).await;
+                    read_tries += 1;
+                    continue;
+                }
+                _ => {}
+            }
             match (result, &creds, &self.inner.auth) {
                 (
                     Err(PveError::Auth { .. }),

@@ -34,6 +34,11 @@ pub struct ClientConfig {
     /// Age after which a ticket is renewed before use. Tickets live 2 h; proxmoxer renews
     /// after 1 h, which is the default.
     pub ticket_renew_after: Duration,
+    /// Extra tries of a GET (a read: safe to repeat) after a transient failure or a 5xx
+    /// (100 ms, then doubling), before the error reaches the caller. Default 0: every
+    /// failure is the caller's to decide; `clusters::client_config` sets 2, so one dropped
+    /// connection or 596 does not cost a job a whole attempt.
+    pub read_retries: u32,
 }
 
 impl ClientConfig {
@@ -50,6 +55,7 @@ impl ClientConfig {
             max_concurrent_requests: 8,
             connection_name: connection_name.into(),
             ticket_renew_after: Duration::from_secs(3600),
+            read_retries: 0,
         }
     }
 
