@@ -8,5 +8,6 @@ mod pipeline;
 mod pve_client;
 mod queue;
 mod redis_tls;
+mod reliability;
 mod sim;
 mod ui;
