@@ -38,6 +38,17 @@ enum Found {
 }
 
 pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    // Whenever a clone job hands itself back, a clone task of its own may still run on
+    // Proxmox (it is waiting for it, or cannot rule it out): its node and storage slots stay
+    // taken until it is claimed again, so the caps keep holding across shutdowns.
+    match clone_vm(j, lease, env).await {
+        Err(JobError::Deferred) => Err(JobError::DeferredKeepingSlots(Duration::ZERO)),
+        Err(JobError::DeferredFor(d)) => Err(JobError::DeferredKeepingSlots(d)),
+        other => other,
+    }
+}
+
+async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let dep = &j.vm.deployment;
     let key = &j.vm.key;
     let pve = env.pve(&j.vm.cluster)?;

@@ -63,7 +63,9 @@ impl Outcome {
             Err(JobError::Permanent(_)) => Outcome::Failed,
             Err(JobError::Retry(_) | JobError::RetryAfter(..)) if last_attempt => Outcome::Failed,
             Err(JobError::Retry(_) | JobError::RetryAfter(..)) => Outcome::Retry,
-            Err(JobError::Deferred | JobError::DeferredFor(_)) => Outcome::Deferred,
+            Err(
+                JobError::Deferred | JobError::DeferredFor(_) | JobError::DeferredKeepingSlots(_),
+            ) => Outcome::Deferred,
             Err(JobError::LeaseLost) => Outcome::LeaseLost,
         }
     }

@@ -184,7 +184,9 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
             ))
         }
         Err(JobError::LeaseLost) => None,
-        Err(JobError::Deferred | JobError::DeferredFor(_)) => None,
+        Err(JobError::Deferred | JobError::DeferredFor(_) | JobError::DeferredKeepingSlots(_)) => {
+            None
+        }
     };
     if let Some((state, err)) = outcome {
         let _ = env

@@ -21,6 +21,11 @@ pub enum JobError {
     /// As `Deferred`, but not before the given delay.
     #[error("deferred for {0:?}")]
     DeferredFor(Duration),
+    /// As `DeferredFor`, but the job keeps its concurrency slots until it is claimed again
+    /// (or, if it is not, until lease + sweep have passed): the work it started outside (a
+    /// Proxmox task) is still running and still uses what the slots stand for.
+    #[error("deferred for {0:?}, keeping its slots")]
+    DeferredKeepingSlots(Duration),
     /// The lease was lost (`Lease::check`, fenced write refused): stop, the job is someone
     /// else's now. Settles as a release, which the fence then refuses.
     #[error("lease lost")]

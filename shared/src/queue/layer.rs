@@ -164,6 +164,7 @@ enum Action {
     Ack,
     Fail { retryable: bool, delay: Duration },
     Release(Duration),
+    ReleaseKeepingSlots(Duration),
 }
 
 fn classify(lease: &Lease, e: &BoxDynError) -> Action {
@@ -188,6 +189,7 @@ fn classify(lease: &Lease, e: &BoxDynError) -> Action {
             },
             JobError::Deferred | JobError::LeaseLost => Action::Release(Duration::ZERO),
             JobError::DeferredFor(d) => Action::Release(*d),
+            JobError::DeferredKeepingSlots(d) => Action::ReleaseKeepingSlots(*d),
         };
     }
     if e.downcast_ref::<AbortError>().is_some() {
@@ -238,6 +240,10 @@ async fn settle<R>(lease: &Lease, outcome: Outcome<R>) -> Result<R, BoxDynError>
                 .await
             }
             Action::Release(d) => q.release(lease.job_key(), lease.token(), *d).await,
+            Action::ReleaseKeepingSlots(d) => {
+                q.release_keeping_slots(lease.job_key(), lease.token(), *d)
+                    .await
+            }
         };
         match r {
             Ok(s) => break s,

@@ -466,7 +466,26 @@ impl Queue {
         let code: i64 = self
             .eval(
                 &scripts::RELEASE,
-                [job.to_owned(), token.to_owned(), ms(delay)],
+                [job.to_owned(), token.to_owned(), ms(delay), "0".to_owned()],
+            )
+            .await?;
+        Ok(settled(code, Settled::Released))
+    }
+
+    /// As [`Queue::release`], but the job keeps its concurrency slots until it is claimed
+    /// again, or until `delay + lease + reap_every` have passed without a claim (then the
+    /// reaper frees them): work it started elsewhere is still running.
+    pub async fn release_keeping_slots(
+        &self,
+        job: &str,
+        token: &str,
+        delay: Duration,
+    ) -> Result<Settled, QueueError> {
+        let hold = delay + self.config().lease + self.config().reap_every;
+        let code: i64 = self
+            .eval(
+                &scripts::RELEASE,
+                [job.to_owned(), token.to_owned(), ms(delay), ms(hold)],
             )
             .await?;
         Ok(settled(code, Settled::Released))

@@ -336,8 +336,11 @@ async fn ack_with_followups_is_atomic_and_idempotent() {
     let r = RedisServer::start();
     let q = queue(&r, cfg()).await;
     q.enqueue(&noop("parent")).await.unwrap();
-    q.enqueue(&noop("f2")).await.unwrap(); // already exists
+    // Already exists, and not due yet (so the claim below takes `parent`, whatever the
+    // order of two jobs enqueued in the same millisecond).
+    q.enqueue(&noop("f2").run_after(SECS(60))).await.unwrap();
     let j = q.claim("w", 1).await.unwrap().jobs.remove(0);
+    assert_eq!(j.key, "parent");
     let f = [noop("f1").after(["f2"]), noop("f2")];
     let (s, created) = q.ack_with_followups(&j.key, &j.token, &f).await.unwrap();
     assert_eq!(s, Settled::Done);
@@ -348,7 +351,7 @@ async fn ack_with_followups_is_atomic_and_idempotent() {
     assert!(created.is_empty());
     assert_eq!(state(&q, "f1").await, "gated");
     let st = q.stats().await.unwrap();
-    assert_eq!((st.ready, st.gated, st.done), (1, 1, 1));
+    assert_eq!((st.scheduled, st.gated, st.done), (1, 1, 1));
 
     // The same through a worker: the handler stages follow-ups, the layer acks with them.
     let seen = Arc::new(Seen::default());
@@ -982,4 +985,44 @@ async fn stats_count_every_state_per_queue_key_and_group() {
     assert_eq!((k.cap, k.held, k.waiting), (Some(1), 1, 1));
     let g = q.group_stats("g").await.unwrap();
     assert_eq!((g.ready, g.scheduled, g.in_flight, g.done), (1, 1, 1, 1));
+}
+
+#[tokio::test]
+async fn a_job_handed_back_while_its_outside_work_runs_keeps_its_slots() {
+    let r = RedisServer::start();
+    let q = queue(&r, cfg().lease(ms(300))).await;
+    q.set_cap("node", Some(1)).await.unwrap();
+    q.enqueue(&noop("cloning").slots(["node"])).await.unwrap();
+    let j = q.claim("w1", 1).await.unwrap().jobs.remove(0);
+    q.enqueue(&noop("next").slots(["node"])).await.unwrap();
+    // Shutdown while its Proxmox task still runs: handed back, slot kept, no attempt spent.
+    q.release_keeping_slots(&j.key, &j.token, ms(0))
+        .await
+        .unwrap();
+    assert_eq!(q.job("cloning").await.unwrap().unwrap().attempts, 0);
+    assert_eq!(q.slot_stats("node").await.unwrap().held, 1);
+    let c = q.claim("w2", 2).await.unwrap();
+    assert_eq!(c.jobs.len(), 1);
+    assert_eq!(c.jobs[0].key, "cloning", "only the holder may run");
+    q.ack(&c.jobs[0].key, &c.jobs[0].token).await.unwrap();
+    let c = q.claim("w2", 2).await.unwrap();
+    assert_eq!(c.jobs[0].key, "next");
+
+    // Handed back with a delay: the slot stays held through delay + lease + sweep.
+    q.ack(&c.jobs[0].key, &c.jobs[0].token).await.unwrap();
+    q.set_cap("other", Some(1)).await.unwrap();
+    q.enqueue(&noop("held").slots(["other"])).await.unwrap();
+    let h = q.claim("w3", 1).await.unwrap().jobs.remove(0);
+    assert_eq!(h.key, "held");
+    q.release_keeping_slots(&h.key, &h.token, ms(10_000))
+        .await
+        .unwrap();
+    assert_eq!(q.slot_stats("other").await.unwrap().held, 1);
+    tokio::time::sleep(ms(400)).await;
+    q.reap().await.unwrap();
+    assert_eq!(
+        q.slot_stats("other").await.unwrap().held,
+        1,
+        "still within delay + lease + sweep"
+    );
 }
