@@ -26,6 +26,11 @@ use shared::pve::{Method, PveClient};
 use shared::queue::{JobSpec, Queue};
 use shared::secret::SecretKey;
 
+/// These tests start several worker processes, a Redis and a simulator each, and measure
+/// timing against the lease; running them one at a time keeps a 2-core machine's load (and
+/// so the figures) honest, whatever the test harness runs beside them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The root password of the simulated cluster. Not the demo's `labfleet`: that word is the
 /// project's name and appears in every marker, so a scan for it would prove nothing.
 const ROOT_PW: &str = "Rel1ab-root-pw-7c41e9";
@@ -484,6 +489,7 @@ fn max(d: &[Duration]) -> Duration {
 /// Property 1: workers SIGKILLed mid-job lose nothing and clone nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p1_sigkilled_workers_lose_nothing_and_clone_nothing_twice() {
+    let _one_at_a_time = SERIAL.lock().await;
     let users = if full() { 150 } else { 30 };
     let mut rig = Rig::new(RigOpts {
         users,
@@ -538,6 +544,7 @@ async fn p1_sigkilled_workers_lose_nothing_and_clone_nothing_twice() {
 /// result; every job completes exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2_a_stale_worker_is_fenced_off() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut rig = Rig::new(RigOpts {
         users: 6,
         time_scale: 0.6,
@@ -678,6 +685,7 @@ async fn p2_a_stale_worker_is_fenced_off() {
 /// reconnect by themselves, nothing acknowledged is lost, the deployment completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p3_redis_killed_and_restarted_mid_deployment() {
+    let _one_at_a_time = SERIAL.lock().await;
     let users = if full() { 150 } else { 20 };
     let mut rig = Rig::new(RigOpts {
         users,
@@ -777,6 +785,7 @@ async fn p3_redis_killed_and_restarted_mid_deployment() {
 /// `producer retry` brings it back once fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_proxmox_faults_at_20_percent() {
+    let _one_at_a_time = SERIAL.lock().await;
     let users = if full() { 150 } else { 8 };
     let mut rig = Rig::new(RigOpts {
         users,
@@ -965,6 +974,7 @@ fn producer(rig: &Rig, args: &[&str], extra: &[&str]) -> Output {
 /// attempt within the grace period, and the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p5_sigterm_hands_jobs_back_within_the_grace_period() {
+    let _one_at_a_time = SERIAL.lock().await;
     let grace = 3.0;
     let mut rig = Rig::new(RigOpts {
         users: 6,
@@ -1058,6 +1068,7 @@ async fn p5_sigterm_hands_jobs_back_within_the_grace_period() {
 /// storage never exceed the caps while workers are killed (slots held across lost leases).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p6_caps_hold_under_chaos() {
+    let _one_at_a_time = SERIAL.lock().await;
     let users = if full() { 150 } else { 24 };
     let caps = Caps {
         per_node: 2,
@@ -1108,6 +1119,7 @@ async fn p6_caps_hold_under_chaos() {
 /// is not duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p7_bad_input_never_loses_or_corrupts_state() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut rig = Rig::new(RigOpts {
         users: 3,
         time_scale: 0.05,
@@ -1245,6 +1257,7 @@ async fn p7_bad_input_never_loses_or_corrupts_state() {
 /// and the producer, or in an error message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_no_secret_in_redis_logs_or_errors() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut rig = Rig::new(RigOpts {
         users: 3,
         time_scale: 0.05,
