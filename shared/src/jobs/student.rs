@@ -9,14 +9,20 @@ use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let pve = env.pve(&j.cluster)?;
-    let mut users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
-    if !users.contains(&j.user) {
+    let users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+    let mut exists = users.contains(&j.user);
+    if !exists {
         // Decide on fresh facts: the user may have been created since the cache was filled
-        // (an admin fixing a failed deployment, then `producer retry`).
-        env.cache.invalidate(&Cache::users_key(&j.cluster));
-        users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
+        // (an admin fixing a failed deployment, then `producer retry`). Ask about this user
+        // only: re-reading the whole list for every missing student made a class quadratic
+        // (5,000 new students read 5,000 lists of up to 5,000 users).
+        exists = match pve.user(&j.user).await {
+            Ok(_) => true,
+            Err(PveError::NotFound { .. }) => false,
+            Err(e) => return Err(pve_error(e)),
+        };
     }
-    if !users.contains(&j.user) {
+    if !exists {
         let Some(sealed) = &j.sealed_password else {
             return Err(JobError::Permanent(format!(
                 "user {} does not exist, and labfleet creates users only in the pve realm: create it in its realm first",
