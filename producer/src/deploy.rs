@@ -465,7 +465,8 @@ pub struct Status {
     pub quarantined: Vec<serde_json::Value>,
 }
 
-pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
+/// A deployment's record and plan, or the exit code that says why not.
+pub async fn load(store: &Store, id: &str) -> Result<(DeploymentRecord, Plan), Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let rec = store.deployment(id).await.map_err(redis)?.ok_or_else(|| {
         Failure::new(
@@ -484,6 +485,12 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
                 anyhow::anyhow!("deployment {id:?} has no plan"),
             )
         })?;
+    Ok((rec, plan))
+}
+
+pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let (rec, plan) = load(store, id).await?;
     let steps = store.steps(id).await.map_err(redis)?;
     let facts = store.vm_facts(id).await.map_err(redis)?;
     let names = plan::vm_steps(&plan);
@@ -612,22 +619,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
 /// and bridges it created once those are gone.
 pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
-    let mut rec = store
-        .deployment(id)
-        .await
-        .map_err(redis)?
-        .ok_or_else(|| Failure::new(Exit::Usage, anyhow::anyhow!("no deployment {id:?}")))?;
-    let plan: Plan = store
-        .plan_json(id)
-        .await
-        .map_err(redis)?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .ok_or_else(|| {
-            Failure::new(
-                Exit::Usage,
-                anyhow::anyhow!("deployment {id:?} has no plan"),
-            )
-        })?;
+    let (mut rec, plan) = load(store, id).await?;
     let q = store.queue();
     q.cancel_group(&rec.scope()).await.map_err(redis)?;
     rec.epoch += 1;

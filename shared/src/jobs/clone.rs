@@ -148,20 +148,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
 
     // Clone, moving to a new VMID when the reserved one turns out to be taken.
     for _ in 0..5 {
-        env.store
-            .put_vm(
-                lease,
-                dep,
-                key,
-                &VmFacts {
-                    vmid,
-                    node: j.vm.node.clone(),
-                    upid: None,
-                    quarantined: quarantined.clone(),
-                    since: Some(Utc::now()),
-                },
-            )
-            .await?;
+        record(j, lease, env, vmid, None, &quarantined).await?;
         lease.check().await?;
         let params = CloneParams {
             newid: vmid,
@@ -193,20 +180,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
             }
             Err(e) => return Err(pve_error(e)),
         };
-        env.store
-            .put_vm(
-                lease,
-                dep,
-                key,
-                &VmFacts {
-                    vmid,
-                    node: j.vm.node.clone(),
-                    upid: Some(upid.to_string()),
-                    quarantined: quarantined.clone(),
-                    since: Some(Utc::now()),
-                },
-            )
-            .await?;
+        record(j, lease, env, vmid, Some(&upid), &quarantined).await?;
         match env.wait_task(&pve, &upid, lease).await? {
             Ok(()) => return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await,
             // Could not learn the outcome (polls failing): the task may still run. Retry;
@@ -394,6 +368,28 @@ async fn clean_up(
     // The job's backoff gives the lock a moment; a new VMID avoids waiting on it at all.
     tokio::time::sleep(Duration::from_millis(10)).await;
     new_vmid(j, env, space, owner).await
+}
+
+/// Records the VMID about to be cloned into (and the UPID once known) before anything else
+/// happens, only while this lease holds: what a re-delivery starts from.
+async fn record(
+    j: &CloneJob,
+    lease: &Lease,
+    env: &Env,
+    vmid: u32,
+    upid: Option<&Upid>,
+    quarantined: &[u32],
+) -> Result<(), JobError> {
+    let facts = VmFacts {
+        vmid,
+        node: j.vm.node.clone(),
+        upid: upid.map(|u| u.to_string()),
+        quarantined: quarantined.to_vec(),
+        since: Some(Utc::now()),
+    };
+    env.store
+        .put_vm(lease, &j.vm.deployment, &j.vm.key, &facts)
+        .await
 }
 
 /// Confirms the VM and records its facts.
