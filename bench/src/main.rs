@@ -47,6 +47,21 @@ pub struct ClassArgs {
 }
 
 impl ClassArgs {
+    /// `linked`, or e.g. `linked-pn16-ls8` when caps are overridden: names result files.
+    pub fn tag(&self) -> String {
+        let mut t = self.clone.clone();
+        for (k, v) in [
+            ("pn", self.per_node),
+            ("ls", self.linked_per_storage),
+            ("fs", self.full_per_storage),
+        ] {
+            if let Some(v) = v {
+                t.push_str(&format!("-{k}{v}"));
+            }
+        }
+        t
+    }
+
     pub fn spec(&self) -> lab::LabSpec {
         lab::LabSpec {
             class: format!("class-{}", self.clone),

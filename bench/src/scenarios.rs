@@ -277,7 +277,7 @@ pub async fn class(
     let rows: Vec<Value> = runs.iter().map(|r| summary(r, a.time_scale)).collect();
     print_table(&rows);
     let path =
-        plot_path.unwrap_or_else(|| results_dir().join(format!("class-{}-clones.png", a.clone)));
+        plot_path.unwrap_or_else(|| results_dir().join(format!("class-{}-clones.png", a.tag())));
     let panels: Vec<(String, Series)> = runs
         .iter()
         .map(|r| {
@@ -292,6 +292,9 @@ pub async fn class(
             )
         })
         .collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     plot::draw(
         &path,
         &format!(
@@ -302,7 +305,7 @@ pub async fn class(
     )?;
     println!("wrote {}", path.display());
     write_json(
-        &format!("class-{}.json", a.clone),
+        &format!("class-{}.json", a.tag()),
         &json!({"time_scale": a.time_scale, "students": a.students, "workers": workers, "concurrent": concurrent, "load_at_end": lab::loadavg(), "runs": rows}),
     )?;
     Ok(())
@@ -348,7 +351,7 @@ pub async fn scaling(a: &ClassArgs, workers: &[usize], conc: usize) -> anyhow::R
         rows.push(json!({"workers": n, "e2e_wall_s": e2e, "jobs": jobs, "jobs_per_s": jobs as f64 / e2e, "task_makespan_s": tm, "lower_bound_s": lb}));
     }
     write_json(
-        &format!("scaling-{}.json", a.clone),
+        &format!("scaling-{}.json", a.tag()),
         &json!({"time_scale": a.time_scale, "students": a.students, "concurrency": conc, "rows": rows}),
     )
 }
@@ -494,6 +497,30 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         .map_err(|f| f.error)?;
     let t_plan = t.elapsed().as_secs_f64();
     anyhow::ensure!(plan.vms.len() == vms, "planned {} VMs", plan.vms.len());
+    // Where a submit's time goes: the plan's jobs built, then enqueued into a scratch
+    // namespace of the same Redis (the real submit below enqueues them again, for real).
+    let t = Instant::now();
+    let plan_json = serde_json::to_string(&plan)?;
+    let t_plan_json = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let specs = shared::plan::jobs(&plan, &format!("{}#0", plan.id), &BTreeMap::new());
+    let t_jobs = t.elapsed().as_secs_f64();
+    let scratch = shared::queue::Queue::connect(
+        &lab.redis.url(),
+        shared::queue::QueueConfig::with_namespace("bench-scratch"),
+    )
+    .await?;
+    let t = Instant::now();
+    scratch.enqueue_batch(&specs).await?;
+    let t_enqueue = t.elapsed().as_secs_f64();
+    println!(
+        "of a submit: plan JSON {:.3} s ({} MB), {} job specs built {:.3} s, enqueued {:.3} s",
+        t_plan_json,
+        plan_json.len() / 1_000_000,
+        specs.len(),
+        t_jobs,
+        t_enqueue
+    );
     // The whole submit (facts again, plan with the reservations already made, caps,
     // record, enqueue of every job).
     let t = Instant::now();
@@ -590,6 +617,7 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         "scale.json",
         &json!({
             "vms": vms, "load_s": t_load, "facts_s": t_facts, "plan_s": t_plan, "submit_s": t_submit,
+            "plan_json_s": t_plan_json, "jobs": specs.len(), "jobs_build_s": t_jobs, "enqueue_scratch_s": t_enqueue,
             "validated_planned_enqueued_s": t_load + t_submit - t_facts,
             "status_pending_ms": st_pending * 1e3, "status_done_ms": st_done * 1e3,
             "deploy_s": t_deploy, "worker_peak_rss_kib": peaks,
@@ -680,7 +708,7 @@ pub async fn api(a: &ClassArgs, workers: usize) -> anyhow::Result<()> {
         r.task_failures
     );
     write_json(
-        &format!("api-{}.json", a.clone),
+        &format!("api-{}.json", a.tag()),
         &json!({"vms": vms, "producer": producer, "workers": workers_req, "by_kind": by_kind, "tasks": r.stats["tasks"], "polls_per_task": polls as f64 / tasks.max(1) as f64, "summary": summary(&r, a.time_scale)}),
     )
 }
