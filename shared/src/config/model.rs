@@ -69,7 +69,10 @@ pub enum TlsSetting {
 /// Concurrency caps enforced across all workers through the queue's slot keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caps {
-    /// Clone tasks running at once on one node (the source node of each clone).
+    /// Clone tasks running at once on one node (the source node of each clone). The default
+    /// of 8 is Proxmox's own ceiling for its node bulk actions (`max_workers`, CPU threads
+    /// minus one, clamped to 1..8); the storage caps below are what keeps storage locks from
+    /// timing out.
     pub per_node: u32,
     /// Full clones writing to one storage at once.
     pub full_per_storage: u32,
@@ -80,7 +83,7 @@ pub struct Caps {
 impl Default for Caps {
     fn default() -> Caps {
         Caps {
-            per_node: 4,
+            per_node: 8,
             full_per_storage: 2,
             linked_per_storage: 6,
         }

@@ -43,6 +43,9 @@ pub struct Timing {
     pub task_deadline: Duration,
     /// Cluster facts (users, pools, bridges) are reused for this long.
     pub cache_ttl: Duration,
+    /// Task polling: first interval, growing (doubling) up to `poll_max`.
+    pub poll_initial: Duration,
+    pub poll_max: Duration,
 }
 
 impl Default for Timing {
@@ -50,6 +53,8 @@ impl Default for Timing {
         Timing {
             task_deadline: Duration::from_secs(3600),
             cache_ttl: Duration::from_secs(10),
+            poll_initial: Duration::from_millis(100),
+            poll_max: Duration::from_secs(1),
         }
     }
 }
@@ -106,10 +111,14 @@ impl Env {
         lease: &Lease,
     ) -> Result<Result<(), PveError>, JobError> {
         let cancel = self.shutdown.child_token();
+        // A job holds its node and storage slots until it sees its task end, so the poll
+        // interval is slot time: start at 100 ms and stay under 1 s (a linked clone takes a
+        // few seconds; a 2 s interval would hold its slots up to 2 s past the end).
         let opts = WaitOptions {
             deadline: Some(tokio::time::Instant::now() + self.timing.task_deadline),
             cancel: cancel.clone(),
-            ..WaitOptions::default()
+            initial_poll: self.timing.poll_initial,
+            max_poll: self.timing.poll_max,
         };
         let waiting = pve.wait_task(upid, &opts);
         tokio::pin!(waiting);
