@@ -420,6 +420,7 @@ mod tests {
         assert!(DnsLabel::parse(&"a".repeat(63)).is_ok());
     }
 
+    // 192.168.1.100 is the original design's example host: parsed here, never contacted.
     #[test]
     fn hosts() {
         assert_eq!(
