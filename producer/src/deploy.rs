@@ -196,8 +196,9 @@ async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
     out
 }
 
-/// Plans the deployment. With `allocate`, VMIDs and bridges are reserved in Redis (submit);
-/// without, they are previewed (plan): the next free numbers, not reserved.
+/// Plans the deployment. With `allocate`, VMIDs and bridges are reserved in Redis and what an
+/// earlier submit had but the files no longer have is carried as retired (submit); without,
+/// they are previewed (plan): the next free numbers, not reserved.
 pub async fn make_plan(
     cfg: &Config,
     facts: &mut Facts,
@@ -240,17 +241,12 @@ pub async fn make_plan(
         .iter()
         .enumerate()
         .flat_map(|(ui, u)| {
+            let id = &id;
             cfg.deployment
                 .machines
                 .iter()
                 .enumerate()
-                .map(move |(mi, m)| {
-                    (
-                        plan::vm_owner(&plan::deployment_id(cfg), &plan::vm_key(u, m)),
-                        ui,
-                        mi,
-                    )
-                })
+                .map(move |(mi, m)| (plan::vm_owner(id, &plan::vm_key(u, m)), ui, mi))
         })
         .collect();
     let space = Space::vmids(q, &cfg.cluster);
@@ -262,18 +258,10 @@ pub async fn make_plan(
                     .await
                     .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
             } else {
-                let mut next = min;
-                for (o, _, _) in &owners {
-                    if let Ok(Some(v)) = alloc::lookup(q, &space, o).await {
-                        vmids.insert(o.clone(), v);
-                        continue;
-                    }
-                    while facts.vmids_in_use.contains(&next) {
-                        next += 1;
-                    }
-                    vmids.insert(o.clone(), next);
-                    next += 1;
-                }
+                let names: Vec<String> = owners.iter().map(|o| o.0.clone()).collect();
+                vmids = alloc::preview(q, &space, &names, min, &facts.vmids_in_use)
+                    .await
+                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
             }
         }
         policy @ VmidPolicy::Fixed { .. } => {
@@ -331,27 +319,20 @@ pub async fn make_plan(
                     .await
                     .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
             } else {
-                let mut m = BTreeMap::new();
-                let mut next = lo;
-                for o in &owners {
-                    if let Ok(Some(v)) = alloc::lookup(q, &space, o).await {
-                        m.insert(o.clone(), v);
-                        continue;
-                    }
-                    while taken.contains(&next) {
-                        next += 1;
-                    }
-                    m.insert(o.clone(), next);
-                    next += 1;
-                }
-                m
+                alloc::preview(q, &space, &owners, lo, &taken)
+                    .await
+                    .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
             };
             for (o, n) in got {
                 bridges.insert(o, format!("vmbr{n}"));
             }
         }
     }
-    Ok(plan::build(cfg, facts, placement, &vmids, &bridges))
+    let mut plan = plan::build(cfg, facts, placement, &vmids, &bridges);
+    if allocate && let Some(prior) = &prior {
+        plan.retire_from(prior);
+    }
+    Ok(plan)
 }
 
 /// Submits (or resubmits: converges) the deployment. Returns its id.
@@ -364,15 +345,7 @@ pub async fn submit(
     let mut facts = gather_facts(pve, cfg)
         .await
         .map_err(|e| pve_failure(e, "reading the cluster"))?;
-    let mut plan = make_plan(cfg, &mut facts, store, true).await?;
-    let prior: Option<Plan> = store
-        .plan_json(&plan.id)
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
-        .and_then(|s| serde_json::from_str(&s).ok());
-    if let Some(prior) = &prior {
-        plan.retire_from(prior);
-    }
+    let plan = make_plan(cfg, &mut facts, store, true).await?;
     let id = plan.id.clone();
     let now = Utc::now();
     let mut rec = store

@@ -160,6 +160,42 @@ pub async fn reserve_exact(
     Ok(got.first().and_then(|s| s.parse().ok()).filter(|n| *n != 0))
 }
 
+/// What [`reserve`] would most likely hand out, without reserving anything (for `plan`):
+/// owners keep what they hold; the others get the next numbers from `min` that `taken`
+/// does not contain. One round trip, whatever the number of owners.
+pub async fn preview(
+    q: &Queue,
+    space: &Space,
+    owners: &[String],
+    min: u32,
+    taken: &BTreeSet<u32>,
+) -> Result<BTreeMap<String, u32>, AllocError> {
+    let mut out = BTreeMap::new();
+    if owners.is_empty() {
+        return Ok(out);
+    }
+    let mut conn = q.connection();
+    let held: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(&space.owners)
+        .arg(owners)
+        .query_async(&mut conn)
+        .await
+        .map_err(QueueError::from)?;
+    let mut next = min;
+    for (owner, held) in owners.iter().zip(held) {
+        if let Some(n) = held.and_then(|s| s.parse().ok()) {
+            out.insert(owner.clone(), n);
+            continue;
+        }
+        while taken.contains(&next) {
+            next += 1;
+        }
+        out.insert(owner.clone(), next);
+        next += 1;
+    }
+    Ok(out)
+}
+
 /// The reservation an owner holds, if any.
 pub async fn lookup(q: &Queue, space: &Space, owner: &str) -> Result<Option<u32>, AllocError> {
     let mut conn = q.connection();

@@ -65,19 +65,7 @@ impl UserId {
     /// The user part made into a DNS label fragment: lowercased, every character a DNS
     /// label does not allow replaced by `-`, dashes trimmed (`Anna.Maria@pve` -> `anna-maria`).
     pub fn label_part(&self) -> String {
-        let s: String = self
-            .user
-            .chars()
-            .map(|c| {
-                let c = c.to_ascii_lowercase();
-                if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        s.trim_matches('-').to_owned()
+        label_chars(&self.user)
     }
 }
 
@@ -218,7 +206,7 @@ impl DnsLabel {
         {
             return Err(format!(
                 "name {s:?} contains {c:?}; only lowercase letters, digits and '-' are allowed (e.g. {:?})",
-                suggest_label(s)
+                label_chars(s)
             ));
         }
         if s.starts_with('-') || s.ends_with('-') {
@@ -232,7 +220,9 @@ impl DnsLabel {
     }
 }
 
-fn suggest_label(s: &str) -> String {
+/// `s` lowercased, with every character a DNS label does not allow replaced by `-`, and
+/// leading and trailing `-` trimmed.
+fn label_chars(s: &str) -> String {
     let t: String = s
         .chars()
         .map(|c| {

@@ -96,6 +96,22 @@ impl Lab {
             .unwrap_or_default()
     }
 
+    /// Starts a teardown and waits until it is finished and verified against the cluster;
+    /// a failed teardown fails the test with its message.
+    async fn tear_down(&self, id: &str, deadline: Duration) {
+        producer::deploy::teardown(&self.store, id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        wait_for(deadline, "teardown finished", || async {
+            producer::deploy::finish_teardown(&self.store, id, &self.pve())
+                .await
+                .map_err(|f| f.error)
+                .unwrap()
+        })
+        .await;
+    }
+
     /// Runs `flow` while `n` in-process workers consume the queue; stops them after.
     async fn with_workers<F: Future<Output = ()>>(&self, n: usize, flow: F) {
         let shutdown = CancellationToken::new();
@@ -257,16 +273,7 @@ async fn deploy_converge_and_teardown_a_class() {
         assert_eq!(lab.state(&id).await, "done");
 
         // Teardown returns the cluster to its state before the deployment.
-        producer::deploy::teardown(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
-        wait_for(Duration::from_secs(90), "teardown finished", || async {
-            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
-                .await
-                .unwrap_or(false)
-        })
-        .await;
+        lab.tear_down(&id, Duration::from_secs(90)).await;
         let after = lab.sim.snapshot();
         assert_eq!(
             after["vms"], before["vms"],
@@ -496,16 +503,7 @@ async fn teardown_of_a_running_deployment_leaves_nothing() {
                 .any(|v| v.lock.as_deref() == Some("clone"))
         })
         .await;
-        producer::deploy::teardown(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
-        wait_for(Duration::from_secs(120), "teardown finished", || async {
-            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
-                .await
-                .unwrap_or(false)
-        })
-        .await;
+        lab.tear_down(&id, Duration::from_secs(120)).await;
         let after = lab.sim.snapshot();
         assert_eq!(after["vms"], before["vms"], "no VM left behind");
         assert_eq!(after["pools"], before["pools"]);
@@ -562,16 +560,7 @@ async fn resubmit_adds_new_students_and_reports_removed_ones() {
             6,
             "student1 kept, student2 kept until teardown, student3 added: {names:?}"
         );
-        producer::deploy::teardown(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
-        wait_for(Duration::from_secs(60), "teardown finished", || async {
-            producer::deploy::finish_teardown(&lab.store, &id, &lab.pve())
-                .await
-                .unwrap_or(false)
-        })
-        .await;
+        lab.tear_down(&id, Duration::from_secs(60)).await;
         let after = lab.sim.snapshot();
         assert_eq!(
             after["vms"], before["vms"],
