@@ -510,9 +510,35 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         shared::queue::QueueConfig::with_namespace("bench-scratch"),
     )
     .await?;
+    let mut rc = scratch.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut rc)
+        .await?;
     let t = Instant::now();
     scratch.enqueue_batch(&specs).await?;
     let t_enqueue = t.elapsed().as_secs_f64();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut rc)
+        .await?;
+    let redis_us: f64 = info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval"))
+        .filter_map(|l| {
+            l.split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    println!(
+        "enqueue: Redis spent {:.3} s in scripts ({:.1} us per job)",
+        redis_us / 1e6,
+        redis_us / specs.len() as f64
+    );
     println!(
         "of a submit: plan JSON {:.3} s ({} MB), {} job specs built {:.3} s, enqueued {:.3} s",
         t_plan_json,

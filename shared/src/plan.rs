@@ -2,7 +2,7 @@
 //! list of students, VMs, bridges and jobs. Pure (no I/O): the producer gathers the facts
 //! and allocates VMIDs and bridge names in Redis, then calls these functions.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -473,6 +473,11 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         .filter(|s| !s.bridges.is_empty())
         .map(|s| s.user.as_str())
         .collect();
+    let pools: HashMap<&str, &str> = plan
+        .students
+        .iter()
+        .map(|s| (s.user.as_str(), s.pool.as_str()))
+        .collect();
     for v in &plan.vms {
         let vm = VmRef {
             deployment: plan.id.clone(),
@@ -491,11 +496,9 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
                     source_vmid: v.source.vmid,
                     full: v.full,
                     storage: v.storage.clone(),
-                    pool: plan
-                        .students
-                        .iter()
-                        .find(|s| s.user == v.user)
-                        .map(|s| s.pool.clone())
+                    pool: pools
+                        .get(v.user.as_str())
+                        .map(|p| (*p).to_owned())
                         .unwrap_or_default(),
                     vmid: v.vmid,
                     vmid_min: plan.vmid_min,
