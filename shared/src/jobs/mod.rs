@@ -43,7 +43,7 @@ pub struct Timing {
     pub task_deadline: Duration,
     /// Cluster facts (users, pools, bridges) are reused for this long.
     pub cache_ttl: Duration,
-    /// Task polling: first interval, growing (doubling) up to `poll_max`.
+    /// Task polling: first interval, then half the task's age, up to `poll_max`.
     pub poll_initial: Duration,
     pub poll_max: Duration,
 }
