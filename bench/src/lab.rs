@@ -124,7 +124,15 @@ impl Lab {
             .map_err(|f| f.error)
     }
 
+    /// The counter-based status, as `producer status` and its polling read it.
     pub async fn status(&self, id: &str) -> anyhow::Result<producer::deploy::Status> {
+        producer::deploy::summary(&self.store, id)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// Every VM's status (`producer status --vms`).
+    pub async fn status_all(&self, id: &str) -> anyhow::Result<producer::deploy::Status> {
         producer::deploy::status(&self.store, id)
             .await
             .map_err(|f| f.error)

@@ -560,24 +560,43 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         "validated, planned and enqueued (load + submit - facts): {:.3} s",
         t_load + t_submit - t_facts
     );
+    // Both forms of status, median of n calls each: the counters (`producer status`) and
+    // every VM (`producer status --vms`).
     let timed_status = |n: usize| {
         let lab = &lab;
         let id = id.clone();
         async move {
-            let mut v = Vec::new();
+            let mut counters = Vec::new();
+            let mut all = Vec::new();
+            let mut state = String::new();
             for _ in 0..n {
                 let t = Instant::now();
                 let st = lab.status(&id).await?;
-                v.push((t.elapsed().as_secs_f64(), st.state));
+                counters.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let full = lab.status_all(&id).await?;
+                all.push(t.elapsed().as_secs_f64());
+                anyhow::ensure!(
+                    (&st.state, &st.counts, &st.per_node)
+                        == (&full.state, &full.counts, &full.per_node),
+                    "the counters disagree with the per-VM status: {:?} vs {:?}",
+                    st.counts,
+                    full.counts
+                );
+                state = st.state;
             }
-            v.sort_by(|a, b| a.0.total_cmp(&b.0));
-            anyhow::Ok(v[v.len() / 2].clone())
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            anyhow::Ok((median(counters), median(all), state))
         }
     };
-    let (st_pending, state) = timed_status(5).await?;
+    let (st_pending, st_pending_all, state) = timed_status(5).await?;
     println!(
-        "status (in-process, {state}): median {:.1} ms",
-        st_pending * 1e3
+        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
+        st_pending * 1e3,
+        st_pending_all * 1e3
     );
     // Deploy it, sampling the workers' peak RSS.
     let mut children = lab.spawn_workers(workers, conc)?;
@@ -607,10 +626,11 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         vms as f64 / t_deploy,
         peaks.iter().map(|k| k / 1024).collect::<Vec<_>>()
     );
-    let (st_done, state) = timed_status(5).await?;
+    let (st_done, st_done_all, state) = timed_status(5).await?;
     println!(
-        "status (in-process, {state}): median {:.1} ms",
-        st_done * 1e3
+        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
+        st_done * 1e3,
+        st_done_all * 1e3
     );
     // The producer binary: `status` and `plan` of the same deployment, with their RSS.
     let bin = lab::release_bin("producer")?;
@@ -632,6 +652,16 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
     );
     let mut c = std::process::Command::new(&bin);
     base(&mut c);
+    c.args(["status", &id, "--vms", "--json"]);
+    let (t_cli_status_all, rss_status_all, out) = run_measured(&mut c)?;
+    println!(
+        "`producer status ID --vms --json` (process, {} bytes of JSON): {:.3} s wall, peak RSS {} MiB",
+        out.len(),
+        t_cli_status_all,
+        rss_status_all / 1024
+    );
+    let mut c = std::process::Command::new(&bin);
+    base(&mut c);
     c.args(["plan"]);
     let (t_cli_plan, rss_plan, _) = run_measured(&mut c)?;
     println!(
@@ -646,6 +676,8 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
             "plan_json_s": t_plan_json, "jobs": specs.len(), "jobs_build_s": t_jobs, "enqueue_scratch_s": t_enqueue,
             "validated_planned_enqueued_s": t_load + t_submit - t_facts,
             "status_pending_ms": st_pending * 1e3, "status_done_ms": st_done * 1e3,
+            "status_all_pending_ms": st_pending_all * 1e3, "status_all_done_ms": st_done_all * 1e3,
+            "cli_status_all_s": t_cli_status_all, "cli_status_all_peak_rss_kib": rss_status_all,
             "deploy_s": t_deploy, "worker_peak_rss_kib": peaks,
             "cli_status_s": t_cli_status, "cli_status_peak_rss_kib": rss_status,
             "cli_plan_s": t_cli_plan, "cli_plan_peak_rss_kib": rss_plan,

@@ -123,7 +123,7 @@ pub enum Command {
     },
     /// Progress of a deployment (default: the data folder's).
     #[command(
-        after_help = "Examples:\n  producer status\n  producer status demo-lab@lab --watch\n  producer status demo-lab@lab --json | jq .state"
+        after_help = "Counts by state and per node, failed VMs with their Proxmox message, quarantined VMIDs.\nEvery VM is listed when there are at most 100 (or with --vms).\n\nExamples:\n  producer status\n  producer status demo-lab@lab --watch\n  producer status demo-lab@lab --vms --json | jq '.vms[] | select(.state != \"done\")'\n  producer status demo-lab@lab --json | jq .state"
     )]
     Status {
         /// Deployment id (`<name>@<cluster>`, see `producer list`); default: the data folder's.
@@ -131,6 +131,9 @@ pub enum Command {
         /// Refresh until the deployment finishes.
         #[arg(long)]
         watch: bool,
+        /// List every VM, however many (reads every step record: slower on large classes).
+        #[arg(long)]
+        vms: bool,
     },
     /// Queue the failed parts of a deployment again.
     #[command(after_help = "Examples:\n  producer retry demo-lab@lab\n  producer retry --json")]

@@ -11,11 +11,11 @@ use serde::Serialize;
 use shared::alloc::{self, Space};
 use shared::clusters::{ConnectError, client_config};
 use shared::config::{Config, VmidPolicy};
-use shared::jobs::state::{DeploymentRecord, StepState, Store};
+use shared::jobs::state::{self, DeploymentRecord, StepState, Store, Totals};
 use shared::placement::{self, NodeCapacity};
 use shared::plan::{self, Facts, Plan, Template};
 use shared::pve::{ClusterResource, PveClient, PveError};
-use shared::queue::{Queue, QueueConfig};
+use shared::queue::{GroupStats, Queue, QueueConfig};
 use shared::secret::{Secret, SecretKey};
 
 use crate::exit::{Exit, Failure};
@@ -361,6 +361,7 @@ pub async fn submit(
             updated: now,
             finished: None,
             phase: "active".into(),
+            totals: None,
         });
     if rec.phase != "active" {
         rec.epoch += 1;
@@ -368,6 +369,15 @@ pub async fn submit(
     }
     rec.updated = now;
     rec.finished = None;
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for v in &plan.vms {
+        *per_node.entry(v.node.clone()).or_default() += 1;
+    }
+    rec.totals = Some(Totals {
+        vms: plan.vms.len(),
+        retired: plan.retired.len(),
+        per_node,
+    });
     let mut sealed = BTreeMap::new();
     if plan.students.iter().any(|s| s.create_user) {
         let key = key.ok_or_else(|| {
@@ -403,6 +413,11 @@ pub async fn submit(
             .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
     }
     let plan_json = serde_json::to_string(&plan).context("serializing the plan")?;
+    // The VM steps first: a worker's step record reads them to derive the VM's state.
+    store
+        .put_vm_steps(&id, &plan::vm_steps(&plan))
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
     store
         .put_deployment(&rec, Some(&plan_json))
         .await
@@ -431,22 +446,42 @@ pub struct VmStatus {
 pub struct Status {
     pub id: String,
     pub state: String,
+    /// VMs of the deployment (those no longer in the files included).
+    pub total: usize,
     pub counts: BTreeMap<String, usize>,
     pub per_node: BTreeMap<String, BTreeMap<String, usize>>,
+    /// What `vms` holds: `all` VMs, or only the `failed` ones (see [`summary`]).
+    pub listing: Listing,
     pub vms: Vec<VmStatus>,
     pub setup_failures: Vec<String>,
     pub quarantined: Vec<serde_json::Value>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Listing {
+    All,
+    Failed,
+}
+
+/// A deployment's record, or the exit code that says why not.
+async fn record(store: &Store, id: &str) -> Result<DeploymentRecord, Failure> {
+    store
+        .deployment(id)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Usage,
+                anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
+            )
+        })
+}
+
 /// A deployment's record and plan, or the exit code that says why not.
 pub async fn load(store: &Store, id: &str) -> Result<(DeploymentRecord, Plan), Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
-    let rec = store.deployment(id).await.map_err(redis)?.ok_or_else(|| {
-        Failure::new(
-            Exit::Usage,
-            anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
-        )
-    })?;
+    let rec = record(store, id).await?;
     let plan: Plan = store
         .plan_json(id)
         .await
@@ -461,6 +496,157 @@ pub async fn load(store: &Store, id: &str) -> Result<(DeploymentRecord, Plan), F
     Ok((rec, plan))
 }
 
+/// The deployment's state from the counters the workers keep (`step.lua`): a few small
+/// reads whatever its size, with `vms` listing only the failed VMs. Where the counters cannot
+/// say everything it returns the per-VM [`status`] instead: a deployment recorded before
+/// counters existed, one being or having been torn down, one with VMs no longer in the
+/// files, and one whose student or node setup failed (its VMs count as failed).
+pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let rec = record(store, id).await?;
+    let Some(totals) = rec.totals.clone().filter(|t| t.retired == 0) else {
+        return status(store, id).await;
+    };
+    if rec.phase != "active" {
+        return status(store, id).await;
+    }
+    let progress = store.progress(id).await.map_err(redis)?;
+    let setup_failed = progress
+        .failed
+        .iter()
+        .any(|f| f.starts_with("student:") || f.starts_with("node:"));
+    if setup_failed {
+        return status(store, id).await;
+    }
+    let pending_of = |total: usize, counted: &BTreeMap<String, usize>| {
+        let seen: usize = counted
+            .iter()
+            .filter(|(s, _)| *s != "pending")
+            .map(|(_, n)| n)
+            .sum();
+        total.saturating_sub(seen)
+    };
+    let with_pending = |total: usize, mut counted: BTreeMap<String, usize>| {
+        let pending = pending_of(total, &counted);
+        counted.remove("pending");
+        if pending > 0 {
+            counted.insert("pending".to_owned(), pending);
+        }
+        counted
+    };
+    let counts = with_pending(totals.vms, progress.states.clone());
+    let per_node: BTreeMap<String, BTreeMap<String, usize>> = totals
+        .per_node
+        .iter()
+        .map(|(node, n)| {
+            let counted = progress.per_node.get(node).cloned().unwrap_or_default();
+            (node.clone(), with_pending(*n, counted))
+        })
+        .collect();
+    // The failed VMs, with the error of their first failed step.
+    let mut failed_steps: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for f in &progress.failed {
+        if let Some((vm, step)) = f.rsplit_once('|') {
+            failed_steps.entry(vm).or_default().push(step);
+        }
+    }
+    let mut vms = Vec::new();
+    if !failed_steps.is_empty() {
+        let (_, plan) = load(store, id).await?;
+        let order = plan::vm_steps(&plan);
+        let fields: Vec<String> = failed_steps
+            .iter()
+            .flat_map(|(vm, steps)| steps.iter().map(move |s| state::step_field(vm, s)))
+            .collect();
+        let records = store.some_steps(id, &fields).await.map_err(redis)?;
+        let keys: Vec<String> = failed_steps.keys().map(|k| (*k).to_owned()).collect();
+        let facts = store.some_vms(id, &keys).await.map_err(redis)?;
+        for v in plan
+            .vms
+            .iter()
+            .filter(|v| failed_steps.contains_key(v.key.as_str()))
+        {
+            let error = order
+                .iter()
+                .filter_map(|s| records.get(&state::step_field(&v.key, s)))
+                .find(|r| r.state == StepState::Failed)
+                .and_then(|r| r.error.clone());
+            vms.push(VmStatus {
+                user: v.user.clone(),
+                machine: v.machine.clone(),
+                name: v.name.clone(),
+                vmid: facts
+                    .get(&v.key)
+                    .map(|f| f.vmid)
+                    .or(Some(v.vmid))
+                    .filter(|v| *v != 0),
+                node: v.node.clone(),
+                state: "failed".to_owned(),
+                error,
+            });
+        }
+    }
+    let g = store
+        .queue()
+        .group_stats(&rec.scope())
+        .await
+        .map_err(redis)?;
+    let state = overall_state(&rec, totals.vms, &counts, false, &g);
+    Ok(Status {
+        id: id.to_owned(),
+        state: state.to_owned(),
+        total: totals.vms,
+        counts,
+        per_node,
+        listing: Listing::Failed,
+        vms,
+        setup_failures: Vec::new(),
+        quarantined: quarantined_of(store, &rec).await?,
+    })
+}
+
+/// The deployment's state in one word, from its phase, the VM counts and its jobs.
+fn overall_state(
+    rec: &DeploymentRecord,
+    total: usize,
+    counts: &BTreeMap<String, usize>,
+    setup_failed: bool,
+    g: &GroupStats,
+) -> &'static str {
+    let runnable = g.ready + g.scheduled + g.in_flight + g.waiting_for_slot;
+    let count = |s: &str| counts.get(s).copied().unwrap_or(0);
+    if rec.phase == "torn-down" {
+        "torn-down"
+    } else if rec.phase == "tearing-down" {
+        "tearing-down"
+    } else if count("done") == total && !setup_failed {
+        "done"
+    } else if runnable == 0 && (count("failed") > 0 || setup_failed || g.dead > 0) {
+        "failed"
+    } else if count("pending") == total && g.in_flight == 0 && g.done == 0 {
+        "pending"
+    } else {
+        "running"
+    }
+}
+
+/// The quarantined VMIDs of this deployment, with the command that clears each.
+async fn quarantined_of(
+    store: &Store,
+    rec: &DeploymentRecord,
+) -> Result<Vec<serde_json::Value>, Failure> {
+    Ok(store
+        .quarantined(&rec.cluster)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .into_iter()
+        .filter(|q| q.deployment == rec.id)
+        .map(|q| serde_json::json!({"vmid": q.vmid, "node": q.node, "vm": q.vm, "reason": q.reason, "command": q.command()}))
+        .collect())
+}
+
+/// Every VM's state, read from every step record and the plan (its cost grows with the
+/// deployment: see [`summary`]).
 pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let (rec, plan) = load(store, id).await?;
@@ -548,42 +734,18 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
         .group_stats(&rec.scope())
         .await
         .map_err(redis)?;
-    let runnable = g.ready + g.scheduled + g.in_flight + g.waiting_for_slot;
     let total = plan.vms.len();
-    let done = counts.get("done").copied().unwrap_or(0);
-    let failed = counts.get("failed").copied().unwrap_or(0);
-    let state = if rec.phase == "torn-down" {
-        "torn-down"
-    } else if rec.phase == "tearing-down" {
-        "tearing-down"
-    } else if done == total && setup_failures.is_empty() {
-        "done"
-    } else if runnable == 0 && (failed > 0 || !setup_failures.is_empty() || g.dead > 0) {
-        "failed"
-    } else if counts.get("pending").copied().unwrap_or(0) == total
-        && g.in_flight == 0
-        && g.done == 0
-    {
-        "pending"
-    } else {
-        "running"
-    };
-    let quarantined = store
-        .quarantined(&rec.cluster)
-        .await
-        .map_err(redis)?
-        .into_iter()
-        .filter(|q| q.deployment == id)
-        .map(|q| serde_json::json!({"vmid": q.vmid, "node": q.node, "vm": q.vm, "reason": q.reason, "command": q.command()}))
-        .collect();
+    let state = overall_state(&rec, total, &counts, !setup_failures.is_empty(), &g);
     Ok(Status {
         id: id.to_owned(),
         state: state.to_owned(),
+        total: total + plan.retired.len(),
         counts,
         per_node,
+        listing: Listing::All,
         vms,
         setup_failures,
-        quarantined,
+        quarantined: quarantined_of(store, &rec).await?,
     })
 }
 

@@ -67,6 +67,7 @@ pub fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
                 Some(id) => Command::Status {
                     id: Some(id),
                     watch: true,
+                    vms: false,
                 },
                 None => continue,
             },

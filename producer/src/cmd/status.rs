@@ -1,19 +1,28 @@
-//! `producer status [ID] [--watch]`: counts by state, per node, failures with their
-//! Proxmox message, quarantined VMIDs.
+//! `producer status [ID] [--watch] [--vms]`: counts by state, per node, failures with their
+//! Proxmox message, quarantined VMIDs; every VM when there are few (or with `--vms`).
+//!
+//! Polling reads the workers' counters ([`deploy::summary`]), whose cost does not grow with
+//! the class; the per-VM table ([`deploy::status`]) reads every step record and is shown
+//! for classes of at most [`TABLE_MAX_VMS`] VMs, or on request.
 
 use std::time::Duration;
 
 use crate::cli::Global;
 use crate::cmd::{common, progress};
-use crate::deploy::{self, Status};
+use crate::deploy::{self, Listing, Status};
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 use shared::jobs::state::Store;
+
+/// Up to this many VMs, reports list every VM; above, only the failed ones (a table is for
+/// reading, and building it reads every step record).
+pub const TABLE_MAX_VMS: usize = 100;
 
 pub async fn run(
     g: &Global,
     id: &Option<String>,
     watch_: bool,
+    all_vms: bool,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
     let id = common::resolve_id(g, id, out)?;
@@ -21,9 +30,19 @@ pub async fn run(
     if watch_ {
         return watch(&store, &id, g.json, out, Duration::from_secs(1)).await;
     }
-    let st = deploy::status(&store, &id).await?;
+    let st = report(&store, &id, all_vms).await?;
     print(&st, g.json, out);
     Ok(exit_for(&st))
+}
+
+/// The status to show a person: the counters, and the per-VM table when the class is small
+/// or `all_vms` asks for it.
+pub async fn report(store: &Store, id: &str, all_vms: bool) -> Result<Status, Failure> {
+    let st = deploy::summary(store, id).await?;
+    if st.listing == Listing::All || (!all_vms && st.total > TABLE_MAX_VMS) {
+        return Ok(st);
+    }
+    deploy::status(store, id).await
 }
 
 pub fn exit_for(st: &Status) -> Exit {
@@ -43,7 +62,8 @@ pub async fn watch(
     out: &mut Out,
     every: Duration,
 ) -> Result<Exit, Failure> {
-    let st = wait_until_finished(store, id, json, out, every).await?;
+    wait_until_finished(store, id, json, out, every).await?;
+    let st = report(store, id, false).await?;
     if json {
         print(&st, json, out);
     } else {
@@ -69,15 +89,14 @@ pub async fn wait_until_finished(
     let bar = progress::Progress::new(json, "VMs");
     let mut last = String::new();
     loop {
-        let st = deploy::status(store, id).await?;
+        let st = deploy::summary(store, id).await?;
         let line = summary(&st);
         if bar.is_shown() {
-            let finished = st
-                .vms
+            let finished: usize = ["done", "failed", "removed"]
                 .iter()
-                .filter(|v| matches!(v.state.as_str(), "done" | "failed" | "removed"))
-                .count();
-            bar.update(finished as u64, st.vms.len() as u64, counts(&st));
+                .filter_map(|s| st.counts.get(*s))
+                .sum();
+            bar.update(finished as u64, st.total as u64, counts(&st));
         } else if !json && line != last {
             out.err_line(&line);
             last = line;
@@ -127,6 +146,12 @@ fn print_details(st: &Status, out: &mut Out) {
             v.node,
             v.state,
             v.error.as_deref().unwrap_or("")
+        ));
+    }
+    if st.listing == Listing::Failed {
+        out.line(format!(
+            "({} VMs: the table lists the failed ones; `producer status {} --vms` lists all)",
+            st.total, st.id
         ));
     }
     for f in &st.setup_failures {

@@ -161,11 +161,12 @@ pub fn retryable(e: &PveError) -> bool {
 /// Runs one job: records `running`, calls the kind's handler, records the outcome.
 pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> {
     let (subject, step) = subject_and_step(&job);
+    let node = vm_node(&job);
     let dep = job.deployment().to_owned();
     let in_flight = env.counters.start(&job);
     let _ = env
         .store
-        .put_step(&lease, &dep, &subject, step, StepState::Running, None)
+        .put_step(&lease, &dep, &subject, step, node, StepState::Running, None)
         .await;
     let result = match &job {
         Job::Student(j) => student::run(j, &lease, &env).await,
@@ -200,7 +201,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     if let Some((state, err)) = outcome {
         let _ = env
             .store
-            .put_step(&lease, &dep, &subject, step, state, err)
+            .put_step(&lease, &dep, &subject, step, node, state, err)
             .await;
     }
     drop(in_flight);
@@ -228,6 +229,22 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Permission(j) => (j.vm.key.clone(), "permission"),
         Job::Start(j) => (j.vm.key.clone(), "start"),
         Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
+    }
+}
+
+/// The planned node of a VM's step (the steps `status` counts per VM); `None` for the
+/// others, teardown included.
+pub fn vm_node(job: &Job) -> Option<&str> {
+    match job {
+        Job::Clone(j) => Some(&j.vm.node),
+        Job::Network(j) => Some(&j.vm.node),
+        Job::Permission(j) => Some(&j.vm.node),
+        Job::Start(j) => Some(&j.vm.node),
+        Job::Student(_)
+        | Job::StudentTeardown(_)
+        | Job::NodeNetwork(_)
+        | Job::NodeNetworkTeardown(_)
+        | Job::Destroy(_) => None,
     }
 }
 

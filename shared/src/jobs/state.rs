@@ -6,16 +6,27 @@
 //! - `d:<id>`: HASH `record` (JSON [`DeploymentRecord`]), `plan` (JSON of the plan).
 //! - `d:<id>:vm`: HASH vm key -> JSON [`VmFacts`], written by the clone job (fenced).
 //! - `d:<id>:step`: HASH `<subject>|<step>` -> JSON [`StepRecord`], written by each job (fenced).
+//! - `d:<id>:failed`: SET of the step fields whose record says `failed`.
+//! - `d:<id>:vmstate`: HASH vm key -> `<state>|<node>`, the VM's state derived from its steps.
+//! - `d:<id>:count`: HASH `s:<state>` and `n:<node>:<state>` -> number of VMs (VMs with no
+//!   entry are pending). These three are kept exact by `step.lua`, atomically with each step
+//!   record, so `status` of a large deployment reads counters, not every record.
 //! - `d:<id>:events`: STREAM of progress events, capped at about 10,000 entries.
+//!
+//! The deployment hash also holds `vmsteps`: the steps every VM goes through, one per line,
+//! which `step.lua` reads to decide a VM's state.
 //! - `quarantine:<cluster>`: HASH vmid -> JSON [`Quarantined`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{JobError, Lease, Queue, QueueError};
+use crate::queue::{FencedScript, JobError, Lease, Queue, QueueError};
+
+static STEP: LazyLock<FencedScript> = LazyLock::new(|| FencedScript::new(include_str!("step.lua")));
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentRecord {
@@ -30,6 +41,30 @@ pub struct DeploymentRecord {
     pub finished: Option<DateTime<Utc>>,
     /// `active` or `torn-down` / `tearing-down`.
     pub phase: String,
+    /// What the current plan holds, for the counter-based `status` (absent in records
+    /// written before it existed: those get the per-VM status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+}
+
+/// The plan's size as `status` needs it without reading the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub vms: usize,
+    /// VMs of an earlier submit no longer in the files (kept until teardown).
+    pub retired: usize,
+    pub per_node: BTreeMap<String, usize>,
+}
+
+/// The counters `step.lua` keeps, and the failed steps.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// VM state -> VMs (pending VMs are not counted).
+    pub states: BTreeMap<String, usize>,
+    /// node -> VM state -> VMs.
+    pub per_node: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Step fields (`<subject>|<step>`) whose record says failed.
+    pub failed: Vec<String>,
 }
 
 impl DeploymentRecord {
@@ -62,6 +97,17 @@ pub enum StepState {
     Retrying,
     Done,
     Failed,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Running => "running",
+            StepState::Retrying => "retrying",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +173,15 @@ impl Store {
     pub fn key_steps(&self, id: &str) -> String {
         self.queue.key(&format!("d:{id}:step"))
     }
+    pub fn key_failed(&self, id: &str) -> String {
+        self.queue.key(&format!("d:{id}:failed"))
+    }
+    pub fn key_vm_states(&self, id: &str) -> String {
+        self.queue.key(&format!("d:{id}:vmstate"))
+    }
+    pub fn key_counts(&self, id: &str) -> String {
+        self.queue.key(&format!("d:{id}:count"))
+    }
     pub fn key_events(&self, id: &str) -> String {
         self.queue.key(&format!("d:{id}:events"))
     }
@@ -159,6 +214,87 @@ impl Store {
         }
         p.query_async::<()>(&mut c).await?;
         Ok(())
+    }
+
+    /// Records the steps every VM of the deployment goes through (read by `step.lua`).
+    pub async fn put_vm_steps(&self, id: &str, steps: &[&str]) -> Result<(), QueueError> {
+        let mut c = self.queue.connection();
+        let _: () = c
+            .hset(self.key_deployment(id), "vmsteps", steps.join("\n"))
+            .await?;
+        Ok(())
+    }
+
+    /// The progress counters and the failed steps (a few small reads, whatever the size).
+    pub async fn progress(&self, id: &str) -> Result<Progress, QueueError> {
+        let mut c = self.queue.connection();
+        let (counts, failed): (HashMap<String, i64>, Vec<String>) = redis::pipe()
+            .hgetall(self.key_counts(id))
+            .smembers(self.key_failed(id))
+            .query_async(&mut c)
+            .await?;
+        let mut p = Progress {
+            failed,
+            ..Progress::default()
+        };
+        for (k, n) in counts {
+            let Ok(n) = usize::try_from(n) else { continue };
+            if n == 0 {
+                continue;
+            }
+            if let Some(state) = k.strip_prefix("s:") {
+                p.states.insert(state.to_owned(), n);
+            } else if let Some((node, state)) =
+                k.strip_prefix("n:").and_then(|r| r.rsplit_once(':'))
+            {
+                p.per_node
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(state.to_owned(), n);
+            }
+        }
+        p.failed.sort();
+        Ok(p)
+    }
+
+    /// Step records by field (`<subject>|<step>`), for a few known fields.
+    pub async fn some_steps(
+        &self,
+        id: &str,
+        fields: &[String],
+    ) -> Result<HashMap<String, StepRecord>, QueueError> {
+        self.hmget_json(&self.key_steps(id), fields).await
+    }
+
+    /// VM facts for a few known VMs.
+    pub async fn some_vms(
+        &self,
+        id: &str,
+        vms: &[String],
+    ) -> Result<HashMap<String, VmFacts>, QueueError> {
+        self.hmget_json(&self.key_vms(id), vms).await
+    }
+
+    /// The JSON values of a few fields of a hash; absent and unreadable ones are left out.
+    async fn hmget_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        fields: &[String],
+    ) -> Result<HashMap<String, T>, QueueError> {
+        if fields.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut c = self.queue.connection();
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(key)
+            .arg(fields)
+            .query_async(&mut c)
+            .await?;
+        Ok(fields
+            .iter()
+            .zip(v)
+            .filter_map(|(f, v)| Some((f.clone(), serde_json::from_str(&v?).ok()?)))
+            .collect())
     }
 
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, QueueError> {
@@ -218,13 +354,17 @@ impl Store {
         lease.hset_fenced(&self.key_vms(id), &[(vm, &json)]).await
     }
 
-    /// Records a step's state, only while `lease` holds, and appends an event.
+    /// Records a step's state, only while `lease` holds, appends an event and, for a VM's
+    /// step (`node` is the VM's planned node), updates the VM's state and the counters, all
+    /// in one fenced script.
+    #[allow(clippy::too_many_arguments)] // each is one field of the record, named at the call
     pub async fn put_step(
         &self,
         lease: &Lease,
         id: &str,
         subject: &str,
         step: &str,
+        node: Option<&str>,
         state: StepState,
         error: Option<String>,
     ) -> Result<(), JobError> {
@@ -236,41 +376,29 @@ impl Store {
             worker: Some(lease.worker().to_owned()),
         };
         let json = serde_json::to_string(&rec).expect("serializes");
+        let (d, steps, failed, vmst, counts, events) = (
+            self.key_deployment(id),
+            self.key_steps(id),
+            self.key_failed(id),
+            self.key_vm_states(id),
+            self.key_counts(id),
+            self.key_events(id),
+        );
         lease
-            .hset_fenced(&self.key_steps(id), &[(&step_field(subject, step), &json)])
-            .await?;
-        let _ = self.event(id, subject, step, state, error.as_deref()).await;
-        Ok(())
-    }
-
-    pub async fn event(
-        &self,
-        id: &str,
-        subject: &str,
-        step: &str,
-        state: StepState,
-        error: Option<&str>,
-    ) -> Result<(), QueueError> {
-        let mut c = self.queue.connection();
-        let state = serde_json::to_value(state).expect("serializes");
-        let mut fields = vec![
-            ("subject", subject.to_owned()),
-            ("step", step.to_owned()),
-            ("state", state.as_str().unwrap_or("").to_owned()),
-        ];
-        if let Some(e) = error {
-            fields.push(("error", e.to_owned()));
-        }
-        let _: String = redis::cmd("XADD")
-            .arg(self.key_events(id))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(10_000)
-            .arg("*")
-            .arg(&fields)
-            .query_async(&mut c)
-            .await?;
-        Ok(())
+            .eval_fenced(
+                &STEP,
+                &[&d, &steps, &failed, &vmst, &counts, &events],
+                &[
+                    &step_field(subject, step),
+                    &json,
+                    state.as_str(),
+                    step,
+                    subject,
+                    error.as_deref().unwrap_or(""),
+                    node.unwrap_or(""),
+                ],
+            )
+            .await
     }
 
     pub async fn quarantine(&self, q: &Quarantined, cluster: &str) -> Result<(), QueueError> {
@@ -302,6 +430,9 @@ impl Store {
         let _: () = redis::pipe()
             .del(self.key_vms(id))
             .del(self.key_steps(id))
+            .del(self.key_failed(id))
+            .del(self.key_vm_states(id))
+            .del(self.key_counts(id))
             .query_async(&mut c)
             .await?;
         Ok(())

@@ -9,6 +9,7 @@ use apalis_core::task::from_request::FromRequest;
 use tokio::sync::watch;
 
 use super::error::JobError;
+use super::scripts::FencedScript;
 use super::spec::JobSpec;
 use super::store::{ClaimedJob, Queue};
 
@@ -147,12 +148,32 @@ impl Lease {
 
     /// Writes hash fields of `key` (a key made with `Queue::key`) only while this lease holds.
     pub async fn hset_fenced(&self, key: &str, fields: &[(&str, &str)]) -> Result<(), JobError> {
-        match self
+        let r = self
             .inner
             .queue
             .hset_fenced(self.job_key(), self.token(), key, fields)
-            .await
-        {
+            .await;
+        self.fenced(r)
+    }
+
+    /// Runs a fenced script (see [`FencedScript`]) only while this lease holds.
+    pub async fn eval_fenced(
+        &self,
+        script: &FencedScript,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<(), JobError> {
+        let r = self
+            .inner
+            .queue
+            .eval_fenced(script, self.job_key(), self.token(), keys, args)
+            .await;
+        self.fenced(r)
+    }
+
+    /// A fenced write's answer: refused means the lease is lost; an error is retried.
+    fn fenced(&self, r: Result<bool, super::QueueError>) -> Result<(), JobError> {
+        match r {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.mark_lost();

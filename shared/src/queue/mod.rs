@@ -36,6 +36,7 @@ pub use config::{QueueConfig, RetryPolicy};
 pub use error::{JobError, QueueError, SettleError};
 pub use layer::{LeaseLayer, LeaseService};
 pub use lease::Lease;
+pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
 pub use store::{
     AttemptRecord, Claim, ClaimedJob, GroupStats, JobInfo, Queue, QueueStats, ReapReport,

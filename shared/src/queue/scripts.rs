@@ -11,6 +11,22 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{LIB}\n{body}"))
 }
 
+/// The prelude of every [`FencedScript`]: nothing runs unless the caller holds the lease.
+const FENCE: &str = "if redis.call('HGET', jk(ARGV[2]), 'token') ~= ARGV[3] then return 0 end";
+
+/// A write on behalf of a job, written by a layer above the queue (the pipeline's progress
+/// records) and run only while the job's lease holds: `lib.lua`, then a token check that
+/// returns 0 when stale, then the body, which must return 1. The body's arguments start at
+/// `ARGV[4]`: first the keys it writes (checked by [`super::Queue::eval_fenced`] to be in
+/// the queue's slot), then its other arguments.
+pub struct FencedScript(pub(crate) Script);
+
+impl FencedScript {
+    pub fn new(body: &str) -> FencedScript {
+        FencedScript(Script::new(&format!("{LIB}\n{FENCE}\n{body}")))
+    }
+}
+
 macro_rules! scripts {
     ($($name:ident => $file:literal),* $(,)?) => {
         $(pub(crate) static $name: LazyLock<Script> =

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::config::QueueConfig;
 use super::error::QueueError;
 use super::keys::Keys;
-use super::scripts;
+use super::scripts::{self, FencedScript};
 use super::spec::{Enqueued, JobSpec, WireSpec};
 
 /// A handle on one queue (one namespace) in Redis. Cheap to clone; every clone shares one
@@ -509,6 +509,28 @@ impl Queue {
             args.push((*v).to_owned());
         }
         let ok: i64 = self.eval(&scripts::FENCED_HSET, args).await?;
+        Ok(ok == 1)
+    }
+
+    /// Runs `script` only while `token` holds `job`'s lease; `false` when stale. `keys` (each
+    /// made with `Queue::key`) come first in the body's arguments, then `args`.
+    pub async fn eval_fenced(
+        &self,
+        script: &FencedScript,
+        job: &str,
+        token: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<bool, QueueError> {
+        if let Some(k) = keys.iter().find(|k| !k.starts_with(self.keys.prefix())) {
+            return Err(QueueError::ForeignKey((*k).to_owned()));
+        }
+        let all = [job, token]
+            .into_iter()
+            .chain(keys.iter().copied())
+            .chain(args.iter().copied())
+            .map(str::to_owned);
+        let ok: i64 = self.eval(&script.0, all).await?;
         Ok(ok == 1)
     }
 

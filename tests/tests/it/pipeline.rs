@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use labfleet_tests::redis_server::RedisServer;
 use labfleet_tests::wait::wait_for;
+use producer::deploy::{Listing, Status};
 use pve_sim::{Fault, Sim, SimConfig, SimHandle};
 use shared::config::{Config, DataPaths, load};
 use shared::jobs::state::Store;
@@ -89,11 +90,36 @@ impl Lab {
             .unwrap()
     }
 
+    /// The deployment's state as `producer status` reads it (the workers' counters).
     async fn state(&self, id: &str) -> String {
-        producer::deploy::status(&self.store, id)
+        producer::deploy::summary(&self.store, id)
             .await
             .map(|s| s.state)
             .unwrap_or_default()
+    }
+
+    /// Reads the counter-based status and the per-VM one, asserts that they agree, and
+    /// returns both (call it when nothing runs: the two reads are not one snapshot).
+    async fn statuses(&self, id: &str) -> (Status, Status) {
+        let summary = producer::deploy::summary(&self.store, id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        let full = producer::deploy::status(&self.store, id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(
+            (
+                &summary.state,
+                &summary.counts,
+                &summary.per_node,
+                summary.total
+            ),
+            (&full.state, &full.counts, &full.per_node, full.total),
+            "the counters agree with every VM's records"
+        );
+        (summary, full)
     }
 
     /// Starts a teardown and waits until it is finished and verified against the cluster;
@@ -151,6 +177,15 @@ async fn deploy_converge_and_teardown_a_class() {
             lab.state(&id).await == "done"
         })
         .await;
+        let (summary, _) = lab.statuses(&id).await;
+        assert_eq!(summary.listing, Listing::Failed, "counted, not read per VM");
+        assert_eq!(
+            summary.counts.get("done"),
+            Some(&40),
+            "{:?}",
+            summary.counts
+        );
+        assert!(summary.vms.is_empty());
 
         // Every VM once, with its name, node, pool, NICs and ACL; a student's VMs on one node.
         let vms = lab.sim.vms();
@@ -479,11 +514,61 @@ async fn a_permanent_error_fails_once_and_retry_fixes_only_that() {
             lab.state(&id).await == "done"
         })
         .await;
+        let (summary, _) = lab.statuses(&id).await;
+        assert_eq!(summary.counts.get("done"), Some(&4), "{:?}", summary.counts);
         let after: Vec<_> = lab.sim.vms().into_iter().filter(|v| !v.template).collect();
         assert_eq!(after.len(), 4);
         for v in done_before {
             assert!(after.iter().any(|a| a.vmid == v), "earlier VMs untouched");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counters_count_failed_vm_steps() {
+    // A role Proxmox does not know: every permission step fails for good (clones and NICs
+    // succeed), so the counters see VMs go cloning -> configuring -> failed. (Recovery, a
+    // VM going from pending through retries to done, is checked after `retry` in
+    // `a_permanent_error_fails_once_and_retry_fixes_only_that`.)
+    let bad = format!("{TWO_MACHINES}role: NoSuchRole\n");
+    let lab = Lab::new(0.0, &["student1@pve", "student2@pve"], &bad).await;
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment failed", || async {
+            lab.state(&id).await == "failed"
+        })
+        .await;
+        let (summary, full) = lab.statuses(&id).await;
+        assert_eq!(
+            summary.counts.get("failed"),
+            Some(&4),
+            "{:?}",
+            summary.counts
+        );
+        assert_eq!(summary.listing, Listing::Failed);
+        let names = |st: &Status| -> BTreeSet<(String, Option<String>)> {
+            st.vms
+                .iter()
+                .filter(|v| v.state == "failed")
+                .map(|v| (v.name.clone(), v.error.clone()))
+                .collect()
+        };
+        assert_eq!(
+            names(&summary),
+            names(&full),
+            "the same failed VMs and errors"
+        );
+        assert_eq!(summary.vms.len(), 4);
+        assert!(
+            summary.vms.iter().all(|v| v
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("role 'NoSuchRole' does not exist")),
+            "{:?}",
+            summary.vms
+        );
     })
     .await;
 }

@@ -106,38 +106,83 @@ local function push_history(id, entry, max)
   redis.call('LTRIM', hk, 0, max - 1)
 end
 
--- One job spec as sent by Rust (see spec.rs `WireSpec`). Returns 1 if created, 0 if the key
--- already exists (whatever its state: the key is the idempotency key).
-local function enqueue_one(s)
-  local id = s.k
-  local key = jk(id)
-  if redis.call('EXISTS', key) == 1 then return 0 end
-  local run_at = NOW + (tonumber(s.d) or 0)
-  local group = s.g or ''
-  redis.call('HSET', key, 'kind', s.kind, 'payload', s.p, 'attempts', 0, 'max_attempts', s.m,
-    'lease_losses', 0, 'max_lease_losses', s.ml, 'group', group,
-    'slots', table.concat(s.s or {}, '\n'), 'run_at', run_at, 'score', run_at, 'created_at', NOW)
-  if group ~= '' then redis.call('SADD', P .. 'group:' .. group, id) end
-  local pending = 0
-  for _, g in ipairs(s.gate or {}) do
-    if redis.call('HGET', jk(g), 'state') ~= 'done' then
-      redis.call('SADD', P .. 'succ:' .. g, id)
-      pending = pending + 1
-    end
+-- Runs `cmd key <items...>` in slices of at most 1000 items (`width` items per entry, so
+-- ZADD's score/member pairs stay together): never an unbounded unpack.
+local function bulk(cmd, key, items, width)
+  local step = 1000 - (1000 % width)
+  for i = 1, #items, step do
+    redis.call(cmd, key, unpack(items, i, math.min(i + step - 1, #items)))
   end
-  if pending > 0 then
-    redis.call('HSET', key, 'gate_pending', pending)
-    redis.call('SADD', P .. 'gated', id)
-    transition(id, nil, 'gated', group)
-  else
-    schedule(id, nil, group, run_at)
-  end
-  return 1
 end
 
+-- Enqueues a batch of job specs (see spec.rs `WireSpec`). Per spec: 1 if created, 0 if the
+-- key already exists (whatever its state: the key is the idempotency key). Per job only the
+-- hash and its gates are written one by one; the counters, the group set and the ready,
+-- scheduled and gated indexes are written once per batch.
 local function enqueue_all(json)
   local out = {}
   if json == nil or json == '' then return out end
-  for i, s in ipairs(cjson.decode(json)) do out[i] = enqueue_one(s) end
+  local ready, scheduled, gated = {}, {}, {}
+  local members = {}   -- group -> ids
+  local tally = {}     -- group -> state -> n
+  for i, s in ipairs(cjson.decode(json)) do
+    local id = s.k
+    local key = jk(id)
+    if redis.call('EXISTS', key) == 1 then
+      out[i] = 0
+    else
+      out[i] = 1
+      local run_at = NOW + (tonumber(s.d) or 0)
+      local group = s.g or ''
+      local pending = 0
+      for _, g in ipairs(s.gate or {}) do
+        if redis.call('HGET', jk(g), 'state') ~= 'done' then
+          redis.call('SADD', P .. 'succ:' .. g, id)
+          pending = pending + 1
+        end
+      end
+      local state
+      if pending > 0 then
+        state = 'gated'
+        gated[#gated + 1] = id
+      elseif run_at > NOW then
+        state = 'scheduled'
+        scheduled[#scheduled + 1] = run_at
+        scheduled[#scheduled + 1] = id
+      else
+        state = 'ready'
+        ready[#ready + 1] = run_at
+        ready[#ready + 1] = id
+      end
+      redis.call('HSET', key, 'kind', s.kind, 'payload', s.p, 'attempts', 0,
+        'max_attempts', s.m, 'lease_losses', 0, 'max_lease_losses', s.ml, 'group', group,
+        'slots', table.concat(s.s or {}, '\n'), 'run_at', run_at, 'score', run_at,
+        'created_at', NOW, 'gate_pending', pending, 'state', state)
+      local t = tally[group]
+      if not t then
+        t = {}
+        tally[group] = t
+      end
+      t[state] = (t[state] or 0) + 1
+      if group ~= '' then
+        local m = members[group]
+        if not m then
+          m = {}
+          members[group] = m
+        end
+        m[#m + 1] = id
+      end
+    end
+  end
+  bulk('ZADD', P .. 'ready', ready, 2)
+  bulk('ZADD', P .. 'scheduled', scheduled, 2)
+  bulk('SADD', P .. 'gated', gated, 1)
+  for group, ids in pairs(members) do bulk('SADD', P .. 'group:' .. group, ids, 1) end
+  for group, t in pairs(tally) do
+    for state, n in pairs(t) do
+      redis.call('HINCRBY', P .. 'counts', state, n)
+      if group ~= '' then redis.call('HINCRBY', P .. 'gcounts:' .. group, state, n) end
+    end
+  end
   return out
 end
