@@ -1,6 +1,7 @@
-//! Paths of the workspace's binaries for tests that run them. `cargo test` does not build
-//! another package's binaries, so `.ci/run` runs `cargo build --workspace --bins` first; a
-//! missing binary fails the test with that instruction instead of skipping it.
+//! Paths of the workspace's binaries for tests that run them. `cargo test --workspace` builds
+//! a package's binaries with its integration tests (`producer/tests`, `worker/tests`), so they
+//! exist before any test runs; `cargo test -p labfleet-tests` alone does not, and a missing
+//! binary then fails the test with how to build it instead of skipping it.
 
 use std::path::PathBuf;
 
