@@ -168,7 +168,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         .store
         .put_step(&lease, &dep, &subject, step, node, StepState::Running, None)
         .await;
-    let result = match &job {
+    let mut result = match &job {
         Job::Student(j) => student::run(j, &lease, &env).await,
         Job::NodeNetwork(j) => node_network::run(j, &lease, &env).await,
         Job::Clone(j) => clone::run(j, &lease, &env).await,
@@ -199,10 +199,15 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         }
     };
     if let Some((state, err)) = outcome {
-        let _ = env
+        let written = env
             .store
             .put_step(&lease, &dep, &subject, step, node, state, err)
             .await;
+        // A done job's record must not lag its ack (status would show it running for good):
+        // if the record could not be written, the job is not done and runs again.
+        if let (Ok(()), Err(e)) = (&result, written) {
+            result = Err(e);
+        }
     }
     drop(in_flight);
     env.counters.record(

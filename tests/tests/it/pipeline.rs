@@ -574,6 +574,70 @@ async fn status_counters_count_failed_vm_steps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_job_whose_record_cannot_be_written_is_not_acked() {
+    let lab = Lab::new(0.0, &["student1@pve"], TWO_MACHINES).await;
+    let (id, _) = lab.submit().await;
+    // The step records' hash replaced by a string: every record write fails (WRONGTYPE),
+    // while Proxmox and the queue work.
+    let steps = lab.store.key_steps(&id);
+    let mut c = lab.store.queue().connection();
+    let _: () = redis::cmd("SET")
+        .arg(&steps)
+        .arg("not a hash")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    lab.with_workers(1, async {
+        let student = format!("{id}#0/student/student1@pve");
+        wait_for(
+            Duration::from_secs(30),
+            "the student job tried twice",
+            || async {
+                lab.store
+                    .queue()
+                    .job(&student)
+                    .await
+                    .unwrap()
+                    .is_some_and(|j| j.attempts >= 2)
+            },
+        )
+        .await;
+        let j = lab.store.queue().job(&student).await.unwrap().unwrap();
+        assert_ne!(
+            j.state, "done",
+            "its work succeeded, but without its record it is not done"
+        );
+        // Repaired: the job runs again, converges, and is recorded; nothing is made twice.
+        let _: () = redis::cmd("DEL")
+            .arg(&steps)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        lab.store
+            .queue()
+            .retry_dead_group(&format!("{id}#0"))
+            .await
+            .unwrap();
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        lab.statuses(&id).await;
+        let made = lab.sim.vms().into_iter().filter(|v| !v.template).count();
+        assert_eq!(made, 2, "one VM per planned VM");
+        assert_eq!(
+            lab.sim
+                .users()
+                .iter()
+                .filter(|u| *u == "student1@pve")
+                .count(),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_of_a_running_deployment_leaves_nothing() {
     let users = Lab::users(10);
     let users: Vec<&str> = users.iter().map(String::as_str).collect();

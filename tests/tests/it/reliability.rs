@@ -214,11 +214,60 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// Waits for the deployment's state; on timeout fails with what was still open.
     async fn wait_state(&self, id: &str, want: &str, deadline: Duration) {
-        wait_for(deadline, &format!("deployment {want}"), || async {
-            self.state(id).await == want
-        })
-        .await;
+        let end = tokio::time::Instant::now() + deadline;
+        while self.state(id).await != want {
+            if tokio::time::Instant::now() >= end {
+                panic!(
+                    "timed out after {deadline:?} waiting for: deployment {want}\n{}",
+                    self.diagnose(id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What a stuck deployment still has open: VM counts, failures, the queue's view, every
+    /// capped slot, and the first unfinished jobs with where they wait.
+    async fn diagnose(&self, id: &str) -> String {
+        let mut out = String::new();
+        if let Ok(st) = producer::deploy::status(&self.store, id).await {
+            out += &format!("status {}: {:?}\n", st.state, st.counts);
+            for v in st.vms.iter().filter(|v| v.state != "done").take(20) {
+                out += &format!("  {} {} {}: {:?}\n", v.name, v.node, v.state, v.error);
+            }
+            out += &format!("setup failures: {:?}\n", st.setup_failures);
+        }
+        let q = self.q();
+        if let Some(rec) = self.store.deployment(id).await.ok().flatten() {
+            out += &format!("jobs: {:?}\n", q.group_stats(&rec.scope()).await);
+            let mut c = q.connection();
+            let caps: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(q.key("caps"))
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            for slot in caps.keys() {
+                out += &format!("slot {slot}: {:?}\n", q.slot_stats(slot).await);
+            }
+            let keys: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(q.key(&format!("group:{}", rec.scope())))
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            let mut open = 0;
+            for k in keys {
+                let f = self
+                    .job_fields(&k, &["state", "attempts", "waiting_on", "last_error"])
+                    .await;
+                if f[0].as_deref() != Some("done") && open < 20 {
+                    open += 1;
+                    out += &format!("  {k}: {f:?}\n");
+                }
+            }
+        }
+        out
     }
 
     /// A field of a job's hash, read raw.
