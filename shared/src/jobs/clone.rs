@@ -11,6 +11,11 @@
 //!   destroy it (with `skiplock` when the connection may use it), or quarantine its VMID and
 //!   clone again under a new one;
 //! - the VMID taken by something that is not ours -> a new VMID.
+//!
+//! Whenever a clone task of ours may still run and the job gives up for now (shutdown, a
+//! poll or the clone call without an answer, a record that could not be written), it keeps
+//! its node and storage slots (`DeferredKeepingSlots`, `RetryKeepingSlots`): the caps count
+//! tasks on Proxmox, not jobs that are running.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -101,7 +106,8 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                     }
                 }
                 Ok(_) => {}
-                Err(e) if retryable(&e) => return Err(pve_error(e)),
+                // Cannot tell whether that clone still runs: keep its slots.
+                Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
                 Err(_) => {} // task unknown (e.g. node reinstalled): inspect the VMID instead
             }
         }
@@ -178,14 +184,25 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                     }
                 }
             }
+            // No answer (the connection failed or timed out): the call may have reached
+            // Proxmox and started a clone, so the slots stay taken across the retry.
+            Err(e @ (PveError::Connect { .. } | PveError::Timeout { .. })) => {
+                return Err(keep_slots(pve_error(e)));
+            }
             Err(e) => return Err(pve_error(e)),
         };
-        record(j, lease, env, vmid, Some(&upid), &quarantined).await?;
+        // From here on our clone task runs: a failure keeps the slots.
+        record(j, lease, env, vmid, Some(&upid), &quarantined)
+            .await
+            .map_err(keep_slots)?;
         match env.wait_task(&pve, &upid, lease).await? {
             Ok(()) => return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await,
-            // Could not learn the outcome (polls failing): the task may still run. Retry;
-            // the next attempt finds it by its recorded UPID.
-            Err(e) if !matches!(e, PveError::TaskFailed { .. }) => return Err(pve_error(e)),
+            // Could not learn the outcome (polls failing, or past the deadline): the task
+            // may still run, so the job keeps its node and storage slots across the retry;
+            // the next attempt finds the task by its recorded UPID.
+            Err(e) if !matches!(e, PveError::TaskFailed { .. }) => {
+                return Err(keep_slots(pve_error(e)));
+            }
             Err(err) => {
                 let msg = match &err {
                     PveError::TaskFailed { exitstatus, .. } => exitstatus.clone(),
@@ -230,6 +247,15 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
     Err(JobError::Retry(
         "VMIDs kept colliding; retrying later".into(),
     ))
+}
+
+/// A retry that keeps the job's slots: a clone task of ours may still run (see
+/// `JobError::RetryKeepingSlots`). Other errors are unchanged.
+fn keep_slots(e: JobError) -> JobError {
+    match e {
+        JobError::Retry(m) => JobError::RetryKeepingSlots(m),
+        other => other,
+    }
 }
 
 fn task_error(err: PveError, msg: String) -> JobError {

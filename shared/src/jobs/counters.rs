@@ -61,8 +61,14 @@ impl Outcome {
         match result {
             Ok(()) => Outcome::Done,
             Err(JobError::Permanent(_)) => Outcome::Failed,
-            Err(JobError::Retry(_) | JobError::RetryAfter(..)) if last_attempt => Outcome::Failed,
-            Err(JobError::Retry(_) | JobError::RetryAfter(..)) => Outcome::Retry,
+            Err(JobError::Retry(_) | JobError::RetryAfter(..) | JobError::RetryKeepingSlots(_))
+                if last_attempt =>
+            {
+                Outcome::Failed
+            }
+            Err(JobError::Retry(_) | JobError::RetryAfter(..) | JobError::RetryKeepingSlots(_)) => {
+                Outcome::Retry
+            }
             Err(
                 JobError::Deferred | JobError::DeferredFor(_) | JobError::DeferredKeepingSlots(_),
             ) => Outcome::Deferred,

@@ -182,7 +182,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
         Err(JobError::Permanent(m)) => Some((StepState::Failed, Some(m.clone()))),
-        Err(JobError::Retry(m) | JobError::RetryAfter(_, m)) => {
+        Err(JobError::Retry(m) | JobError::RetryAfter(_, m) | JobError::RetryKeepingSlots(m)) => {
             let last = lease.attempt() >= lease.max_attempts();
             Some((
                 if last {

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use super::error::QueueError;
 use super::layer::LeaseLayer;
 use super::lease::Lease;
-use super::store::{Claim, ClaimedJob, Queue, ReaperHandle};
+use super::store::{Claim, ClaimedJob, FailOutcome, Queue, ReaperHandle};
 
 /// State shared by the backend and its layer.
 pub(crate) struct WorkerShared {
@@ -153,7 +153,7 @@ impl<Args: DeserializeOwned + Send + 'static> LeaseBackend<Args> {
                 tokio::spawn(async move {
                     let msg = format!("undecodable payload: {e}");
                     if let Err(e) = q
-                        .fail(&job.key, &job.token, &worker, &msg, false, Duration::ZERO)
+                        .fail(&job.key, &job.token, &worker, &FailOutcome::permanent(&msg))
                         .await
                     {
                         tracing::warn!(job_id = %job.key, error = %e, "could not dead-letter");

@@ -11,6 +11,12 @@ pub enum JobError {
     /// Failed; retried after the given delay (still spends an attempt).
     #[error("{1} (retry after {0:?})")]
     RetryAfter(Duration, String),
+    /// As `Retry`, but the job keeps its concurrency slots until it is claimed again (or,
+    /// if it is not, until its backoff, lease and sweep have passed; also when it is
+    /// dead-lettered): it lost track of work it started outside (a Proxmox task whose
+    /// polls failed), which may still run and use what the slots stand for.
+    #[error("{0}")]
+    RetryKeepingSlots(String),
     /// Failed for good: dead-lettered at once, no retry.
     #[error("permanent: {0}")]
     Permanent(String),

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::backend::WorkerShared;
 use super::error::{JobError, QueueError, SettleError};
 use super::lease::Lease;
-use super::store::Settled;
+use super::store::{FailOutcome, Settled};
 
 /// Tower layer returned by `LeaseBackend::middleware`; not added by hand.
 #[derive(Clone)]
@@ -162,30 +162,38 @@ async fn shutdown_then_grace(ctx: &WorkerContext, lease: &Lease, grace: Duration
 
 enum Action {
     Ack,
-    Fail { retryable: bool, delay: Duration },
+    Fail {
+        retryable: bool,
+        delay: Duration,
+        keep_slots: bool,
+    },
     Release(Duration),
     ReleaseKeepingSlots(Duration),
 }
 
 fn classify(lease: &Lease, e: &BoxDynError) -> Action {
-    let retry = || Action::Fail {
+    let retry = |keep_slots| Action::Fail {
         retryable: true,
         delay: lease
             .queue()
             .config()
             .retry_for(lease.kind())
             .backoff(lease.attempt()),
+        keep_slots,
     };
     if let Some(j) = e.downcast_ref::<JobError>() {
         return match j {
-            JobError::Retry(_) => retry(),
+            JobError::Retry(_) => retry(false),
+            JobError::RetryKeepingSlots(_) => retry(true),
             JobError::RetryAfter(d, _) => Action::Fail {
                 retryable: true,
                 delay: *d,
+                keep_slots: false,
             },
             JobError::Permanent(_) => Action::Fail {
                 retryable: false,
                 delay: Duration::ZERO,
+                keep_slots: false,
             },
             JobError::Deferred | JobError::LeaseLost => Action::Release(Duration::ZERO),
             JobError::DeferredFor(d) => Action::Release(*d),
@@ -196,9 +204,10 @@ fn classify(lease: &Lease, e: &BoxDynError) -> Action {
         return Action::Fail {
             retryable: false,
             delay: Duration::ZERO,
+            keep_slots: false,
         };
     }
-    retry()
+    retry(false)
 }
 
 async fn settle<R>(lease: &Lease, outcome: Outcome<R>) -> Result<R, BoxDynError> {
@@ -228,16 +237,19 @@ async fn settle<R>(lease: &Lease, outcome: Outcome<R>) -> Result<R, BoxDynError>
                 .ack_with_followups(lease.job_key(), lease.token(), &followups)
                 .await
                 .map(|(s, _)| s),
-            Action::Fail { retryable, delay } => {
-                q.fail(
-                    lease.job_key(),
-                    lease.token(),
-                    lease.worker(),
-                    &message,
-                    *retryable,
-                    *delay,
-                )
-                .await
+            Action::Fail {
+                retryable,
+                delay,
+                keep_slots,
+            } => {
+                let outcome = FailOutcome {
+                    error: &message,
+                    retryable: *retryable,
+                    delay: *delay,
+                    keep_slots: *keep_slots,
+                };
+                q.fail(lease.job_key(), lease.token(), lease.worker(), &outcome)
+                    .await
             }
             Action::Release(d) => q.release(lease.job_key(), lease.token(), *d).await,
             Action::ReleaseKeepingSlots(d) => {

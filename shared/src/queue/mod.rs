@@ -39,6 +39,6 @@ pub use lease::Lease;
 pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
 pub use store::{
-    AttemptRecord, Claim, ClaimedJob, GroupStats, JobInfo, Queue, QueueStats, ReapReport,
-    ReaperHandle, Settled, SlotStats,
+    AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
+    ReapReport, ReaperHandle, Settled, SlotStats,
 };

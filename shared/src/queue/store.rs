@@ -133,6 +133,41 @@ pub struct SlotStats {
     pub oldest_waiting_age: Option<Duration>,
 }
 
+/// How a failed attempt settles (see [`Queue::fail`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FailOutcome<'a> {
+    /// The error, kept as the job's `last_error` and in its history.
+    pub error: &'a str,
+    /// Retried (until its attempts are spent) or dead-lettered at once.
+    pub retryable: bool,
+    /// Backoff before the retry.
+    pub delay: Duration,
+    /// Keep the job's concurrency slots: its outside work may still run.
+    pub keep_slots: bool,
+}
+
+impl<'a> FailOutcome<'a> {
+    /// A retryable failure, slots released.
+    pub fn retry(error: &'a str, delay: Duration) -> Self {
+        FailOutcome {
+            error,
+            retryable: true,
+            delay,
+            keep_slots: false,
+        }
+    }
+
+    /// A failure for good.
+    pub fn permanent(error: &'a str) -> Self {
+        FailOutcome {
+            error,
+            retryable: false,
+            delay: Duration::ZERO,
+            keep_slots: false,
+        }
+    }
+}
+
 /// Counts of one group, by state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupStats {
@@ -431,21 +466,27 @@ impl Queue {
         job: &str,
         token: &str,
         worker: &str,
-        error: &str,
-        retryable: bool,
-        delay: Duration,
+        outcome: &FailOutcome<'_>,
     ) -> Result<Settled, QueueError> {
+        // Kept slots are held until the job is claimed again, or freed by the reaper once
+        // its backoff, a lease and a sweep have passed (also when it is dead-lettered).
+        let hold = if outcome.keep_slots {
+            outcome.delay + self.config.lease + self.config.reap_every
+        } else {
+            Duration::ZERO
+        };
         let code: i64 = self
             .eval(
                 &scripts::FAIL,
                 [
                     job.to_owned(),
                     token.to_owned(),
-                    error.to_owned(),
+                    outcome.error.to_owned(),
                     worker.to_owned(),
-                    if retryable { "1" } else { "0" }.to_owned(),
-                    ms(delay),
+                    if outcome.retryable { "1" } else { "0" }.to_owned(),
+                    ms(outcome.delay),
                     self.config.history_len.max(1).to_string(),
+                    ms(hold),
                 ],
             )
             .await?;

@@ -13,8 +13,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::queue::{
-    Enqueued, JobError, JobSpec, Lease, LeaseBackend, Queue, QueueConfig, RetryPolicy, Settled,
-    WorkerOptions,
+    Enqueued, FailOutcome, JobError, JobSpec, Lease, LeaseBackend, Queue, QueueConfig, RetryPolicy,
+    Settled, WorkerOptions,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -317,7 +317,7 @@ async fn gates_release_successors_only_after_all_predecessors_succeed() {
     claimed.retain(|j| j.key == "p");
     let p = &claimed[0];
     let out = q
-        .fail(&p.key, &p.token, "w", "broken", true, ms(0))
+        .fail(&p.key, &p.token, "w", &FailOutcome::retry("broken", ms(0)))
         .await
         .unwrap();
     assert_eq!(out, Settled::Dead);
@@ -497,7 +497,7 @@ async fn stale_tokens_are_refused() {
     );
     assert_eq!(q.ack("f", &old.token).await.unwrap(), Settled::Stale);
     assert_eq!(
-        q.fail("f", &old.token, "a", "x", true, ms(0))
+        q.fail("f", &old.token, "a", &FailOutcome::retry("x", ms(0)))
             .await
             .unwrap(),
         Settled::Stale
@@ -963,7 +963,7 @@ async fn stats_count_every_state_per_queue_key_and_group() {
     let jobs = q.claim("w", 10).await.unwrap().jobs;
     assert_eq!(jobs.len(), 4);
     let d1 = jobs.iter().find(|j| j.key == "d1").unwrap();
-    q.fail("d1", &d1.token, "w", "x", true, ms(0))
+    q.fail("d1", &d1.token, "w", &FailOutcome::retry("x", ms(0)))
         .await
         .unwrap();
     let r1 = jobs.iter().find(|j| j.key == "r1").unwrap();
@@ -1025,4 +1025,44 @@ async fn a_job_handed_back_while_its_outside_work_runs_keeps_its_slots() {
         1,
         "still within delay + lease + sweep"
     );
+}
+
+#[tokio::test]
+async fn a_failed_attempt_that_lost_track_of_its_work_keeps_its_slots() {
+    let r = RedisServer::start();
+    let q = queue(&r, cfg().lease(ms(300))).await;
+    q.set_cap("node", Some(1)).await.unwrap();
+    q.enqueue(&noop("cloning").slots(["node"]).max_attempts(2))
+        .await
+        .unwrap();
+    let j = q.claim("w1", 1).await.unwrap().jobs.remove(0);
+    q.enqueue(&noop("next").slots(["node"])).await.unwrap();
+    // Its task's polls failed: the task may still run. The attempt is spent, the slot kept.
+    let lost = FailOutcome {
+        keep_slots: true,
+        ..FailOutcome::retry("polls failing", ms(0))
+    };
+    q.fail(&j.key, &j.token, "w1", &lost).await.unwrap();
+    assert_eq!(q.job("cloning").await.unwrap().unwrap().attempts, 1);
+    assert_eq!(q.slot_stats("node").await.unwrap().held, 1);
+    let c = q.claim("w2", 2).await.unwrap();
+    assert_eq!(c.jobs.len(), 1, "{:?}", c.jobs);
+    assert_eq!(c.jobs[0].key, "cloning", "only the holder may run");
+    // Its last attempt fails the same way: dead-lettered, and the slot is still kept until
+    // the hold passes (the task may still run), then freed by the reaper.
+    let settled = q
+        .fail(&c.jobs[0].key, &c.jobs[0].token, "w2", &lost)
+        .await
+        .unwrap();
+    assert_eq!(settled, Settled::Dead);
+    assert!(
+        q.claim("w2", 2).await.unwrap().jobs.is_empty(),
+        "next waits"
+    );
+    assert_eq!(q.slot_stats("node").await.unwrap().held, 1);
+    tokio::time::sleep(ms(700)).await;
+    q.reap().await.unwrap();
+    let c = q.claim("w2", 2).await.unwrap();
+    assert_eq!(c.jobs.len(), 1);
+    assert_eq!(c.jobs[0].key, "next", "freed once lease + sweep passed");
 }
