@@ -164,9 +164,16 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     let node = vm_node(&job);
     let dep = job.deployment().to_owned();
     let in_flight = env.counters.start(&job);
+    let update = |state, error| state::StepUpdate {
+        subject: &subject,
+        step,
+        node,
+        state,
+        error,
+    };
     let _ = env
         .store
-        .put_step(&lease, &dep, &subject, step, node, StepState::Running, None)
+        .put_step(&lease, &dep, &update(StepState::Running, None))
         .await;
     let mut result = match &job {
         Job::Student(j) => student::run(j, &lease, &env).await,
@@ -201,7 +208,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     if let Some((state, err)) = outcome {
         let written = env
             .store
-            .put_step(&lease, &dep, &subject, step, node, state, err)
+            .put_step(&lease, &dep, &update(state, err.as_deref()))
             .await;
         // A done job's record must not lag its ack (status would show it running for good):
         // if the record could not be written, the job is not done and runs again.

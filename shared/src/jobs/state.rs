@@ -56,6 +56,18 @@ pub struct Totals {
     pub per_node: BTreeMap<String, usize>,
 }
 
+/// One step's new state, as a job records it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepUpdate<'a> {
+    /// A VM key, `student:<user>` or `node:<node>`.
+    pub subject: &'a str,
+    pub step: &'a str,
+    /// The VM's planned node, for a VM's step (its state and the counters follow).
+    pub node: Option<&'a str>,
+    pub state: StepState,
+    pub error: Option<&'a str>,
+}
+
 /// The counters `step.lua` keeps, and the failed steps.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -355,23 +367,24 @@ impl Store {
     }
 
     /// Records a step's state, only while `lease` holds, appends an event and, for a VM's
-    /// step (`node` is the VM's planned node), updates the VM's state and the counters, all
-    /// in one fenced script.
-    #[allow(clippy::too_many_arguments)] // each is one field of the record, named at the call
+    /// step, updates the VM's state and the counters, all in one fenced script.
     pub async fn put_step(
         &self,
         lease: &Lease,
         id: &str,
-        subject: &str,
-        step: &str,
-        node: Option<&str>,
-        state: StepState,
-        error: Option<String>,
+        update: &StepUpdate<'_>,
     ) -> Result<(), JobError> {
+        let StepUpdate {
+            subject,
+            step,
+            node,
+            state,
+            error,
+        } = *update;
         let rec = StepRecord {
             state,
             attempt: lease.attempt(),
-            error: error.clone(),
+            error: error.map(str::to_owned),
             at: Utc::now(),
             worker: Some(lease.worker().to_owned()),
         };
@@ -394,7 +407,7 @@ impl Store {
                     state.as_str(),
                     step,
                     subject,
-                    error.as_deref().unwrap_or(""),
+                    error.unwrap_or(""),
                     node.unwrap_or(""),
                 ],
             )
