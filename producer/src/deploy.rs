@@ -11,7 +11,7 @@ use serde::Serialize;
 use shared::alloc::{self, Space};
 use shared::clusters::{ConnectError, client_config};
 use shared::config::{Config, VmidPolicy};
-use shared::jobs::state::{self, DeploymentRecord, StepState, Store, Totals};
+use shared::jobs::state::{self, DeploymentRecord, PlanDoc, StepState, Store, Totals};
 use shared::placement::{self, NodeCapacity};
 use shared::plan::{self, Facts, Plan, Template};
 use shared::pve::{ClusterResource, PveClient, PveError};
@@ -413,13 +413,13 @@ pub async fn submit(
             .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
     }
     let plan_json = serde_json::to_string(&plan).context("serializing the plan")?;
-    // The VM steps first: a worker's step record reads them to derive the VM's state.
+    // Before the jobs: a worker's step record reads the VM steps to derive the VM's state.
+    let doc = PlanDoc {
+        json: &plan_json,
+        vm_steps: &plan::vm_steps(&plan),
+    };
     store
-        .put_vm_steps(&id, &plan::vm_steps(&plan))
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-    store
-        .put_deployment(&rec, Some(&plan_json))
+        .put_deployment(&rec, Some(doc))
         .await
         .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
     let specs = plan::jobs(&plan, &rec.scope(), &sealed);

@@ -1,6 +1,9 @@
-//! Test support for the integration tests: see `harness`.
+//! Test support for the integration tests: a real `redis-server` (`redis_server`), the
+//! workspace binaries (`bins`), worker processes (`fleet`), waiting with a deadline (`wait`)
+//! and scaled-down retry timing (`retries`).
 
 pub mod bins;
 pub mod fleet;
 pub mod redis_server;
+pub mod retries;
 pub mod wait;

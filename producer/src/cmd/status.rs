@@ -39,6 +39,17 @@ pub async fn run(
 /// or `all_vms` asks for it.
 pub async fn report(store: &Store, id: &str, all_vms: bool) -> Result<Status, Failure> {
     let st = deploy::summary(store, id).await?;
+    with_table(store, id, st, all_vms).await
+}
+
+/// A counter-based status `st`, replaced by the per-VM one when the class is small or
+/// `all_vms` asks for it.
+pub async fn with_table(
+    store: &Store,
+    id: &str,
+    st: Status,
+    all_vms: bool,
+) -> Result<Status, Failure> {
     if st.listing == Listing::All || (!all_vms && st.total > TABLE_MAX_VMS) {
         return Ok(st);
     }
@@ -62,8 +73,8 @@ pub async fn watch(
     out: &mut Out,
     every: Duration,
 ) -> Result<Exit, Failure> {
-    wait_until_finished(store, id, json, out, every).await?;
-    let st = report(store, id, false).await?;
+    let st = wait_until_finished(store, id, json, out, every).await?;
+    let st = with_table(store, id, st, false).await?;
     if json {
         print(&st, json, out);
     } else {

@@ -37,8 +37,9 @@ pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure>
     if !wait {
         return Ok(Exit::Ok);
     }
-    status::wait_until_finished(&store, &id, g.json, out, Duration::from_millis(500)).await?;
-    let st = status::report(&store, &id, false).await?;
+    let st =
+        status::wait_until_finished(&store, &id, g.json, out, Duration::from_millis(500)).await?;
+    let st = status::with_table(&store, &id, st, false).await?;
     let handout = match key.as_ref() {
         Some(k) => Some(handout::write(&store, &id, k, &g.data_dir, out).await?),
         None => None,

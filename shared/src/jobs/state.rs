@@ -56,6 +56,15 @@ pub struct Totals {
     pub per_node: BTreeMap<String, usize>,
 }
 
+/// A submit's plan as stored with the deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanDoc<'a> {
+    /// The plan as JSON.
+    pub json: &'a str,
+    /// The steps every VM goes through, in order.
+    pub vm_steps: &'a [&'a str],
+}
+
 /// One step's new state, as a job records it.
 #[derive(Debug, Clone, Copy)]
 pub struct StepUpdate<'a> {
@@ -201,10 +210,12 @@ impl Store {
         self.queue.key(&format!("quarantine:{cluster}"))
     }
 
+    /// Writes the deployment's record and, at a submit, its plan with the steps every VM
+    /// goes through (read by `step.lua`), in one atomic call.
     pub async fn put_deployment(
         &self,
         rec: &DeploymentRecord,
-        plan_json: Option<&str>,
+        plan: Option<PlanDoc<'_>>,
     ) -> Result<(), QueueError> {
         let mut c = self.queue.connection();
         let mut p = redis::pipe();
@@ -221,19 +232,17 @@ impl Store {
                 rec.created.timestamp_millis(),
             )
             .ignore();
-        if let Some(plan) = plan_json {
-            p.hset(self.key_deployment(&rec.id), "plan", plan).ignore();
+        if let Some(plan) = plan {
+            p.hset(self.key_deployment(&rec.id), "plan", plan.json)
+                .ignore()
+                .hset(
+                    self.key_deployment(&rec.id),
+                    "vmsteps",
+                    plan.vm_steps.join("\n"),
+                )
+                .ignore();
         }
         p.query_async::<()>(&mut c).await?;
-        Ok(())
-    }
-
-    /// Records the steps every VM of the deployment goes through (read by `step.lua`).
-    pub async fn put_vm_steps(&self, id: &str, steps: &[&str]) -> Result<(), QueueError> {
-        let mut c = self.queue.connection();
-        let _: () = c
-            .hset(self.key_deployment(id), "vmsteps", steps.join("\n"))
-            .await?;
         Ok(())
     }
 

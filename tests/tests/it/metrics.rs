@@ -104,10 +104,7 @@ async fn metrics_count_a_known_deployment() {
     let key = shared::secret::SecretKey::generate();
     let mut qcfg = worker::queue_config();
     qcfg.idle_poll = Duration::from_millis(100);
-    for p in qcfg.retry_by_kind.values_mut() {
-        p.base = Duration::from_millis(50);
-        p.cap = Duration::from_millis(500);
-    }
+    labfleet_tests::retries::fast(&mut qcfg);
     let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
         .await
         .unwrap();

@@ -55,10 +55,7 @@ impl Lab {
         qcfg.lease = Duration::from_secs(5);
         qcfg.reap_every = Duration::from_millis(500);
         qcfg.idle_poll = Duration::from_millis(100);
-        for p in qcfg.retry_by_kind.values_mut() {
-            p.base = Duration::from_millis(50);
-            p.cap = Duration::from_millis(500);
-        }
+        labfleet_tests::retries::fast(&mut qcfg);
         let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
             .await
             .unwrap();
