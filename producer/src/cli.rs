@@ -114,12 +114,16 @@ pub enum Command {
     Plan,
     /// Submit the deployment (again: converge, adding what is missing).
     #[command(
-        after_help = "Examples:\n  producer submit                    # enqueue and return; prints the deployment id\n  producer submit --wait             # progress, final table, handout (.md, .csv)\n  producer submit --wait --json      # one JSON document: status and handout paths"
+        after_help = "Accepted while the deployment is being torn down: its jobs wait for the teardown to finish\n(a reset of the lab: `teardown` then `submit` at once). Students no longer in users.yml keep\ntheir VMs (listed as not-in-files) unless --prune.\n\nExamples:\n  producer submit                    # enqueue and return; prints the deployment id\n  producer submit --wait             # progress, final table, handout (.md, .csv)\n  producer submit --wait --json      # one JSON document: status and handout paths\n  producer submit --prune --wait     # also remove the VMs, pools and bridges of dropped students"
     )]
     Submit {
         /// Wait until every VM is done or failed, then write the handout.
         #[arg(long)]
         wait: bool,
+        /// Remove what students no longer in the files had (VMs, pools, bridges, and users
+        /// no other deployment lists), with the same jobs and safety rules as a teardown.
+        #[arg(long)]
+        prune: bool,
     },
     /// Progress of a deployment (default: the data folder's).
     #[command(
@@ -143,7 +147,7 @@ pub enum Command {
     },
     /// Destroy what a deployment created.
     #[command(
-        after_help = "Examples:\n  producer teardown demo-lab@lab          # start it and return\n  producer teardown demo-lab@lab --wait   # progress bar until all of it is gone"
+        after_help = "The teardown finishes by itself (a worker job checks the cluster and frees VMIDs and\nbridges last), whether anyone waits for it or not; run again, it resumes an unfinished one.\n\nExamples:\n  producer teardown demo-lab@lab          # start it and return\n  producer teardown demo-lab@lab --wait   # progress bar until all of it is gone"
     )]
     Teardown {
         /// Deployment id; default: the data folder's.

@@ -11,7 +11,10 @@ use serde::Serialize;
 use shared::alloc::{self, Space};
 use shared::clusters::{ConnectError, client_config};
 use shared::config::{Config, VmidPolicy};
-use shared::jobs::state::{self, DeploymentRecord, PlanDoc, StepState, Store, Totals};
+use shared::jobs::state::{
+    self, DeploymentRecord, Phase, PlanDoc, StepState, Store, Totals, Versioned,
+};
+use shared::jobs::{keys, scope, teardown_jobs};
 use shared::placement::{self, NodeCapacity};
 use shared::plan::{self, Facts, Plan, Template};
 use shared::pve::{ClusterResource, PveClient, PveError};
@@ -108,13 +111,6 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             _ => {}
         }
     }
-    let wanted: BTreeSet<String> = cfg
-        .deployment
-        .machines
-        .iter()
-        .map(|m| m.template_node.to_string())
-        .collect();
-    let _ = wanted;
     let mut templates = Vec::new();
     // Template configs: only templates whose name matches one the deployment uses, plus
     // the named template VMIDs themselves (a few requests).
@@ -183,8 +179,11 @@ pub fn student_password(key: &SecretKey, deployment: &str, user: &str) -> Secret
 async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     if let Ok(deps) = store.deployments().await {
-        for d in deps.iter().filter(|d| d.id != id && d.phase == "active") {
-            if let Ok(Some(p)) = store.plan_json(&d.id).await
+        for d in deps
+            .iter()
+            .filter(|d| d.id != id && d.phase == Phase::Active)
+        {
+            if let Ok(Some(p)) = store.plan_json(&d.id, d.epoch).await
                 && let Ok(p) = serde_json::from_str::<Plan>(&p)
             {
                 for v in &p.vms {
@@ -206,12 +205,27 @@ pub async fn make_plan(
     allocate: bool,
 ) -> Result<Plan, Failure> {
     let id = plan::deployment_id(cfg);
-    let prior: Option<Plan> = store
-        .plan_json(&id)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|s| serde_json::from_str(&s).ok());
+    let prior = match read(store, &id).await? {
+        Some(v) => plan_of(store, &v.rec, v.rec.vm_epoch()).await?,
+        None => None,
+    };
+    let mut plan = plan_with(cfg, facts, store, allocate, prior.as_ref()).await?;
+    if allocate && let Some(prior) = &prior {
+        plan.retire_from(prior);
+    }
+    Ok(plan)
+}
+
+/// Plans with students pinned to the nodes `prior` placed them on (without carrying its
+/// retired VMs: the caller decides).
+async fn plan_with(
+    cfg: &Config,
+    facts: &mut Facts,
+    store: &Store,
+    allocate: bool,
+    prior: Option<&Plan>,
+) -> Result<Plan, Failure> {
+    let id = plan::deployment_id(cfg);
     let pinned: BTreeMap<String, String> = prior
         .as_ref()
         .map(|p| {
@@ -328,11 +342,47 @@ pub async fn make_plan(
             }
         }
     }
-    let mut plan = plan::build(cfg, facts, placement, &vmids, &bridges);
-    if allocate && let Some(prior) = &prior {
-        plan.retire_from(prior);
-    }
-    Ok(plan)
+    Ok(plan::build(cfg, facts, placement, &vmids, &bridges))
+}
+
+/// A deployment's record, moved to the current key layout first.
+pub async fn read(store: &Store, id: &str) -> Result<Option<Versioned>, Failure> {
+    store
+        .upgrade(id)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))
+}
+
+/// The stored plan of one epoch of a deployment, if any.
+pub async fn plan_of(
+    store: &Store,
+    rec: &DeploymentRecord,
+    epoch: u32,
+) -> Result<Option<Plan>, Failure> {
+    Ok(store
+        .plan_json(&rec.id, epoch)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
+        .and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+/// How a submit treats what an earlier submit had and the files no longer list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubmitOptions {
+    /// Remove those VMs, pools, bridges (and users nobody else lists) now, through the
+    /// same jobs and safety rules as a teardown; without it they are kept (not-in-files).
+    pub prune: bool,
+}
+
+/// What a submit did besides enqueueing its plan.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Submitted {
+    /// The teardown epochs this submit's jobs wait for (a submit during a teardown).
+    pub waits_for_teardowns: Vec<u32>,
+    /// VMs being removed by `--prune`.
+    pub pruning: Vec<String>,
+    /// Students whose pools (and users) `--prune` removes.
+    pub pruning_students: Vec<String>,
 }
 
 /// Submits (or resubmits: converges) the deployment. Returns its id.
@@ -342,59 +392,196 @@ pub async fn submit(
     store: &Store,
     key: Option<&SecretKey>,
 ) -> Result<(String, Plan), Failure> {
+    submit_with(cfg, pve, store, key, SubmitOptions::default())
+        .await
+        .map(|(id, plan, _)| (id, plan))
+}
+
+/// Submits with options. A submit while the deployment is being torn down is accepted: it
+/// starts the next epoch, whose jobs wait for the teardown's finish job (the reset of a
+/// lab: `teardown` then `submit` at once). The record moves by compare-and-set: when
+/// another producer or a worker moved it in between, the submit reads it again.
+pub async fn submit_with(
+    cfg: &Config,
+    pve: &PveClient,
+    store: &Store,
+    key: Option<&SecretKey>,
+    opts: SubmitOptions,
+) -> Result<(String, Plan, Submitted), Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let mut facts = gather_facts(pve, cfg)
         .await
         .map_err(|e| pve_failure(e, "reading the cluster"))?;
-    let plan = make_plan(cfg, &mut facts, store, true).await?;
-    let id = plan.id.clone();
-    let now = Utc::now();
-    let mut rec = store
-        .deployment(&id)
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
-        .unwrap_or(DeploymentRecord {
-            id: id.clone(),
-            cluster: cfg.cluster.clone(),
-            name: cfg.deployment.name.clone(),
-            epoch: 0,
-            created: now,
-            updated: now,
-            finished: None,
-            phase: "active".into(),
-            totals: None,
-        });
-    if rec.phase != "active" {
-        rec.epoch += 1;
-        rec.phase = "active".into();
-    }
-    rec.updated = now;
-    rec.finished = None;
-    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-    for v in &plan.vms {
-        *per_node.entry(v.node.clone()).or_default() += 1;
-    }
-    rec.totals = Some(Totals {
-        vms: plan.vms.len(),
-        retired: plan.retired.len(),
-        per_node,
-    });
-    let mut sealed = BTreeMap::new();
-    if plan.students.iter().any(|s| s.create_user) {
-        let key = key.ok_or_else(|| {
-            Failure::new(
-                Exit::InvalidConfig,
-                anyhow::anyhow!("labfleet will create @pve users and needs a secret key to hand their passwords to the workers: set LABFLEET_SECRET_KEY (`producer secret keygen`) for the producer and every worker"),
-            )
-        })?;
-        for s in plan.students.iter().filter(|s| s.create_user) {
-            sealed.insert(
-                s.user.clone(),
-                key.seal(&student_password(key, &id, &s.user)),
-            );
+    let id = plan::deployment_id(cfg);
+    for _ in 0..8 {
+        let prev = read(store, &id).await?;
+        let now = Utc::now();
+        let mut rec = match &prev {
+            None => DeploymentRecord::new(&id, &cfg.cluster, &cfg.deployment.name, now),
+            Some(v) => v.rec.clone(),
+        };
+        // The plan whose VMs exist now (pins students to their nodes) and, when active,
+        // whose retired VMs carry over.
+        let prior = match &prev {
+            Some(v) => plan_of(store, &v.rec, v.rec.vm_epoch()).await?,
+            None => None,
+        };
+        match rec.phase {
+            Phase::Active => {}
+            Phase::TearingDown => {
+                // The reset of a lab: the next epoch waits for this teardown to finish.
+                if !rec.teardowns.contains(&rec.epoch) {
+                    rec.teardowns.push(rec.epoch);
+                }
+                rec.epoch += 1;
+                rec.phase = Phase::Active;
+            }
+            Phase::TornDown => {
+                rec.epoch += 1;
+                rec.phase = Phase::Active;
+                rec.created = now;
+            }
         }
+        let was_active = prev.as_ref().is_some_and(|v| v.rec.phase == Phase::Active);
+        let mut plan = plan_with(cfg, &mut facts, store, true, prior.as_ref()).await?;
+        let mut pruned = None;
+        if was_active && let Some(prior) = &prior {
+            plan.retire_from(prior);
+            if opts.prune && !(plan.retired.is_empty() && plan.retired_students.is_empty()) {
+                let mut gone = plan.clone();
+                gone.vms.clear();
+                gone.students.clear();
+                plan.retired.clear();
+                plan.retired_students.clear();
+                pruned = Some(gone);
+            }
+        }
+        rec.updated = now;
+        rec.finished = None;
+        rec.layout = state::LAYOUT;
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for v in &plan.vms {
+            *per_node.entry(v.node.clone()).or_default() += 1;
+        }
+        rec.totals = Some(Totals {
+            vms: plan.vms.len(),
+            retired: plan.retired.len(),
+            per_node,
+        });
+        let sealed = seal_passwords(&plan, &id, key)?;
+        set_caps(cfg, &plan, store).await?;
+        let plan_json = serde_json::to_string(&plan).context("serializing the plan")?;
+        // Before the jobs: a worker's step record reads the VM steps to derive the VM's state.
+        let doc = PlanDoc {
+            json: &plan_json,
+            vm_steps: &plan::vm_steps(&plan),
+            sealed: None,
+        };
+        let sealed_json = serde_json::to_string(&sealed).expect("serializes");
+        let doc = PlanDoc {
+            sealed: Some(&sealed_json),
+            ..doc
+        };
+        if !store
+            .commit(prev.as_ref(), &rec, Some(doc))
+            .await
+            .map_err(redis)?
+        {
+            tracing::info!(deployment = %id, "deployment changed while submitting; reading it again");
+            continue;
+        }
+        let users: Vec<&str> = plan
+            .students
+            .iter()
+            .chain(&plan.retired_students)
+            .map(|s| s.user.as_str())
+            .collect();
+        store
+            .list_students(&plan.cluster, &id, &users)
+            .await
+            .map_err(redis)?;
+        let scope = rec.scope();
+        let mut done = Submitted {
+            waits_for_teardowns: rec.teardowns.clone(),
+            ..Submitted::default()
+        };
+        // A submit during a teardown enqueues nothing: the teardown's finish job enqueues this
+        // epoch's jobs (from the plan and sealed passwords just stored) atomically with its
+        // own ack, so none can run before the teardown is done.
+        let mut specs = if rec.teardowns.is_empty() {
+            plan::jobs(&plan, &scope, &sealed)
+        } else {
+            Vec::new()
+        };
+        if let Some(gone) = &pruned {
+            let vmids: BTreeMap<String, u32> = store
+                .vm_facts(&scope)
+                .await
+                .map_err(redis)?
+                .into_iter()
+                .map(|(k, f)| (k, f.vmid))
+                .collect();
+            let round = Utc::now().timestamp_millis().to_string();
+            specs.extend(teardown_jobs::prune(
+                gone, &scope, rec.epoch, &round, &vmids,
+            ));
+            done.pruning = gone.retired.iter().map(|v| v.key.clone()).collect();
+            done.pruning_students = gone
+                .retired_students
+                .iter()
+                .map(|s| s.user.clone())
+                .collect();
+        }
+        store.queue().enqueue_batch(&specs).await.map_err(redis)?;
+        ensure_teardowns(store, &rec).await?;
+        tracing::info!(deployment = %id, jobs = specs.len(), vms = plan.vms.len(), "submitted");
+        return Ok((id, plan, done));
     }
+    Err(Failure::new(
+        Exit::RedisUnreachable,
+        anyhow::anyhow!(
+            "deployment {id} kept changing while submitting (another producer or a teardown finishing); run the submit again"
+        ),
+    ))
+}
+
+/// The sealed initial password of every `@pve` student: a user that went missing is made
+/// again with the same password (derived from the key and the deployment).
+fn seal_passwords(
+    plan: &Plan,
+    id: &str,
+    key: Option<&SecretKey>,
+) -> Result<BTreeMap<String, String>, Failure> {
+    let mut sealed = BTreeMap::new();
+    let pve_realm: Vec<&str> = plan
+        .students
+        .iter()
+        .map(|s| s.user.as_str())
+        .filter(|u| u.ends_with("@pve"))
+        .collect();
+    if pve_realm.is_empty() {
+        return Ok(sealed);
+    }
+    let Some(key) = key else {
+        if plan.students.iter().any(|s| s.create_user) {
+            return Err(Failure::new(
+                Exit::InvalidConfig,
+                anyhow::anyhow!(
+                    "labfleet will create @pve users and needs a secret key to hand their passwords to the workers: set LABFLEET_SECRET_KEY (`producer secret keygen`) for the producer and every worker"
+                ),
+            ));
+        }
+        return Ok(sealed);
+    };
+    for u in pve_realm {
+        sealed.insert(u.to_owned(), key.seal(&student_password(key, id, u)));
+    }
+    Ok(sealed)
+}
+
+/// Sets the clone caps the plan's slots need.
+async fn set_caps(cfg: &Config, plan: &Plan, store: &Store) -> Result<(), Failure> {
     let caps = cfg.connection().caps;
-    let q = store.queue();
     let mut cap_set = BTreeMap::new();
     for v in &plan.vms {
         for (slot, cap) in plan::clone_slots(
@@ -408,26 +595,58 @@ pub async fn submit(
         }
     }
     for (slot, cap) in cap_set {
-        q.set_cap(&slot, Some(cap))
+        store
+            .queue()
+            .set_cap(&slot, Some(cap))
             .await
             .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
     }
-    let plan_json = serde_json::to_string(&plan).context("serializing the plan")?;
-    // Before the jobs: a worker's step record reads the VM steps to derive the VM's state.
-    let doc = PlanDoc {
-        json: &plan_json,
-        vm_steps: &plan::vm_steps(&plan),
-    };
-    store
-        .put_deployment(&rec, Some(doc))
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-    let specs = plan::jobs(&plan, &rec.scope(), &sealed);
-    q.enqueue_batch(&specs)
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-    tracing::info!(deployment = %id, jobs = specs.len(), vms = plan.vms.len(), "submitted");
-    Ok((id, plan))
+    Ok(())
+}
+
+/// Makes sure every unfinished teardown of the deployment has its jobs in the queue
+/// (idempotent by key): a producer that stopped between moving the record and enqueueing
+/// leaves a teardown that the next command completes.
+pub async fn ensure_teardowns(store: &Store, rec: &DeploymentRecord) -> Result<(), Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let mut epochs = rec.teardowns.clone();
+    if rec.phase == Phase::TearingDown && !epochs.contains(&rec.epoch) {
+        epochs.push(rec.epoch);
+    }
+    for e in epochs {
+        let vm_epoch = e.saturating_sub(1);
+        let plan = plan_of(store, rec, vm_epoch).await?;
+        let vmids: BTreeMap<String, u32> = store
+            .vm_facts(&scope(&rec.id, vm_epoch))
+            .await
+            .map_err(redis)?
+            .into_iter()
+            .map(|(k, f)| (k, f.vmid))
+            .collect();
+        let specs = match &plan {
+            Some(p) => teardown_jobs::teardown(p, &scope(&rec.id, e), e, &vmids),
+            None => {
+                // No plan left (nothing was ever planned for that epoch): only the finish.
+                let job = shared::jobs::Job::TeardownFinish(shared::jobs::TeardownFinishJob {
+                    deployment: rec.id.clone(),
+                    cluster: rec.cluster.clone(),
+                    epoch: e,
+                    prune: None,
+                });
+                vec![
+                    shared::queue::JobSpec::new(
+                        keys::teardown_finish(&scope(&rec.id, e)),
+                        job.kind(),
+                        job.to_value(),
+                    )
+                    .group(scope(&rec.id, e))
+                    .forget_when_done(),
+                ]
+            }
+        };
+        store.queue().enqueue_batch(&specs).await.map_err(redis)?;
+    }
+    Ok(())
 }
 
 /// One VM's state for `status`.
@@ -466,33 +685,27 @@ pub enum Listing {
 
 /// A deployment's record, or the exit code that says why not.
 async fn record(store: &Store, id: &str) -> Result<DeploymentRecord, Failure> {
-    store
-        .deployment(id)
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
-        .ok_or_else(|| {
-            Failure::new(
-                Exit::Usage,
-                anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
-            )
-        })
+    read(store, id).await?.map(|v| v.rec).ok_or_else(|| {
+        Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
+        )
+    })
 }
 
 /// A deployment's record and plan, or the exit code that says why not.
+/// The plan is the one whose VMs exist: the active epoch's, or the one being torn down.
 pub async fn load(store: &Store, id: &str) -> Result<(DeploymentRecord, Plan), Failure> {
-    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let rec = record(store, id).await?;
-    let plan: Plan = store
-        .plan_json(id)
-        .await
-        .map_err(redis)?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .ok_or_else(|| {
-            Failure::new(
-                Exit::Usage,
-                anyhow::anyhow!("deployment {id:?} has no plan"),
-            )
-        })?;
+    let plan = plan_of(store, &rec, rec.vm_epoch()).await?.ok_or_else(|| {
+        Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!(
+                "deployment {id:?} has no plan ({}): `producer submit` makes one",
+                rec.phase
+            ),
+        )
+    })?;
     Ok((rec, plan))
 }
 
@@ -507,10 +720,10 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
     let Some(totals) = rec.totals.clone().filter(|t| t.retired == 0) else {
         return status(store, id).await;
     };
-    if rec.phase != "active" {
+    if rec.phase != Phase::Active {
         return status(store, id).await;
     }
-    let progress = store.progress(id).await.map_err(redis)?;
+    let progress = store.progress(&rec.vm_scope()).await.map_err(redis)?;
     let setup_failed = progress
         .failed
         .iter()
@@ -558,9 +771,15 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
             .iter()
             .flat_map(|(vm, steps)| steps.iter().map(move |s| state::step_field(vm, s)))
             .collect();
-        let records = store.some_steps(id, &fields).await.map_err(redis)?;
+        let records = store
+            .some_steps(&rec.vm_scope(), &fields)
+            .await
+            .map_err(redis)?;
         let keys: Vec<String> = failed_steps.keys().map(|k| (*k).to_owned()).collect();
-        let facts = store.some_vms(id, &keys).await.map_err(redis)?;
+        let facts = store
+            .some_vms(&rec.vm_scope(), &keys)
+            .await
+            .map_err(redis)?;
         for v in plan
             .vms
             .iter()
@@ -591,7 +810,8 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
         .group_stats(&rec.scope())
         .await
         .map_err(redis)?;
-    let state = overall_state(&rec, totals.vms, &counts, false, &g);
+    let teardown = prior_teardowns(store, &rec).await?;
+    let state = overall_state(&rec, totals.vms, &counts, false, &g, &teardown);
     Ok(Status {
         id: id.to_owned(),
         state: state.to_owned(),
@@ -605,21 +825,58 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
     })
 }
 
-/// The deployment's state in one word, from its phase, the VM counts and its jobs.
+/// The earlier teardowns an active epoch waits for: their jobs, summed.
+async fn prior_teardowns(store: &Store, rec: &DeploymentRecord) -> Result<GroupStats, Failure> {
+    let mut sum = GroupStats::default();
+    if rec.phase != Phase::Active {
+        return Ok(sum);
+    }
+    for e in &rec.teardowns {
+        let g = store
+            .queue()
+            .group_stats(&scope(&rec.id, *e))
+            .await
+            .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+        sum.ready += g.ready;
+        sum.scheduled += g.scheduled;
+        sum.in_flight += g.in_flight;
+        sum.waiting_for_slot += g.waiting_for_slot;
+        sum.gated += g.gated;
+        sum.dead += g.dead;
+        sum.done += g.done;
+    }
+    Ok(sum)
+}
+
+/// The deployment's state in one word, from its phase, the VM counts and its jobs (and, for
+/// an epoch that waits for an earlier teardown, that teardown's jobs).
 fn overall_state(
     rec: &DeploymentRecord,
     total: usize,
     counts: &BTreeMap<String, usize>,
     setup_failed: bool,
     g: &GroupStats,
+    teardown: &GroupStats,
 ) -> &'static str {
     let runnable = g.ready + g.scheduled + g.in_flight + g.waiting_for_slot;
     let count = |s: &str| counts.get(s).copied().unwrap_or(0);
-    if rec.phase == "torn-down" {
+    let teardown_open = teardown.ready
+        + teardown.scheduled
+        + teardown.in_flight
+        + teardown.waiting_for_slot
+        + teardown.gated;
+    if rec.phase == Phase::TornDown {
         "torn-down"
-    } else if rec.phase == "tearing-down" {
+    } else if rec.phase == Phase::TearingDown {
         "tearing-down"
-    } else if count("done") == total && !setup_failed {
+    } else if !rec.teardowns.is_empty() {
+        if teardown.dead > 0 && teardown_open <= 1 {
+            // Only its finish job (gated on the dead ones) is left: stuck until `retry`.
+            "failed"
+        } else {
+            "waiting-for-teardown"
+        }
+    } else if count("done") == total && !setup_failed && runnable + g.gated == 0 {
         "done"
     } else if runnable == 0 && (count("failed") > 0 || setup_failed || g.dead > 0) {
         "failed"
@@ -645,13 +902,32 @@ async fn quarantined_of(
         .collect())
 }
 
+/// The status of a torn-down deployment: nothing of it is left.
+fn torn_down(rec: &DeploymentRecord) -> Status {
+    Status {
+        id: rec.id.clone(),
+        state: Phase::TornDown.as_str().to_owned(),
+        total: 0,
+        counts: BTreeMap::new(),
+        per_node: BTreeMap::new(),
+        listing: Listing::All,
+        vms: Vec::new(),
+        setup_failures: Vec::new(),
+        quarantined: Vec::new(),
+    }
+}
+
 /// Every VM's state, read from every step record and the plan (its cost grows with the
 /// deployment: see [`summary`]).
 pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let rec = record(store, id).await?;
+    if rec.phase == Phase::TornDown {
+        return Ok(torn_down(&rec));
+    }
     let (rec, plan) = load(store, id).await?;
-    let steps = store.steps(id).await.map_err(redis)?;
-    let facts = store.vm_facts(id).await.map_err(redis)?;
+    let steps = store.steps(&rec.vm_scope()).await.map_err(redis)?;
+    let facts = store.vm_facts(&rec.vm_scope()).await.map_err(redis)?;
     let names = plan::vm_steps(&plan);
     let mut vms = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -668,9 +944,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
                 "student",
             ))
             .filter(|r| r.state == StepState::Failed);
-        let (state, error) = if rec.phase == "torn-down" {
-            ("removed".to_owned(), None)
-        } else if let Some(f) = failed.copied().or(student_failed) {
+        let (state, error) = if let Some(f) = failed.copied().or(student_failed) {
             ("failed".to_owned(), f.error.clone())
         } else if recs
             .iter()
@@ -714,11 +988,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
             name: v.name.clone(),
             vmid: f.map(|f| f.vmid),
             node: v.node.clone(),
-            state: if rec.phase == "torn-down" {
-                "removed".to_owned()
-            } else {
-                "not-in-files".to_owned()
-            },
+            state: "not-in-files".to_owned(),
             error: None,
         });
     }
@@ -735,7 +1005,22 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
         .await
         .map_err(redis)?;
     let total = plan.vms.len();
-    let state = overall_state(&rec, total, &counts, !setup_failures.is_empty(), &g);
+    let teardown = prior_teardowns(store, &rec).await?;
+    let mut setup_failures = setup_failures;
+    if teardown.dead > 0 {
+        setup_failures.push(format!(
+            "the teardown this submit waits for has {} failed jobs: fix the cause, then `producer retry {id}`",
+            teardown.dead
+        ));
+    }
+    let state = overall_state(
+        &rec,
+        total,
+        &counts,
+        !setup_failures.is_empty(),
+        &g,
+        &teardown,
+    );
     Ok(Status {
         id: id.to_owned(),
         state: state.to_owned(),
@@ -749,199 +1034,93 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
     })
 }
 
-/// Starts a teardown: cancels the deployment's queued jobs, fences in-flight ones, then
-/// enqueues destroy jobs for every VM it may have created, and the removal of pools, users
-/// and bridges it created once those are gone.
-pub async fn teardown(store: &Store, id: &str) -> Result<String, Failure> {
-    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
-    let (mut rec, plan) = load(store, id).await?;
-    let q = store.queue();
-    q.cancel_group(&rec.scope()).await.map_err(redis)?;
-    rec.epoch += 1;
-    rec.phase = "tearing-down".into();
-    rec.updated = Utc::now();
-    store.put_deployment(&rec, None).await.map_err(redis)?;
-    let scope = rec.scope();
-    let facts = store.vm_facts(id).await.map_err(redis)?;
-    let mut specs = Vec::new();
-    let mut by_user: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    use shared::jobs::{DestroyJob, Job, NodeNetworkJob, StudentJob, VmRef, keys};
-    use shared::queue::JobSpec;
-    for v in plan.vms.iter().chain(&plan.retired) {
-        let k = keys::destroy(&scope, &v.key);
-        let job = Job::Destroy(DestroyJob {
-            vm: VmRef {
-                deployment: id.to_owned(),
-                cluster: plan.cluster.clone(),
-                key: v.key.clone(),
-                node: v.node.clone(),
-            },
-            vmid: facts.get(&v.key).map(|f| f.vmid),
-        });
-        specs.push(JobSpec::new(k.clone(), job.kind(), job.to_value()).group(scope.clone()));
-        by_user.entry(&v.user).or_default().push(k.clone());
-        by_node.entry(&v.node).or_default().push(k);
-    }
-    for s in plan.students.iter().chain(&plan.retired_students) {
-        let job = Job::StudentTeardown(StudentJob {
-            deployment: id.to_owned(),
-            cluster: plan.cluster.clone(),
-            user: s.user.clone(),
-            pool: s.pool.clone(),
-            sealed_password: None,
-        });
-        let gate = by_user.get(s.user.as_str()).cloned().unwrap_or_default();
-        specs.push(
-            JobSpec::new(
-                keys::student_teardown(&scope, &s.user),
-                job.kind(),
-                job.to_value(),
-            )
-            .group(scope.clone())
-            .after(gate),
-        );
-    }
-    // Every node that got private bridges, including for students no longer in the files.
-    let bridge_nodes: BTreeSet<&str> = plan
-        .students
-        .iter()
-        .chain(&plan.retired_students)
-        .filter(|s| !s.bridges.is_empty())
-        .map(|s| s.node.as_str())
-        .collect();
-    for node in bridge_nodes {
-        let job = Job::NodeNetworkTeardown(NodeNetworkJob {
-            deployment: id.to_owned(),
-            cluster: plan.cluster.clone(),
-            node: node.to_owned(),
-            bridges: vec![],
-        });
-        let gate = by_node.get(node).cloned().unwrap_or_default();
-        specs.push(
-            JobSpec::new(
-                keys::node_network_teardown(&scope, node),
-                job.kind(),
-                job.to_value(),
-            )
-            .group(scope.clone())
-            .after(gate),
-        );
-    }
-    q.enqueue_batch(&specs).await.map_err(redis)?;
-    Ok(scope)
+/// What `teardown` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TeardownStarted {
+    /// The teardown's epoch (its jobs' scope is `<id>#<epoch>`).
+    pub epoch: u32,
+    /// The deployment was torn down already; nothing to do.
+    pub already_torn_down: bool,
 }
 
-/// Finishes a teardown whose jobs are all done: frees VMIDs and bridge names, clears the
-/// progress records, marks the deployment torn down.
-pub async fn finish_teardown(store: &Store, id: &str, pve: &PveClient) -> Result<bool, Failure> {
+/// Starts a teardown: moves the record to `tearing-down` (compare-and-set), cancels the
+/// active epoch's jobs (fencing in-flight ones), then enqueues a destroy per VM it may have
+/// created, the removal of pools, users and bridges once those are gone, and the finish job
+/// that completes it: a teardown finishes by itself, whether anyone waits or not. Run on a
+/// deployment already tearing down, it makes sure those jobs are queued (resume).
+pub async fn teardown(store: &Store, id: &str) -> Result<TeardownStarted, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
-    let Some(mut rec) = store.deployment(id).await.map_err(redis)? else {
-        return Ok(false);
-    };
-    if rec.phase != "tearing-down" {
-        return Ok(rec.phase == "torn-down");
+    for _ in 0..8 {
+        let v = read(store, id).await?.ok_or_else(|| {
+            Failure::new(
+                Exit::Usage,
+                anyhow::anyhow!("no deployment {id:?} (see `producer list`)"),
+            )
+        })?;
+        match v.rec.phase {
+            Phase::TornDown => {
+                return Ok(TeardownStarted {
+                    epoch: v.rec.epoch,
+                    already_torn_down: true,
+                });
+            }
+            Phase::TearingDown => {
+                ensure_teardowns(store, &v.rec).await?;
+                return Ok(TeardownStarted {
+                    epoch: v.rec.epoch,
+                    already_torn_down: false,
+                });
+            }
+            Phase::Active => {}
+        }
+        let mut rec = v.rec.clone();
+        let active = rec.scope();
+        rec.epoch += 1;
+        rec.phase = Phase::TearingDown;
+        rec.updated = Utc::now();
+        if !store.commit(Some(&v), &rec, None).await.map_err(redis)? {
+            continue;
+        }
+        store.queue().cancel_group(&active).await.map_err(redis)?;
+        ensure_teardowns(store, &rec).await?;
+        return Ok(TeardownStarted {
+            epoch: rec.epoch,
+            already_torn_down: false,
+        });
     }
+    Err(Failure::new(
+        Exit::RedisUnreachable,
+        anyhow::anyhow!("deployment {id} kept changing while starting its teardown; run it again"),
+    ))
+}
+
+/// How far teardown `epoch` of a deployment is.
+#[derive(Debug, Clone, Serialize)]
+pub struct TeardownProgress {
+    pub finished: bool,
+    /// Its jobs: done, still to run, dead (failed for good).
+    pub done: u64,
+    pub open: u64,
+    pub dead: u64,
+}
+
+/// Reads how far teardown `epoch` is (the finish job moves the record; this only reads).
+pub async fn teardown_progress(
+    store: &Store,
+    id: &str,
+    epoch: u32,
+) -> Result<TeardownProgress, Failure> {
+    let redis = |e| Failure::new(Exit::RedisUnreachable, e);
+    let rec = record(store, id).await?;
     let g = store
         .queue()
-        .group_stats(&rec.scope())
+        .group_stats(&scope(id, epoch))
         .await
         .map_err(redis)?;
-    if g.ready + g.scheduled + g.in_flight + g.waiting_for_slot + g.gated > 0 {
-        return Ok(false);
-    }
-    if g.dead > 0 {
-        return Err(Failure::new(
-            Exit::DeploymentFailed,
-            anyhow::anyhow!(
-                "{} teardown jobs failed; see `producer status {id}`, fix, then `producer retry {id}`",
-                g.dead
-            ),
-        ));
-    }
-    // A clone fenced by the cancel may still have finished on Proxmox after its destroy job
-    // looked: verify against the cluster and destroy again what is still there.
-    let facts = store.vm_facts(id).await.map_err(redis)?;
-    let quarantined: BTreeSet<u32> = store
-        .quarantined(&rec.cluster)
-        .await
-        .map_err(redis)?
-        .into_iter()
-        .map(|q| q.vmid)
-        .collect();
-    let present: BTreeSet<u32> = pve
-        .cluster_vms()
-        .await
-        .map_err(|e| pve_failure(e, "checking the cluster after teardown"))?
-        .into_iter()
-        .map(|v| v.vmid)
-        .collect();
-    let leftovers: Vec<(&String, &shared::jobs::state::VmFacts)> = facts
-        .iter()
-        .filter(|(_, f)| present.contains(&f.vmid) && !quarantined.contains(&f.vmid))
-        .collect();
-    if !leftovers.is_empty() {
-        use shared::jobs::{DestroyJob, Job, VmRef, keys};
-        let round = Utc::now().timestamp_millis();
-        let specs: Vec<shared::queue::JobSpec> = leftovers
-            .iter()
-            .map(|(key, f)| {
-                let job = Job::Destroy(DestroyJob {
-                    vm: VmRef {
-                        deployment: id.to_owned(),
-                        cluster: rec.cluster.clone(),
-                        key: (*key).clone(),
-                        node: f.node.clone(),
-                    },
-                    vmid: Some(f.vmid),
-                });
-                shared::queue::JobSpec::new(
-                    format!("{}/{round}", keys::destroy(&rec.scope(), key)),
-                    job.kind(),
-                    job.to_value(),
-                )
-                .group(rec.scope())
-            })
-            .collect();
-        tracing::info!(
-            deployment = id,
-            count = specs.len(),
-            "VMs still present after teardown; destroying them again"
-        );
-        store.queue().enqueue_batch(&specs).await.map_err(redis)?;
-        return Ok(false);
-    }
-    if let Ok(Some(p)) = store.plan_json(id).await
-        && let Ok(plan) = serde_json::from_str::<Plan>(&p)
-    {
-        let q = store.queue();
-        let owners: Vec<String> = plan
-            .vms
-            .iter()
-            .chain(&plan.retired)
-            .map(|v| plan::vm_owner(id, &v.key))
-            .collect();
-        alloc::release(q, &Space::vmids(q, &plan.cluster), &owners)
-            .await
-            .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-        let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for s in plan.students.iter().chain(&plan.retired_students) {
-            for alias in s.bridges.keys() {
-                by_node
-                    .entry(&s.node)
-                    .or_default()
-                    .push(format!("{id}|{}|{alias}", s.user));
-            }
-        }
-        for (node, owners) in by_node {
-            alloc::release(q, &Space::bridges(q, &plan.cluster, node), &owners)
-                .await
-                .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
-        }
-    }
-    store.clear_progress(id).await.map_err(redis)?;
-    rec.phase = "torn-down".into();
-    rec.finished = Some(Utc::now());
-    store.put_deployment(&rec, None).await.map_err(redis)?;
-    Ok(true)
+    Ok(TeardownProgress {
+        finished: rec.teardown_finished(epoch),
+        done: g.done,
+        open: g.ready + g.scheduled + g.in_flight + g.waiting_for_slot + g.gated,
+        dead: g.dead,
+    })
 }

@@ -81,7 +81,7 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
     match command {
         Command::CheckConnection => cmd::check::run(g, out).await,
         Command::Plan => cmd::plan::run(g, out).await,
-        Command::Submit { wait } => cmd::submit::run(g, *wait, out).await,
+        Command::Submit { wait, prune } => cmd::submit::run(g, *wait, *prune, out).await,
         Command::Status { id, watch, vms } => cmd::status::run(g, id, *watch, *vms, out).await,
         Command::Retry { id } => cmd::retry::run(g, id, out).await,
         Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,

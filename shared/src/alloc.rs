@@ -68,6 +68,12 @@ impl Space {
         }
     }
 
+    /// The two keys (id -> owner, owner -> id), for a script that frees reservations
+    /// together with other writes (the teardown finish job's).
+    pub fn keys(&self) -> (&str, &str) {
+        (&self.ids, &self.owners)
+    }
+
     pub fn bridges(q: &Queue, cluster: &str, node: &str) -> Space {
         Space {
             ids: q.key(&format!("alloc:bridge:{cluster}:{node}:ids")),
@@ -197,6 +203,15 @@ pub async fn preview(
 }
 
 /// The reservation an owner holds, if any.
+/// Who holds the reservation of `id`, if anyone.
+pub async fn owner_of(q: &Queue, space: &Space, id: u32) -> Result<Option<String>, AllocError> {
+    let mut c = q.connection();
+    let o: Option<String> = redis::AsyncCommands::hget(&mut c, &space.ids, id)
+        .await
+        .map_err(QueueError::from)?;
+    Ok(o)
+}
+
 pub async fn lookup(q: &Queue, space: &Space, owner: &str) -> Result<Option<u32>, AllocError> {
     let mut conn = q.connection();
     let v: Option<String> = redis::cmd("HGET")

@@ -276,6 +276,10 @@ pub fn vm_owner(id: &str, key: &str) -> String {
     format!("{id}|{key}")
 }
 pub fn bridge_owner(id: &str, user: &UserId, alias: &str) -> String {
+    bridge_owner_of(id, &user.to_string(), alias)
+}
+/// [`bridge_owner`] for a user as the plan stores it.
+pub fn bridge_owner_of(id: &str, user: &str, alias: &str) -> String {
     format!("{id}|{user}|{alias}")
 }
 
@@ -441,7 +445,7 @@ fn nic(
 }
 
 /// The jobs of a plan. `scope` prefixes keys and groups them (`<id>#<epoch>`); `sealed`
-/// holds the sealed initial password of each user labfleet creates.
+/// holds the sealed initial password of each `@pve` user (made if missing when its job runs).
 pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<JobSpec> {
     let mut out = Vec::new();
     let spec = |key: String, job: Job| {
@@ -453,11 +457,10 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             cluster: plan.cluster.clone(),
             user: s.user.clone(),
             pool: s.pool.clone(),
-            sealed_password: if s.create_user {
-                sealed.get(&s.user).cloned()
-            } else {
-                None
-            },
+            // Every `@pve` student's, not only those missing at submit: a user another
+            // deployment (or an earlier epoch) made may be gone by the time this job runs,
+            // and is then made again with this deployment's password.
+            sealed_password: sealed.get(&s.user).cloned(),
         });
         out.push(spec(jobs::keys::student(scope, &s.user), job));
     }
@@ -559,11 +562,37 @@ pub fn vm_steps(plan: &Plan) -> Vec<&'static str> {
     v
 }
 
+/// The plan of the original design's example (2 students, a private `hq` network each),
+/// for unit tests of what is built from a plan.
+#[cfg(test)]
+pub(crate) fn example_plan() -> Plan {
+    tests::example()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{DataPaths, load};
     use crate::placement::place;
+
+    pub(super) fn example() -> Plan {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/original-design");
+        let cfg = load(&DataPaths::in_dir(dir), None).unwrap();
+        let f = facts();
+        let placement = place(&demands(&cfg, &f, &BTreeMap::new()), &f.nodes).unwrap();
+        let id = deployment_id(&cfg);
+        let mut vmids = BTreeMap::new();
+        let mut bridges = BTreeMap::new();
+        for (i, u) in cfg.users.users.iter().enumerate() {
+            vmids.insert(
+                vm_owner(&id, &vm_key(u, &cfg.deployment.machines[0])),
+                1000 + i as u32,
+            );
+            bridges.insert(bridge_owner(&id, u, "hq"), format!("vmbr{}", 1000 + i));
+        }
+        build(&cfg, &f, placement, &vmids, &bridges)
+    }
 
     fn facts() -> Facts {
         let node = |n: &str| NodeCapacity {
@@ -592,22 +621,8 @@ mod tests {
 
     #[test]
     fn original_example_plans_with_replicas_private_bridges_and_gates() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/original-design");
-        let cfg = load(&DataPaths::in_dir(dir), None).unwrap();
-        let f = facts();
-        let placement = place(&demands(&cfg, &f, &BTreeMap::new()), &f.nodes).unwrap();
-        let id = deployment_id(&cfg);
-        let mut vmids = BTreeMap::new();
-        let mut bridges = BTreeMap::new();
-        for (i, u) in cfg.users.users.iter().enumerate() {
-            vmids.insert(
-                vm_owner(&id, &vm_key(u, &cfg.deployment.machines[0])),
-                1000 + i as u32,
-            );
-            bridges.insert(bridge_owner(&id, u, "hq"), format!("vmbr{}", 1000 + i));
-        }
-        let plan = build(&cfg, &f, placement, &vmids, &bridges);
+        let plan = example();
+        let id = plan.id.clone();
         assert_eq!(plan.vms.len(), 2);
         let v1 = &plan.vms[0];
         let v2 = &plan.vms[1];

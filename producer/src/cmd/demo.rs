@@ -81,7 +81,7 @@ pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Fai
         let code = status::watch(&store, &id, g.json, out, Duration::from_millis(300)).await?;
         let took = started.elapsed();
         let dir: PathBuf = std::env::temp_dir();
-        let handout = handout::write(&store, &id, &key, &dir, out).await?;
+        let handout = handout::write(&store, &pve, &id, &key, &dir).await?;
         if !g.json {
             out.line(format!("finished in {:.1} s", took.as_secs_f64()));
             out.line(handout.describe());

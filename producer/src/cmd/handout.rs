@@ -1,14 +1,18 @@
-//! `producer handout ID`: the teacher's handout: each student's VMs and, for users labfleet
-//! created, their initial password. Written to a file with mode 0600 (the only place a
-//! student's password is ever written), as text, CSV and Markdown.
+//! `producer handout ID`: the teacher's handout: each student's VMs and, for every user
+//! labfleet created, their initial password (also for a user another deployment created and
+//! this one lists: the password that deployment gave it). Written as Markdown and CSV with
+//! mode 0600 (the only place a student's password is ever written), each through a temp
+//! file renamed into place, never through a symlink.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use shared::jobs::state::Store;
-use shared::plan::Plan;
+use shared::jobs::teardown::creator;
+use shared::pve::PveClient;
 use shared::secret::SecretKey;
 
 use crate::cli::Global;
@@ -26,7 +30,9 @@ pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit,
             anyhow::anyhow!("the handout needs LABFLEET_SECRET_KEY (the key used at submit)"),
         )
     })?;
-    let written = write(&store, &id, &key, &g.data_dir, out).await?;
+    let cfg = common::load_config(g, out)?;
+    let pve = deploy::connect_pve(&cfg, Some(&key))?;
+    let written = write(&store, &pve, &id, &key, &g.data_dir).await?;
     if g.json {
         out.json(&serde_json::json!({ "id": id, "handout": written }));
     } else {
@@ -35,8 +41,8 @@ pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit,
     Ok(Exit::Ok)
 }
 
-/// The two files of a handout: the same table (student, password, VM, VMID, node) as
-/// Markdown and as CSV, both mode 0600.
+/// The two files of a handout: the same table (student, password, account, VM, VMID, node)
+/// as Markdown and as CSV, both mode 0600.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Handout {
     pub markdown: PathBuf,
@@ -49,68 +55,143 @@ impl Handout {
     /// One line for people: both paths and their format.
     pub fn describe(&self) -> String {
         format!(
-            "handout (mode 0600, holds initial passwords): {} (Markdown table), {} (CSV: student,password,vm,vmid,node)",
+            "handout (mode 0600, holds initial passwords): {} (Markdown table), {} (CSV: student,password,account,vm,vmid,node)",
             self.markdown.display(),
             self.csv.display()
         )
     }
 }
 
+/// How a student's account came to be, as the handout says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Account {
+    /// labfleet created it for deployment `by` (this one or another that lists the student
+    /// too); its initial password is derived from the key and `by`.
+    Created { by: String },
+    /// It existed before labfleet (another realm, or made by hand): no password to give.
+    Existing,
+    /// Not on the cluster (yet): its student job has not run.
+    Missing,
+}
+
+impl Account {
+    pub fn of(comment: Option<Option<&str>>) -> Account {
+        match comment {
+            None => Account::Missing,
+            Some(c) => match creator(c) {
+                Some(by) => Account::Created { by: by.to_owned() },
+                None => Account::Existing,
+            },
+        }
+    }
+
+    fn describe(&self, id: &str) -> String {
+        match self {
+            Account::Created { by } if by == id => "created by this deployment".into(),
+            Account::Created { by } => format!("created by {by}"),
+            Account::Existing => "existed before labfleet".into(),
+            Account::Missing => "not created yet".into(),
+        }
+    }
+}
+
+/// The handout's file stem: `handout-<name>_<cluster>`, every character of both kept (a
+/// dot in a cluster name is no extension), with path separators replaced.
+pub fn stem(id: &str) -> String {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if matches!(c, '/' | '\\' | '@') || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("handout-{safe}")
+}
+
 pub async fn write(
     store: &Store,
+    pve: &PveClient,
     id: &str,
     key: &SecretKey,
     dir: &Path,
-    _out: &mut Out,
 ) -> Result<Handout, Failure> {
-    let plan: Plan = store
-        .plan_json(id)
-        .await
-        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .ok_or_else(|| Failure::new(Exit::Usage, anyhow::anyhow!("no deployment {id:?}")))?;
+    let (_, plan) = deploy::load(store, id).await?;
     let st = deploy::status(store, id).await?;
+    let users: BTreeMap<String, Option<String>> = pve
+        .users()
+        .await
+        .map_err(|e| deploy::pve_failure(e, "reading the students' accounts"))?
+        .into_iter()
+        .map(|u| (u.userid, u.comment))
+        .collect();
     let mut md = format!(
-        "# Handout: {id}\n\n| student | password | VM | VMID | node |\n|---|---|---|---|---|\n"
+        "# Handout: {id}\n\n| student | password | account | VM | VMID | node |\n|---|---|---|---|---|---|\n"
     );
-    let mut csv = String::from("student,password,vm,vmid,node\n");
+    let mut csv = String::from("student,password,account,vm,vmid,node\n");
     for s in &plan.students {
-        let pw = if s.create_user {
-            deploy::student_password(key, id, &s.user)
+        let account = Account::of(users.get(&s.user).map(Option::as_deref));
+        let pw = match &account {
+            Account::Created { by } => deploy::student_password(key, by, &s.user)
                 .expose()
-                .to_owned()
-        } else {
-            "(existing account)".to_owned()
+                .to_owned(),
+            Account::Existing => "(existing account)".to_owned(),
+            Account::Missing => "(not created yet)".to_owned(),
         };
+        let how = account.describe(id);
         for v in st.vms.iter().filter(|v| v.user == s.user) {
             let vmid = v.vmid.map(|x| x.to_string()).unwrap_or_default();
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
-                s.user, pw, v.name, vmid, v.node
+                "| {} | {} | {} | {} | {} | {} |\n",
+                s.user, pw, how, v.name, vmid, v.node
             ));
-            let row = [s.user.as_str(), &pw, &v.name, &vmid, &v.node];
+            let row = [s.user.as_str(), &pw, &how, &v.name, &vmid, &v.node];
             csv.push_str(&row.map(csv_field).join(","));
             csv.push('\n');
         }
     }
-    let safe = id.replace(['/', '@'], "_");
-    let base = dir.join(format!("handout-{safe}"));
-    for (ext, body) in [("md", &md), ("csv", &csv)] {
-        let p = base.with_extension(ext);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&p)
-            .with_context(|| format!("writing {}", p.display()))?;
-        f.write_all(body.as_bytes())?;
-    }
+    let base = stem(id);
+    let markdown = dir.join(format!("{base}.md"));
+    let csv_path = dir.join(format!("{base}.csv"));
+    write_private(&markdown, md.as_bytes())?;
+    write_private(&csv_path, csv.as_bytes())?;
     Ok(Handout {
-        markdown: base.with_extension("md"),
-        csv: base.with_extension("csv"),
+        markdown,
+        csv: csv_path,
         mode: "0600",
     })
+}
+
+/// Writes `body` to `path` with mode 0600 whatever was there before: into a new temp file
+/// beside it (created exclusively with `O_EXCL`, which never follows a symlink, and 0600
+/// from the start), then renamed over `path` (a symlink at `path` is replaced, not followed).
+pub fn write_private(path: &Path, body: &[u8]) -> Result<(), Failure> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(body)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().ok();
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("moving the handout into place at {}", path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Failure::new(Exit::Usage, e))
 }
 
 /// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
@@ -124,6 +205,63 @@ fn csv_field(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_file_name_keeps_the_whole_cluster_and_deployment_name() {
+        assert_eq!(super::stem("net.lab@pve.lab"), "handout-net.lab_pve.lab");
+        assert_ne!(super::stem("lab@pve.a"), super::stem("lab@pve.b"));
+        assert_eq!(super::stem("a/b@c"), "handout-a_b_c");
+    }
+
+    #[test]
+    fn a_handout_replaces_a_symlink_and_a_readable_file_with_a_0600_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere.txt");
+        std::fs::write(&target, "untouched").unwrap();
+        let link = dir.path().join("handout-x.md");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        super::write_private(&link, b"secret table").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "untouched",
+            "the symlink is not followed"
+        );
+        let meta = std::fs::symlink_metadata(&link).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "the link was replaced by a file"
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let old = dir.path().join("handout-y.csv");
+        std::fs::write(&old, "old").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        super::write_private(&old, b"new").unwrap();
+        assert_eq!(
+            std::fs::metadata(&old).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "new");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temp file left behind");
+    }
+
+    #[test]
+    fn accounts_are_told_apart_by_their_comment() {
+        use super::Account;
+        assert_eq!(
+            Account::of(Some(Some("labfleet deployment=a@lab"))),
+            Account::Created { by: "a@lab".into() }
+        );
+        assert_eq!(Account::of(Some(Some("made by hand"))), Account::Existing);
+        assert_eq!(Account::of(Some(None)), Account::Existing);
+        assert_eq!(Account::of(None), Account::Missing);
+    }
+
     #[test]
     fn csv_fields_are_quoted_only_when_needed() {
         assert_eq!(super::csv_field("student1@pve"), "student1@pve");

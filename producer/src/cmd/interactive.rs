@@ -61,7 +61,7 @@ pub fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
             2 => Command::Plan,
             3 => {
                 let wait = confirm(&theme, "Wait and show progress until it is done?", true)?;
-                Command::Submit { wait }
+                Command::Submit { wait, prune: false }
             }
             4 => match pick_deployment(g, &theme, out)? {
                 Some(id) => Command::Status {

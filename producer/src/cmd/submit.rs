@@ -8,14 +8,15 @@ use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
-pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure> {
+pub async fn run(g: &Global, wait: bool, prune: bool, out: &mut Out) -> Result<Exit, Failure> {
     let cfg = common::load_config(g, out)?;
     let key = common::secret_key()?;
     let store = common::store(g).await?;
     let pve = deploy::connect_pve(&cfg, key.as_ref())?;
-    let (id, plan) = deploy::submit(&cfg, &pve, &store, key.as_ref()).await?;
+    let opts = deploy::SubmitOptions { prune };
+    let (id, plan, done) = deploy::submit_with(&cfg, &pve, &store, key.as_ref(), opts).await?;
     if g.json && !wait {
-        out.json(&serde_json::json!({ "id": id }));
+        out.json(&serde_json::json!({ "id": id, "submitted": done }));
         return Ok(Exit::Ok);
     }
     if !g.json {
@@ -24,9 +25,22 @@ pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure>
             plan.vms.len(),
             plan.students.len()
         ));
+        if !done.waits_for_teardowns.is_empty() {
+            out.err_line(format!(
+                "note: {id} is still being torn down; this submit's jobs start once that teardown has finished"
+            ));
+        }
+        if !done.pruning.is_empty() || !done.pruning_students.is_empty() {
+            out.err_line(format!(
+                "removing {} VMs of {} students no longer in the files: {}",
+                done.pruning.len(),
+                done.pruning_students.len(),
+                done.pruning_students.join(", ")
+            ));
+        }
         if !plan.retired.is_empty() {
             out.err_line(format!(
-                "note: {} VMs of an earlier submit are no longer in the files; they are kept (listed as not-in-files in `status`) and `teardown` removes them",
+                "note: {} VMs of an earlier submit are no longer in the files; they are kept (listed as not-in-files in `status`); `submit --prune` or `teardown` removes them",
                 plan.retired.len()
             ));
         }
@@ -41,7 +55,7 @@ pub async fn run(g: &Global, wait: bool, out: &mut Out) -> Result<Exit, Failure>
         status::wait_until_finished(&store, &id, g.json, out, Duration::from_millis(500)).await?;
     let st = status::with_table(&store, &id, st, false).await?;
     let handout = match key.as_ref() {
-        Some(k) => Some(handout::write(&store, &id, k, &g.data_dir, out).await?),
+        Some(k) => Some(handout::write(&store, &pve, &id, k, &g.data_dir).await?),
         None => None,
     };
     if g.json {

@@ -1,4 +1,5 @@
-//! `producer teardown ID [--wait]`: cancel, fence, destroy what the deployment created.
+//! `producer teardown ID [--wait]`: cancel, fence, destroy what the deployment created. The
+//! teardown's last job (run by a worker) finishes it; `--wait` only watches.
 
 use std::time::Duration;
 
@@ -16,32 +17,37 @@ pub async fn run(
 ) -> Result<Exit, Failure> {
     let id = common::resolve_id(g, id, out)?;
     let store = common::store(g).await?;
-    let scope = deploy::teardown(&store, &id).await?;
-    let cfg = common::load_config(g, out)?;
-    let pve = deploy::connect_pve(&cfg, common::secret_key()?.as_ref())?;
+    let started = deploy::teardown(&store, &id).await?;
+    if started.already_torn_down {
+        if g.json {
+            out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
+        } else {
+            out.line(format!("{id} is torn down already"));
+        }
+        return Ok(Exit::Ok);
+    }
     if !g.json {
         out.line(format!("teardown of {id} started"));
     }
     if !wait {
         if g.json {
-            out.json(&serde_json::json!({"id": id, "state": "tearing-down"}));
+            out.json(
+                &serde_json::json!({"id": id, "state": "tearing-down", "epoch": started.epoch}),
+            );
         }
         return Ok(Exit::Ok);
     }
     let bar = progress::Progress::new(g.json, "teardown jobs");
     loop {
-        if bar.is_shown()
-            && let Ok(gs) = store.queue().group_stats(&scope).await
-        {
-            let finished = gs.done + gs.dead + gs.cancelled;
-            let total = finished + gs.ready + gs.scheduled + gs.gated + gs.waiting_for_slot;
+        let p = deploy::teardown_progress(&store, &id, started.epoch).await?;
+        if bar.is_shown() {
             bar.update(
-                finished,
-                total + gs.in_flight,
-                format!("running {}, failed {}", gs.in_flight, gs.dead),
+                p.done + p.dead,
+                p.done + p.dead + p.open,
+                format!("open {}, failed {}", p.open, p.dead),
             );
         }
-        if deploy::finish_teardown(&store, &id, &pve).await? {
+        if p.finished {
             bar.finish();
             if g.json {
                 out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
@@ -50,6 +56,17 @@ pub async fn run(
             }
             return Ok(Exit::Ok);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Only the finish job is left, gated on jobs that failed for good.
+        if p.dead > 0 && p.open <= 1 {
+            bar.finish();
+            return Err(Failure::new(
+                Exit::DeploymentFailed,
+                anyhow::anyhow!(
+                    "{} teardown jobs failed; see `producer status {id}`, fix the cause, then `producer retry {id}` (the teardown then finishes by itself)",
+                    p.dead
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

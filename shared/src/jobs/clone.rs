@@ -12,6 +12,12 @@
 //!   clone again under a new one;
 //! - the VMID taken by something that is not ours -> a new VMID.
 //!
+//! "Ours" is this epoch's marker (`labfleet deployment=<id> vm=<key> epoch=<e>`), or the
+//! marker without an epoch that versions before epochs wrote; a VM of another epoch of the
+//! same deployment is not ours. The VM is looked up by VMID cluster-wide (an admin may have
+//! migrated it). "Half-made" is only `lock: clone` with our marker or no description yet, at a
+//! VMID reserved for this VM: any other lock is somebody's work, never destroyed.
+//!
 //! Whenever a clone task of ours may still run and the job gives up for now (shutdown, a
 //! poll or the clone call without an answer, a record that could not be written), it keeps
 //! its node and storage slots (`DeferredKeepingSlots`, `RetryKeepingSlots`): the caps count
@@ -24,7 +30,9 @@ use chrono::Utc;
 
 use crate::alloc::{self, Space};
 use crate::jobs::state::{Quarantined, VmFacts};
-use crate::jobs::{CloneJob, Env, marker, pve_error, retryable};
+use crate::jobs::{
+    CloneJob, Env, epoch_of_scope, find_marker, marker, pve_error, retryable, scope_of_key,
+};
 use crate::pve::{CloneParams, DestroyParams, MessageKind, PveClient, PveError, Upid, VmConfig};
 use crate::queue::{JobError, Lease};
 
@@ -59,12 +67,15 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
     let pve = env.pve(&j.vm.cluster)?;
     let q = env.store.queue();
     let space = Space::vmids(q, &j.vm.cluster);
-    let owner = format!("{dep}|{key}");
-    let my_marker = marker(dep, key);
+    let owner = crate::plan::vm_owner(dep, key);
+    let scope = scope_of_key(lease.job_key());
+    let epoch = epoch_of_scope(scope);
+    let my_marker = marker(dep, key, epoch);
+    let me = Me { j, epoch };
 
     let prior = env
         .store
-        .one_vm(dep, key)
+        .one_vm(scope, key)
         .await
         .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
     let mut vmid = match &prior {
@@ -95,23 +106,28 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
             match pve.task_status(&upid).await {
                 Ok(st) if st.is_running() => {
                     tracing::info!(vmid, %upid, "clone of a previous attempt still running; waiting for it");
-                    match env.wait(&pve, &upid, lease).await {
+                    match env.wait_task(&pve, &upid, lease).await? {
                         Ok(()) => {
                             return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined)
                                 .await;
                         }
-                        Err(JobError::Deferred) => return Err(JobError::Deferred),
-                        Err(JobError::LeaseLost) => return Err(JobError::LeaseLost),
-                        Err(_) => {} // failed: look at what it left below
+                        // It ended and failed: look at what it left below.
+                        Err(PveError::TaskFailed { .. }) => {}
+                        // Could not learn how it ended (past the task deadline, polls
+                        // failing): it may still run, so nothing is cleaned up and the slots
+                        // stay taken; the next attempt asks again.
+                        Err(e) => return Err(keep_slots(pve_error(e))),
                     }
                 }
                 Ok(_) => {}
                 // Cannot tell whether that clone still runs: keep its slots.
                 Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
-                Err(_) => {} // task unknown (e.g. node reinstalled): inspect the VMID instead
+                // Task unknown (e.g. node reinstalled): inspect the VMID instead.
+                Err(PveError::NotFound { .. }) => {}
+                Err(e) => return Err(pve_error(e)),
             }
         }
-        match inspect(&pve, j, vmid, &my_marker).await? {
+        match inspect(&pve, &me, vmid).await? {
             Found::Ours => return finish(j, lease, env, &pve, vmid, None, &quarantined).await,
             // A call made just before the crash may not have written its config yet.
             Found::Nothing if !task_ended && recent(f.since) => {
@@ -130,6 +146,9 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                 // recording its UPID) may still be running: wait for it without spending an
                 // attempt, until the clone deadline says it is half-made.
                 return Err(JobError::DeferredFor(Duration::from_secs(3)));
+            }
+            Found::Unfinished { .. } if !reserved_for_us(env, &space, &owner, vmid).await? => {
+                vmid = new_vmid(j, env, &space, &owner).await?;
             }
             Found::Unfinished { node, lock } => {
                 vmid = clean_up(
@@ -168,7 +187,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
         let upid = match pve.clone_vm(&j.source_node, j.source_vmid, &params).await {
             Ok(u) => u,
             Err(PveError::AlreadyExists { .. }) => {
-                match inspect(&pve, j, vmid, &my_marker).await? {
+                match inspect(&pve, &me, vmid).await? {
                     Found::Ours => {
                         return finish(j, lease, env, &pve, vmid, None, &quarantined).await;
                     }
@@ -208,7 +227,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                     PveError::TaskFailed { exitstatus, .. } => exitstatus.clone(),
                     other => other.to_string(),
                 };
-                match inspect(&pve, j, vmid, &my_marker).await? {
+                match inspect(&pve, &me, vmid).await? {
                     Found::Ours => {
                         return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await;
                     }
@@ -217,7 +236,10 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                         continue;
                     }
                     Found::Nothing => return Err(task_error(err, msg)),
-                    Found::Unfinished { node, lock } if !collision(&msg, vmid) => {
+                    Found::Unfinished { node, lock }
+                        if !collision(&msg, vmid)
+                            && reserved_for_us(env, &space, &owner, vmid).await? =>
+                    {
                         // Our task died and left a half-made VM: remove or quarantine it,
                         // then clone again (under a new VMID if quarantined).
                         tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
@@ -275,42 +297,49 @@ fn collision(msg: &str, vmid: u32) -> bool {
         || m.contains("already exists")
 }
 
-/// Looks at the VMID on the student's node and on the source node.
-async fn inspect(
-    pve: &PveClient,
-    j: &CloneJob,
-    vmid: u32,
-    my_marker: &str,
-) -> Result<Found, JobError> {
-    let mut nodes = vec![j.vm.node.as_str()];
-    if j.source_node != j.vm.node {
-        nodes.push(j.source_node.as_str());
-    }
-    for node in nodes {
-        match pve.vm_config(node, vmid).await {
-            Ok(cfg) => return Ok(classify(&cfg, node, my_marker)),
-            Err(PveError::NotFound { .. }) => continue,
-            Err(e) => return Err(pve_error(e)),
-        }
-    }
-    Ok(Found::Nothing)
+/// Who is cloning, for telling our VM from another's.
+struct Me<'a> {
+    j: &'a CloneJob,
+    epoch: u32,
 }
 
-fn classify(cfg: &VmConfig, node: &str, my_marker: &str) -> Found {
+/// Looks at the VMID wherever it is on the cluster (one listing, then its config).
+async fn inspect(pve: &PveClient, me: &Me<'_>, vmid: u32) -> Result<Found, JobError> {
+    let Some(node) = crate::jobs::locate(pve, vmid).await? else {
+        return Ok(Found::Nothing);
+    };
+    match pve.vm_config(&node, vmid).await {
+        Ok(cfg) => Ok(classify(&cfg, &node, me)),
+        Err(PveError::NotFound { .. }) => Ok(Found::Nothing),
+        Err(e) => Err(pve_error(e)),
+    }
+}
+
+fn classify(cfg: &VmConfig, node: &str, me: &Me<'_>) -> Found {
     let desc = cfg.description().unwrap_or_default();
-    let ours = desc.lines().any(|l| l.trim() == my_marker);
+    let ours = find_marker(&desc, &me.j.vm.deployment, &me.j.vm.key).is_ours(me.epoch);
     match cfg.lock() {
-        Some(lock) if !ours && desc.is_empty() => Found::Unfinished {
-            node: node.to_owned(),
-            lock,
-        },
-        Some(lock) if ours => Found::Unfinished {
+        Some(lock) if lock == "clone" && (ours || desc.is_empty()) => Found::Unfinished {
             node: node.to_owned(),
             lock,
         },
         _ if ours => Found::Ours,
         _ => Found::Foreign,
     }
+}
+
+/// Whether `vmid` is reserved in Redis for this VM: a half-made VM is ours to remove only
+/// at a VMID we reserved.
+async fn reserved_for_us(
+    env: &Env,
+    space: &Space,
+    owner: &str,
+    vmid: u32,
+) -> Result<bool, JobError> {
+    let held = alloc::owner_of(env.store.queue(), space, vmid)
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?;
+    Ok(held.as_deref() == Some(owner))
 }
 
 async fn new_vmid(j: &CloneJob, env: &Env, space: &Space, owner: &str) -> Result<u32, JobError> {
@@ -406,16 +435,16 @@ async fn record(
     upid: Option<&Upid>,
     quarantined: &[u32],
 ) -> Result<(), JobError> {
+    let scope = scope_of_key(lease.job_key());
     let facts = VmFacts {
+        epoch: Some(epoch_of_scope(scope)),
         vmid,
         node: j.vm.node.clone(),
         upid: upid.map(|u| u.to_string()),
         quarantined: quarantined.to_vec(),
         since: Some(Utc::now()),
     };
-    env.store
-        .put_vm(lease, &j.vm.deployment, &j.vm.key, &facts)
-        .await
+    env.store.put_vm(lease, scope, &j.vm.key, &facts).await
 }
 
 /// Confirms the VM and records its facts.
@@ -428,12 +457,14 @@ async fn finish(
     upid: Option<Upid>,
     quarantined: &[u32],
 ) -> Result<(), JobError> {
+    let scope = scope_of_key(lease.job_key());
     env.store
         .put_vm(
             lease,
-            &j.vm.deployment,
+            scope,
             &j.vm.key,
             &VmFacts {
+                epoch: Some(epoch_of_scope(scope)),
                 vmid,
                 node: j.vm.node.clone(),
                 upid: upid.map(|u| u.to_string()),

@@ -1,35 +1,65 @@
-//! `destroy`: stop (if running) and destroy with purge one VM labfleet created, found by its
-//! recorded VMID wherever it lives now (a clone's config sits on the source node until the
-//! clone ends) and proven ours by the marker. A VM without our marker is left alone.
+//! `destroy`: stop (if running) and destroy with purge one VM labfleet created, found by the
+//! VMID its clone recorded (in the facts of the epoch being torn down) wherever it lives now
+//! (a clone's config sits on the source node until the clone ends; an admin may have
+//! migrated it), and proven ours by the marker of that epoch. A VM without it is left alone.
 //! Done when: no VM at that VMID carries our marker.
+//!
+//! A VM under a `lock` is ours to remove only when it is our half-made clone: `lock: clone`,
+//! our marker or no description yet, at a VMID reserved for this VM. Any other lock (a
+//! backup, a migration, a snapshot) is someone's work in progress: the job waits for it.
 
 use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::jobs::state::Quarantined;
-use crate::jobs::{DestroyJob, Env, marker, pve_error};
+use crate::alloc::{self, Space};
+use crate::jobs::state::{Quarantined, VmFacts};
+use crate::jobs::{DestroyJob, Env, epoch_of_scope, find_marker, pve_error, scope, scope_of_key};
 use crate::pve::{DestroyParams, PveError, Upid};
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    // The epoch whose VM this is: in the payload, or (payloads of older versions) the one
+    // before the teardown's own.
+    let own = scope_of_key(lease.job_key());
+    let vm_epoch = j
+        .epoch
+        .unwrap_or_else(|| epoch_of_scope(own).saturating_sub(1));
     let facts = env
         .store
-        .one_vm(&j.vm.deployment, &j.vm.key)
+        .one_vm(&scope(&j.vm.deployment, vm_epoch), &j.vm.key)
         .await
         .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
-    let Some(vmid) = facts.as_ref().map(|f| f.vmid).or(j.vmid) else {
-        return Ok(()); // never cloned
+    // No facts: the clone never recorded a VMID, so it never called Proxmox. The payload's
+    // VMID is not used: a later epoch may own that number now.
+    let Some(facts) = facts else {
+        return Ok(());
     };
-    let pve = env.pve(&j.vm.cluster)?;
-    let Some(node) = pve
-        .cluster_vms()
-        .await
-        .map_err(pve_error)?
-        .into_iter()
-        .find(|v| v.vmid == vmid)
-        .map(|v| v.node)
-    else {
+    let target = Target {
+        cluster: &j.vm.cluster,
+        deployment: &j.vm.deployment,
+        key: &j.vm.key,
+        epoch: vm_epoch,
+        facts: &facts,
+    };
+    remove(&target, lease, env).await
+}
+
+/// One VM to remove, as its clone recorded it.
+pub struct Target<'a> {
+    pub cluster: &'a str,
+    pub deployment: &'a str,
+    pub key: &'a str,
+    /// The epoch that made it: only its marker proves it ours.
+    pub epoch: u32,
+    pub facts: &'a VmFacts,
+}
+
+/// Removes the VM if it is there and ours (see the module header). Converges.
+pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    let vmid = t.facts.vmid;
+    let pve = env.pve(t.cluster)?;
+    let Some(node) = crate::jobs::locate(&pve, vmid).await? else {
         return Ok(());
     };
     let cfg = match pve.vm_config(&node, vmid).await {
@@ -37,22 +67,38 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         Err(PveError::NotFound { .. }) => return Ok(()),
         Err(e) => return Err(pve_error(e)),
     };
-    let mine = marker(&j.vm.deployment, &j.vm.key);
     let desc = cfg.description().unwrap_or_default();
-    let ours = desc.lines().any(|l| l.trim() == mine);
+    let ours = find_marker(&desc, t.deployment, t.key).is_ours(t.epoch);
     let mut skiplock = false;
-    if let Some(lock) = cfg.lock()
-        && (ours || desc.is_empty())
-    {
+    if let Some(lock) = cfg.lock() {
+        let half_made =
+            lock == "clone" && (ours || desc.is_empty()) && reserved_for_us(t, env).await?;
+        if !half_made {
+            if ours {
+                // Ours, but someone's work holds it (a backup, a migration): wait.
+                return Err(JobError::RetryAfter(
+                    Duration::from_secs(5),
+                    format!("VM {vmid} is locked ({lock}); waiting for that to end"),
+                ));
+            }
+            tracing::warn!(
+                vmid,
+                node,
+                lock,
+                "locked VM at the recorded VMID is not ours; leaving it alone"
+            );
+            return Ok(());
+        }
         // Our clone still running: wait for it without spending an attempt. Its task
         // stopped and the lock stayed: a half-made VM, removed with skiplock where allowed,
         // else quarantined for the admin.
-        let upid = facts
-            .as_ref()
-            .and_then(|f| f.upid.as_deref())
-            .and_then(|u| u.parse::<Upid>().ok());
+        let upid = t.facts.upid.as_deref().and_then(|u| u.parse::<Upid>().ok());
         let running = match &upid {
-            Some(u) => pve.task_status(u).await.map_err(pve_error)?.is_running(),
+            Some(u) => match pve.task_status(u).await {
+                Ok(st) => st.is_running(),
+                Err(PveError::NotFound { .. }) => false,
+                Err(e) => return Err(pve_error(e)),
+            },
             None => {
                 return Err(JobError::Retry(format!(
                     "VM {vmid} is locked ({lock}) by a clone labfleet has no task id for; waiting"
@@ -62,19 +108,19 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         if running {
             return Err(JobError::DeferredFor(Duration::from_secs(2)));
         }
-        if !env.clusters.can_skiplock(&j.vm.cluster) {
+        if !env.clusters.can_skiplock(t.cluster) {
             let q = Quarantined {
                 vmid,
                 node: node.clone(),
-                deployment: j.vm.deployment.clone(),
-                vm: j.vm.key.clone(),
+                deployment: t.deployment.to_owned(),
+                vm: t.key.to_owned(),
                 reason: format!(
                     "half-made clone left with lock '{lock}' at teardown; removing it needs skiplock"
                 ),
                 at: Utc::now(),
             };
             env.store
-                .quarantine(&q, &j.vm.cluster)
+                .quarantine(&q, t.cluster)
                 .await
                 .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
             return Ok(());
@@ -84,7 +130,7 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         tracing::warn!(
             vmid,
             node,
-            "VM at the recorded VMID is not ours; leaving it alone"
+            "VM at the recorded VMID is not this epoch's; leaving it alone"
         );
         return Ok(());
     }
@@ -107,4 +153,14 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         Err(PveError::NotFound { .. }) => Ok(()),
         Err(e) => Err(pve_error(e)),
     }
+}
+
+/// Whether the VMID is reserved in Redis for this VM (a half-made clone at a VMID somebody
+/// else reserved is theirs).
+async fn reserved_for_us(t: &Target<'_>, env: &Env) -> Result<bool, JobError> {
+    let q = env.store.queue();
+    let owner = alloc::owner_of(q, &Space::vmids(q, t.cluster), t.facts.vmid)
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?;
+    Ok(owner.as_deref() == Some(crate::plan::vm_owner(t.deployment, t.key).as_str()))
 }

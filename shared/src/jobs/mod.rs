@@ -1,7 +1,11 @@
 //! The job kinds of a deployment, each in its own module with its handler and its "already
 //! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
-//! `destroy`, `teardown` (per student and per node). `payload` holds what sits in Redis,
-//! `state` the deployment's progress records, `cache` the per-process cluster facts.
+//! `destroy`, `teardown` (per student and per node) and `finish` (a teardown's last job).
+//! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
+//! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
+//!
+//! A job's scope (`<deployment>#<epoch>`) is the first segment of its key: its step records
+//! and VM facts go to that scope's keys, so jobs of two epochs never share a record.
 //!
 //! Handlers converge: each reads the current state, does only what is missing, and can run
 //! twice without harm. They decide retry or give up by the error's variant
@@ -12,6 +16,7 @@ pub mod cache;
 pub mod clone;
 pub mod counters;
 pub mod destroy;
+pub mod finish;
 pub mod network;
 pub mod node_network;
 pub mod payload;
@@ -20,6 +25,7 @@ pub mod start;
 pub mod state;
 pub mod student;
 pub mod teardown;
+pub mod teardown_jobs;
 
 #[cfg(test)]
 mod tests;
@@ -163,6 +169,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     let (subject, step) = subject_and_step(&job);
     let node = vm_node(&job);
     let dep = job.deployment().to_owned();
+    let scope = scope_of_key(lease.job_key()).to_owned();
     let in_flight = env.counters.start(&job);
     let update = |state, error| state::StepUpdate {
         subject: &subject,
@@ -171,10 +178,15 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         state,
         error,
     };
-    let _ = env
-        .store
-        .put_step(&lease, &dep, &update(StepState::Running, None))
-        .await;
+    // The finish job records nothing of its own: its outcome is the deployment's phase, and
+    // the records of its scope are what it removes.
+    let records = !matches!(job, Job::TeardownFinish(_));
+    if records {
+        let _ = env
+            .store
+            .put_step(&lease, &dep, &scope, &update(StepState::Running, None))
+            .await;
+    }
     let mut result = match &job {
         Job::Student(j) => student::run(j, &lease, &env).await,
         Job::NodeNetwork(j) => node_network::run(j, &lease, &env).await,
@@ -185,6 +197,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::Destroy(j) => destroy::run(j, &lease, &env).await,
         Job::StudentTeardown(j) => teardown::student(j, &lease, &env).await,
         Job::NodeNetworkTeardown(j) => teardown::node_network(j, &lease, &env).await,
+        Job::TeardownFinish(j) => finish::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -205,10 +218,10 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
             None
         }
     };
-    if let Some((state, err)) = outcome {
+    if let Some((state, err)) = outcome.filter(|_| records) {
         let written = env
             .store
-            .put_step(&lease, &dep, &update(state, err.as_deref()))
+            .put_step(&lease, &dep, &scope, &update(state, err.as_deref()))
             .await;
         // A done job's record must not lag its ack (status would show it running for good):
         // if the record could not be written, the job is not done and runs again.
@@ -241,6 +254,7 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Permission(j) => (j.vm.key.clone(), "permission"),
         Job::Start(j) => (j.vm.key.clone(), "start"),
         Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
+        Job::TeardownFinish(j) => (format!("teardown:{}", j.epoch), "finish"),
     }
 }
 
@@ -256,13 +270,31 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         | Job::StudentTeardown(_)
         | Job::NodeNetwork(_)
         | Job::NodeNetworkTeardown(_)
-        | Job::Destroy(_) => None,
+        | Job::Destroy(_)
+        | Job::TeardownFinish(_) => None,
     }
 }
 
-/// The VM's facts as the clone job recorded them; a step after the clone needs them.
-pub async fn require_vm(env: &Env, vm: &VmRef) -> Result<state::VmFacts, JobError> {
-    match env.store.one_vm(&vm.deployment, &vm.key).await {
+/// The node a VMID lives on now, wherever that is on the cluster (one listing): an admin
+/// may have migrated the VM, and a clone's config sits on its source node until it ends.
+pub async fn locate(pve: &PveClient, vmid: u32) -> Result<Option<String>, JobError> {
+    Ok(pve
+        .cluster_vms()
+        .await
+        .map_err(pve_error)?
+        .into_iter()
+        .find(|v| v.vmid == vmid)
+        .map(|v| v.node))
+}
+
+/// The VM's facts as the clone job of the same scope recorded them; a step after the clone
+/// needs them.
+pub async fn require_vm(env: &Env, lease: &Lease, vm: &VmRef) -> Result<state::VmFacts, JobError> {
+    match env
+        .store
+        .one_vm(scope_of_key(lease.job_key()), &vm.key)
+        .await
+    {
         Ok(Some(f)) => Ok(f),
         Ok(None) => Err(JobError::Retry(format!(
             "no VM recorded for {} yet (its clone job has not finished)",

@@ -8,7 +8,7 @@ use crate::pve::{ConfigUpdate, NetDevice};
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &NetworkJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
-    let facts = require_vm(env, &j.vm).await?;
+    let facts = require_vm(env, lease, &j.vm).await?;
     let pve = env.pve(&j.vm.cluster)?;
     let cfg = pve
         .vm_config(&facts.node, facts.vmid)

@@ -21,6 +21,7 @@ pub enum Job {
     Destroy(DestroyJob),
     StudentTeardown(StudentJob),
     NodeNetworkTeardown(NodeNetworkJob),
+    TeardownFinish(TeardownFinishJob),
 }
 
 impl Job {
@@ -35,6 +36,7 @@ impl Job {
             Job::Destroy(_) => "destroy",
             Job::StudentTeardown(_) => "student-teardown",
             Job::NodeNetworkTeardown(_) => "node-network-teardown",
+            Job::TeardownFinish(_) => "teardown-finish",
         }
     }
 
@@ -47,6 +49,7 @@ impl Job {
             Job::Permission(j) => &j.vm.deployment,
             Job::Start(j) => &j.vm.deployment,
             Job::Destroy(j) => &j.vm.deployment,
+            Job::TeardownFinish(j) => &j.deployment,
         }
     }
 
@@ -66,6 +69,7 @@ pub const KINDS: &[&str] = &[
     "destroy",
     "student-teardown",
     "node-network-teardown",
+    "teardown-finish",
 ];
 
 /// Which VM a job is about.
@@ -159,18 +163,121 @@ pub struct StartJob {
     pub vm: VmRef,
 }
 
-/// Stop (if running) and destroy one VM labfleet created, found by VMID and marker.
+/// Stop (if running) and destroy one VM labfleet created, found by the VMID its clone
+/// recorded (in the facts of `epoch`) and proven ours by its marker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestroyJob {
     pub vm: VmRef,
+    /// The VMID known when the teardown was planned; informational only: a destroy acts on
+    /// the VMID in the facts of `epoch`, never on this one (a later epoch may own it now).
     #[serde(default)]
     pub vmid: Option<u32>,
+    /// The epoch whose VM this destroys. Absent in payloads of versions before epochs were
+    /// recorded: then it is the epoch before the teardown's own (the job key's scope).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
 }
 
-/// The marker labfleet writes into what it creates (VM description, pool and user
-/// comments, bridge comments): proof of ownership when Redis state is gone.
-pub fn marker(deployment: &str, key: &str) -> String {
-    format!("labfleet deployment={deployment} vm={key}")
+/// Finishes teardown `epoch` once its destroy and cleanup jobs are done (gated on them):
+/// checks the cluster, frees the VMIDs and bridge names no later epoch uses, removes the
+/// torn-down epoch's records and queue keys, and moves the deployment's phase, all in one
+/// fenced compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownFinishJob {
+    pub deployment: String,
+    pub cluster: String,
+    /// The teardown's epoch (its jobs' scope); it tears down the VMs of `epoch - 1`.
+    pub epoch: u32,
+    /// Set for a prune (`submit --prune`): only these VMs and students of the active epoch
+    /// `epoch` were removed, and the deployment stays active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneSet>,
+}
+
+/// What one prune removes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneSet {
+    /// Unique per prune (its job keys carry it).
+    pub round: String,
+    /// VM keys whose VMs were destroyed.
+    pub vms: Vec<String>,
+    /// Students whose pools (and users, when nobody else lists them) were removed.
+    pub users: Vec<String>,
+    /// (node, bridge owner `<user> <alias>`) of the private bridges removed.
+    pub bridges: Vec<(String, String)>,
+    /// The job keys of the removed VMs and students (their clone, network, ... and student
+    /// jobs, and the node-network jobs that made their bridges): forgotten at the finish,
+    /// so that a student listed again gets new jobs.
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+/// The marker labfleet writes into a VM's description: proof of ownership when Redis state
+/// is gone, and of the epoch that made it, so that no job of another epoch of the same
+/// deployment ever takes it for its own.
+pub fn marker(deployment: &str, key: &str, epoch: u32) -> String {
+    format!("labfleet deployment={deployment} vm={key} epoch={epoch}")
+}
+
+/// Who made a VM, as its description says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkerMatch {
+    /// No marker of this VM key of this deployment.
+    None,
+    /// This VM's marker, written by a version before epochs were recorded
+    /// (`labfleet deployment=<id> vm=<key>`): ours, of an unknown epoch.
+    Legacy,
+    /// This VM's marker with its epoch.
+    Epoch(u32),
+}
+
+impl MarkerMatch {
+    /// Whether a job of `epoch` may treat the VM as its own: its own epoch's VM, or one made
+    /// before epochs were recorded (deployments upgraded in place keep their VMs).
+    pub fn is_ours(self, epoch: u32) -> bool {
+        match self {
+            MarkerMatch::None => false,
+            MarkerMatch::Legacy => true,
+            MarkerMatch::Epoch(e) => e == epoch,
+        }
+    }
+}
+
+/// Reads the marker of VM `key` of `deployment` out of a description (one marker a line).
+pub fn find_marker(description: &str, deployment: &str, key: &str) -> MarkerMatch {
+    let legacy = format!("labfleet deployment={deployment} vm={key}");
+    for line in description.lines().map(str::trim) {
+        if line == legacy {
+            return MarkerMatch::Legacy;
+        }
+        if let Some(e) = line
+            .strip_prefix(legacy.as_str())
+            .and_then(|r| r.strip_prefix(" epoch="))
+            .and_then(|e| e.parse().ok())
+        {
+            return MarkerMatch::Epoch(e);
+        }
+    }
+    MarkerMatch::None
+}
+
+/// The scope (`<deployment>#<epoch>`) a job belongs to: its key's first segment (every key
+/// in [`keys`] starts with it).
+pub fn scope_of_key(job_key: &str) -> &str {
+    job_key.split('/').next().unwrap_or(job_key)
+}
+
+/// The epoch of a scope `<deployment>#<epoch>` (0 for a malformed one).
+pub fn epoch_of_scope(scope: &str) -> u32 {
+    scope
+        .rsplit_once('#')
+        .and_then(|(_, e)| e.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The scope of epoch `epoch` of a deployment.
+pub fn scope(deployment: &str, epoch: u32) -> String {
+    format!("{deployment}#{epoch}")
 }
 
 /// The marker's deployment part, for objects that belong to a deployment as a whole.
@@ -206,5 +313,23 @@ pub mod keys {
     }
     pub fn destroy(dep: &str, vm: &str) -> String {
         format!("{dep}/teardown/vm/{vm}")
+    }
+    /// The job that finishes teardown `dep` (a teardown's scope); a submit made during the
+    /// teardown gates its jobs on it.
+    pub fn teardown_finish(dep: &str) -> String {
+        format!("{dep}/teardown/finish")
+    }
+    /// Removal of a VM whose student was pruned from the files (`submit --prune`).
+    pub fn prune_vm(dep: &str, round: &str, vm: &str) -> String {
+        format!("{dep}/prune/{round}/vm/{vm}")
+    }
+    pub fn prune_student(dep: &str, round: &str, user: &str) -> String {
+        format!("{dep}/prune/{round}/student/{user}")
+    }
+    pub fn prune_node_network(dep: &str, round: &str, node: &str) -> String {
+        format!("{dep}/prune/{round}/node-network/{node}")
+    }
+    pub fn prune_finish(dep: &str, round: &str) -> String {
+        format!("{dep}/prune/{round}/finish")
     }
 }

@@ -7,7 +7,7 @@ use crate::pve::AclUpdate;
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &PermissionJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
-    let facts = require_vm(env, &j.vm).await?;
+    let facts = require_vm(env, lease, &j.vm).await?;
     let pve = env.pve(&j.vm.cluster)?;
     lease.check().await?;
     pve.update_acl(&AclUpdate {

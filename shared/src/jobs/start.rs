@@ -4,7 +4,7 @@ use crate::jobs::{Env, StartJob, pve_error, require_vm};
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &StartJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
-    let facts = require_vm(env, &j.vm).await?;
+    let facts = require_vm(env, lease, &j.vm).await?;
     let pve = env.pve(&j.vm.cluster)?;
     let status = pve
         .vm_status(&facts.node, facts.vmid)

@@ -9,6 +9,13 @@ use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let pve = env.pve(&j.cluster)?;
+    // A teardown elsewhere may have removed what this process cached as existing.
+    let removals = env
+        .store
+        .removals(&j.cluster)
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
+    env.cache.sync(&j.cluster, removals);
     let users = env.cache.users(&j.cluster, &pve).await.map_err(pve_error)?;
     let mut exists = users.contains(&j.user);
     if !exists {

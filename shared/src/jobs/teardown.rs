@@ -1,7 +1,10 @@
-//! Teardown of what a deployment created besides its VMs: each student's pool and the user
-//! if labfleet created it (its comment carries the deployment marker), and each node's
-//! private bridges (their comments carry it too), applied once per node. Runs after the
-//! VMs are destroyed (gated on their destroy jobs). Anything without our marker stays.
+//! Teardown of what a deployment created besides its VMs: each student's pool (its comment
+//! carries the deployment marker), the user if labfleet created it (any labfleet
+//! deployment's marker in its comment) and no other deployment in this Redis still lists it,
+//! and each node's private bridges (their comments carry the marker too), applied once per
+//! node. Runs after the VMs are destroyed (gated on their destroy jobs); destroying a VM
+//! removed its ACLs already, so a student shared with another deployment keeps theirs
+//! there. Anything without our marker stays.
 
 use reqwest::Method;
 
@@ -21,12 +24,25 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
                 Err(e) => return Err(pve_error(e)),
             }
             env.cache.forget(&Cache::pools_key(&j.cluster), &j.pool);
+            count_removal(env, &j.cluster).await?;
         }
         Ok(_) | Err(PveError::NotFound { .. }) => {}
         Err(e) => return Err(pve_error(e)),
     }
+    let others: Vec<String> = env
+        .store
+        .listing_user(&j.cluster, &j.user)
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))?
+        .into_iter()
+        .filter(|d| d != &j.deployment)
+        .collect();
+    if !others.is_empty() {
+        tracing::info!(user = %j.user, still_listed_by = ?others, "keeping a student another deployment lists");
+        return Ok(());
+    }
     match pve.user(&j.user).await {
-        Ok(info) if info.comment.as_deref().map(str::trim) == Some(mine.as_str()) => {
+        Ok(info) if creator(info.comment.as_deref()).is_some() => {
             lease.check().await?;
             let path = format!("/access/users/{}", j.user);
             match pve.raw_call(Method::DELETE, &path, &[]).await {
@@ -34,6 +50,7 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
                 Err(e) => return Err(pve_error(e)),
             }
             env.cache.forget(&Cache::users_key(&j.cluster), &j.user);
+            count_removal(env, &j.cluster).await?;
         }
         Ok(_) | Err(PveError::NotFound { .. }) => {}
         Err(e) => return Err(pve_error(e)),
@@ -41,6 +58,15 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
     Ok(())
 }
 
+/// The deployment a user's comment names as its creator, if labfleet created it.
+pub fn creator(comment: Option<&str>) -> Option<&str> {
+    let c = comment?.trim();
+    let id = c.strip_prefix("labfleet deployment=")?;
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
+}
+
+/// Removes the deployment's private bridges on the node: all of them, or (a prune) only those
+/// named in `j.bridges`.
 pub async fn node_network(j: &NodeNetworkJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let pve = env.pve(&j.cluster)?;
     let mine = deployment_marker(&j.deployment);
@@ -51,7 +77,8 @@ pub async fn node_network(j: &NodeNetworkJob, lease: &Lease, env: &Env) -> Resul
             .comments
             .as_deref()
             .is_some_and(|c| c.trim_start().starts_with(&format!("{mine} ")) || c.trim() == mine);
-        if !ours {
+        let named = j.bridges.is_empty() || j.bridges.iter().any(|b| b.iface == iface.iface);
+        if !ours || !named {
             continue;
         }
         lease.check().await?;
@@ -67,5 +94,16 @@ pub async fn node_network(j: &NodeNetworkJob, lease: &Lease, env: &Env) -> Resul
     }
     env.cache
         .invalidate(&Cache::ifaces_key(&j.cluster, &j.node));
+    if removed > 0 {
+        count_removal(env, &j.cluster).await?;
+    }
     Ok(())
+}
+
+/// Tells other workers' caches that something they may hold as existing is gone.
+async fn count_removal(env: &Env, cluster: &str) -> Result<(), JobError> {
+    env.store
+        .count_removal(cluster)
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))
 }

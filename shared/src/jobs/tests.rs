@@ -63,6 +63,25 @@ fn payload_snapshots() {
         Job::Destroy(DestroyJob {
             vm: vm(),
             vmid: Some(1000),
+            epoch: Some(2),
+        }),
+        Job::TeardownFinish(TeardownFinishJob {
+            deployment: "netlab@lab".into(),
+            cluster: "lab".into(),
+            epoch: 3,
+            prune: None,
+        }),
+        Job::TeardownFinish(TeardownFinishJob {
+            deployment: "netlab@lab".into(),
+            cluster: "lab".into(),
+            epoch: 0,
+            prune: Some(PruneSet {
+                round: "1700000000000".into(),
+                vms: vec!["student2@pve/student-pc".into()],
+                users: vec!["student2@pve".into()],
+                bridges: vec![("pve1".into(), "student2@pve hq".into())],
+                jobs: vec!["netlab@lab#0/vm/student2@pve/student-pc/clone".into()],
+            }),
         }),
     ];
     let got: Vec<String> = jobs
@@ -76,8 +95,11 @@ fn payload_snapshots() {
         r#"{"kind":"network","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"nics":[{"model":"virtio","bridge":"vmbr1000","tag":100,"firewall":null}]}"#,
         r#"{"kind":"permission","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"user":"student1@pve","role":"PVEVMUser"}"#,
         r#"{"kind":"start","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
-        r#"{"kind":"destroy","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"vmid":1000}"#,
+        r#"{"kind":"destroy","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"vmid":1000,"epoch":2}"#,
+        r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":3}"#,
+        r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":0,"prune":{"round":"1700000000000","vms":["student2@pve/student-pc"],"users":["student2@pve"],"bridges":[["pve1","student2@pve hq"]],"jobs":["netlab@lab#0/vm/student2@pve/student-pc/clone"]}}"#,
     ];
+    assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
         assert_eq!(g, w);
         let back: Job = serde_json::from_str(w).unwrap();
@@ -86,6 +108,59 @@ fn payload_snapshots() {
     for j in &jobs {
         assert!(KINDS.contains(&j.kind()));
     }
+}
+
+#[test]
+fn a_destroy_payload_of_the_version_before_epochs_still_decodes() {
+    let old = r#"{"kind":"destroy","vm":{"deployment":"d@c","cluster":"c","key":"u@pve/pc","node":"pve1"},"vmid":1000}"#;
+    let j: Job = serde_json::from_str(old).unwrap();
+    assert!(matches!(
+        j,
+        Job::Destroy(DestroyJob {
+            epoch: None,
+            vmid: Some(1000),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn markers_of_this_and_the_previous_version_are_read() {
+    let dep = "netlab@lab";
+    let key = "student1@pve/student-pc";
+    assert_eq!(
+        marker(dep, key, 4),
+        "labfleet deployment=netlab@lab vm=student1@pve/student-pc epoch=4"
+    );
+    let now = format!("notes by the teacher\n{}\n", marker(dep, key, 4));
+    assert_eq!(find_marker(&now, dep, key), MarkerMatch::Epoch(4));
+    assert!(find_marker(&now, dep, key).is_ours(4));
+    assert!(
+        !find_marker(&now, dep, key).is_ours(5),
+        "another epoch's VM is not ours"
+    );
+    // What the version before epochs wrote (the upgrade fixture's VMs carry it).
+    let old = "labfleet deployment=netlab@lab vm=student1@pve/student-pc";
+    assert_eq!(find_marker(old, dep, key), MarkerMatch::Legacy);
+    assert!(find_marker(old, dep, key).is_ours(7));
+    assert_eq!(find_marker(old, dep, "student1@pve/gw"), MarkerMatch::None);
+    assert_eq!(find_marker(old, "netlab@lab2", key), MarkerMatch::None);
+    assert_eq!(
+        find_marker(
+            "labfleet deployment=netlab@lab vm=student1@pve/student-pc epoch=x",
+            dep,
+            key
+        ),
+        MarkerMatch::None
+    );
+}
+
+#[test]
+fn a_job_s_scope_is_the_first_segment_of_its_key() {
+    assert_eq!(scope_of_key("lab@c#3/vm/u@pve/pc/clone"), "lab@c#3");
+    assert_eq!(epoch_of_scope("lab@c#3"), 3);
+    assert_eq!(scope("lab@c", 3), "lab@c#3");
+    assert_eq!(scope_of_key(&keys::teardown_finish("lab@c#2")), "lab@c#2");
 }
 
 #[test]

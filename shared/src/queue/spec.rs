@@ -24,6 +24,9 @@ pub struct JobSpec {
     pub run_after: Option<Duration>,
     /// Group (e.g. the deployment id) for `group_stats`, `cancel_group`, `retry_dead_group`.
     pub group: Option<String>,
+    /// Deleted at its ack (after releasing its successors) instead of kept for the done
+    /// retention: for a job whose own success removes everything else of its group.
+    pub forget_when_done: bool,
 }
 
 impl JobSpec {
@@ -42,7 +45,14 @@ impl JobSpec {
             slot_keys: Vec::new(),
             run_after: None,
             group: None,
+            forget_when_done: false,
         }
+    }
+
+    /// Deletes the job at its ack instead of keeping it (see [`JobSpec::forget_when_done`]).
+    pub fn forget_when_done(mut self) -> Self {
+        self.forget_when_done = true;
+        self
     }
 
     /// Holds the job until every named job has succeeded.
@@ -98,4 +108,6 @@ pub(crate) struct WireSpec<'a> {
     pub g: &'a str,
     pub gate: Vec<&'a str>,
     pub s: Vec<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub f: bool,
 }

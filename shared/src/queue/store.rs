@@ -324,6 +324,7 @@ impl Queue {
                 g: s.group.as_deref().unwrap_or(""),
                 gate,
                 s: slots,
+                f: s.forget_when_done,
             });
         }
         serde_json::to_string(&wire).map_err(|source| QueueError::Payload {
@@ -654,6 +655,24 @@ impl Queue {
             [group.to_owned(), ms(self.config.lease)],
         )
         .await
+    }
+
+    /// Deletes every finished (done, cancelled) or still queued job of a group with its
+    /// history and successor set, then the group's set and counters: what a torn-down
+    /// deployment's epoch leaves in the queue. A job still running keeps its record, and a
+    /// cancelled job still holding slots for a Proxmox task that may run is left for the
+    /// reaper, which deletes it when it frees those slots. Returns the jobs deleted.
+    pub async fn purge_group(&self, group: &str) -> Result<u64, QueueError> {
+        let mut total = 0;
+        loop {
+            let n: u64 = self
+                .eval(&scripts::PURGE_GROUP, [group.to_owned(), "500".to_owned()])
+                .await?;
+            total += n;
+            if n < 500 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Brings a dead job back (same id, attempts and lease losses reset). Returns 1 or 0.

@@ -3,6 +3,7 @@
 //! `labfleet_tests` library (`tests/src`).
 mod cli;
 mod compose;
+mod lifecycle;
 mod metrics;
 mod pipeline;
 mod pve_client;

@@ -119,28 +119,42 @@ impl Lab {
         (summary, full)
     }
 
-    /// Starts a teardown and waits until it is finished and verified against the cluster;
-    /// a failed teardown fails the test with its message.
+    /// Starts a teardown and waits until its finish job has verified it against the
+    /// cluster; a failed teardown fails the test with its failures.
     async fn tear_down(&self, id: &str, deadline: Duration) {
-        producer::deploy::teardown(&self.store, id)
+        let started = producer::deploy::teardown(&self.store, id)
             .await
             .map_err(|f| f.error)
             .unwrap();
         wait_for(deadline, "teardown finished", || async {
-            producer::deploy::finish_teardown(&self.store, id, &self.pve())
+            let p = producer::deploy::teardown_progress(&self.store, id, started.epoch)
                 .await
                 .map_err(|f| f.error)
-                .unwrap()
+                .unwrap();
+            assert!(!(p.dead > 0 && p.open <= 1), "teardown jobs failed: {p:?}");
+            p.finished
         })
         .await;
     }
 
     /// Runs `flow` while `n` in-process workers consume the queue; stops them after.
     async fn with_workers<F: Future<Output = ()>>(&self, n: usize, flow: F) {
+        self.with_workers_timed(n, shared::jobs::Timing::default(), flow)
+            .await
+    }
+
+    /// [`Lab::with_workers`] with the handlers' timing knobs set.
+    async fn with_workers_timed<F: Future<Output = ()>>(
+        &self,
+        n: usize,
+        timing: shared::jobs::Timing,
+        flow: F,
+    ) {
         let shutdown = CancellationToken::new();
         let mut workers = Vec::new();
         for i in 0..n {
             let mut wc = worker::WorkerConfig::new(self.redis.url(), self.data.path());
+            wc.timing = timing.clone();
             wc.queue = self.qcfg.clone();
             wc.name = Some(format!("w{i}"));
             wc.secret_key = Some(self.key.clone());
@@ -406,19 +420,21 @@ async fn a_lost_redis_record_does_not_duplicate_the_vm() {
         let v = &plan.vms[0];
         // Forget the VM's record, then run its clone job again under a new job key.
         let mut c = lab.store.queue().connection();
+        let scope = format!("{id}#0");
         let _: () = redis::cmd("HDEL")
-            .arg(lab.store.key_vms(&id))
+            .arg(lab.store.key_vms(&scope))
             .arg(&v.key)
             .query_async(&mut c)
             .await
             .unwrap();
-        let specs = shared::plan::jobs(&plan, &format!("{id}#rerun"), &BTreeMap::new());
+        let specs = shared::plan::jobs(&plan, &scope, &BTreeMap::new());
         let clone = specs
             .into_iter()
             .find(|s| s.kind == "clone" && s.key.contains(&v.key))
             .unwrap();
         let clone = shared::queue::JobSpec {
             gate: vec![],
+            key: format!("{}/rerun", clone.key),
             ..clone
         };
         lab.store.queue().enqueue(&clone).await.unwrap();
@@ -440,7 +456,12 @@ async fn a_lost_redis_record_does_not_duplicate_the_vm() {
             .count();
         assert_eq!(copies, 1, "found by VMID and marker, not cloned twice");
         assert_eq!(
-            lab.store.one_vm(&id, &v.key).await.unwrap().unwrap().vmid,
+            lab.store
+                .one_vm(&scope, &v.key)
+                .await
+                .unwrap()
+                .unwrap()
+                .vmid,
             v.vmid
         );
     })
@@ -576,7 +597,7 @@ async fn a_done_job_whose_record_cannot_be_written_is_not_acked() {
     let (id, _) = lab.submit().await;
     // The step records' hash replaced by a string: every record write fails (WRONGTYPE),
     // while Proxmox and the queue work.
-    let steps = lab.store.key_steps(&id);
+    let steps = lab.store.key_steps(&format!("{id}#0"));
     let mut c = lab.store.queue().connection();
     let _: () = redis::cmd("SET")
         .arg(&steps)
@@ -714,6 +735,305 @@ async fn resubmit_adds_new_students_and_reports_removed_ones() {
         );
         assert_eq!(after["users"], before["users"]);
         assert_eq!(after["nodes"], before["nodes"]);
+    })
+    .await;
+}
+
+/// Waits for a job to be done.
+async fn job_done(lab: &Lab, key: &str, deadline: Duration) {
+    wait_for(deadline, &format!("job {key} done"), || async {
+        lab.store
+            .queue()
+            .job(key)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|j| j.state == "done")
+    })
+    .await;
+}
+
+/// Runs a VM's clone job again, as after its done record expired (a resubmit a week later),
+/// under a fresh key of the same scope.
+async fn rerun_clone(lab: &Lab, plan: &shared::plan::Plan, id: &str, vm: &str) -> String {
+    let scope = format!("{id}#0");
+    let clone = shared::plan::jobs(plan, &scope, &BTreeMap::new())
+        .into_iter()
+        .find(|s| s.kind == "clone" && s.key.contains(vm))
+        .unwrap();
+    let clone = shared::queue::JobSpec {
+        gate: vec![],
+        key: format!("{}/again", clone.key),
+        ..clone
+    };
+    lab.store.queue().enqueue(&clone).await.unwrap();
+    clone.key
+}
+
+const ONE_LINUX: &str = "name: one-lab\nmachines:\n  - {device_type: linux, name: pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}]}\n";
+const ONE_ROUTER: &str = "name: one-lab\nmachines:\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}]}\n";
+
+/// Review item: when waiting for the previous attempt's clone failed (past the task
+/// deadline), the clone job threw the error away and cleaned up (quarantined) the clone that
+/// was still running, then made a second VM. Now it keeps waiting, keeping its slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_wait_ran_out_is_not_cleaned_up_while_it_runs() {
+    let lab = Lab::new(0.6, &["student1@pve", "student2@pve"], ONE_LINUX).await;
+    let timing = shared::jobs::Timing {
+        // Shorter than a clone (linked clone and storage lock: 1.5 s at this scale).
+        task_deadline: Duration::from_millis(300),
+        ..shared::jobs::Timing::default()
+    };
+    lab.with_workers_timed(2, timing, async {
+        let (id, plan) = lab.submit().await;
+        wait_for(Duration::from_secs(90), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let ours: Vec<_> = lab.sim.vms().into_iter().filter(|v| !v.template).collect();
+        assert_eq!(
+            ours.len(),
+            plan.vms.len(),
+            "one VM per planned VM: {ours:?}"
+        );
+        assert!(
+            lab.store.quarantined("lab").await.unwrap().is_empty(),
+            "no running clone was given up"
+        );
+        let clones = lab.sim.stats()["tasks"]["qmclone"]["started"].as_u64();
+        assert_eq!(clones, Some(plan.vms.len() as u64), "each clone ran once");
+    })
+    .await;
+}
+
+/// A VM at a VMID this deployment once recorded, made by someone else and under
+/// `lock: backup` (a backup running), is never taken for our half-made clone.
+async fn plant_foreign_backup(lab: &Lab, vmid: u32, node: &str) {
+    let pve = lab.pve();
+    let upid = pve
+        .destroy_vm(
+            node,
+            vmid,
+            &shared::pve::DestroyParams {
+                purge: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    pve.wait_task(&upid, &shared::pve::WaitOptions::default())
+        .await
+        .unwrap();
+    let upid = pve
+        .clone_vm(
+            "pve1",
+            100,
+            &shared::pve::CloneParams {
+                newid: vmid,
+                name: Some("someone-elses".into()),
+                target: (node != "pve1").then(|| node.to_owned()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    pve.wait_task(&upid, &shared::pve::WaitOptions::default())
+        .await
+        .unwrap();
+    pve.raw_call(
+        shared::pve::Method::PUT,
+        &format!("/nodes/{node}/qemu/{vmid}/config"),
+        &[("lock", "backup")],
+    )
+    .await
+    .unwrap();
+}
+
+/// The connections file with root's password (a ticket may use skiplock), for the workers.
+fn root_password_connections(lab: &Lab) {
+    let p = lab.data.path().join("connections.yml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let text = text.replace("  token_name: labfleet\n", "").replace(
+        "  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n",
+        "  password: labfleet\n",
+    );
+    std::fs::write(&p, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_vm_under_a_backup_lock_survives_teardown_and_reclone() {
+    let lab = Lab::new(0.0, &["student1@pve"], ONE_LINUX).await;
+    root_password_connections(&lab);
+    lab.with_workers(1, async {
+        let (id, plan) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let v = &plan.vms[0];
+        let vmid = lab
+            .store
+            .one_vm(&format!("{id}#0"), &v.key)
+            .await
+            .unwrap()
+            .unwrap()
+            .vmid;
+        let node = lab
+            .sim
+            .vms()
+            .into_iter()
+            .find(|x| x.vmid == vmid)
+            .unwrap()
+            .node;
+        plant_foreign_backup(&lab, vmid, &node).await;
+
+        // The clone job run again: the VMID holds somebody's VM now; ours goes elsewhere.
+        let key = rerun_clone(&lab, &plan, &id, &v.key).await;
+        job_done(&lab, &key, Duration::from_secs(30)).await;
+        let vms = lab.sim.vms();
+        let foreign = vms
+            .iter()
+            .find(|x| x.vmid == vmid)
+            .expect("the foreign VM is still there");
+        assert_eq!(foreign.name.as_deref(), Some("someone-elses"));
+        assert_eq!(foreign.lock.as_deref(), Some("backup"));
+        let mine = lab
+            .store
+            .one_vm(&format!("{id}#0"), &v.key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(mine.vmid, vmid, "our VM moved to a new VMID");
+        assert!(
+            vms.iter()
+                .any(|x| x.vmid == mine.vmid && x.name.as_deref() == Some(v.name.as_str()))
+        );
+
+        // Teardown, with the facts pointing at the foreign VM again (as before the re-clone)
+        // and our own VM gone (an admin removed it), so the destroy job meets only the
+        // foreign one.
+        let pve = lab.pve();
+        let upid = pve
+            .destroy_vm(
+                &mine.node,
+                mine.vmid,
+                &shared::pve::DestroyParams {
+                    purge: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        pve.wait_task(&upid, &shared::pve::WaitOptions::default())
+            .await
+            .unwrap();
+        let old = shared::jobs::state::VmFacts {
+            vmid,
+            node: node.clone(),
+            ..mine.clone()
+        };
+        let mut c = lab.store.queue().connection();
+        let _: () = redis::cmd("HSET")
+            .arg(lab.store.key_vms(&format!("{id}#0")))
+            .arg(&v.key)
+            .arg(serde_json::to_string(&old).unwrap())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        lab.tear_down(&id, Duration::from_secs(60)).await;
+        let vms = lab.sim.vms();
+        assert!(
+            vms.iter()
+                .any(|x| x.vmid == vmid && x.lock.as_deref() == Some("backup")),
+            "a VM under somebody's backup lock is never destroyed"
+        );
+        assert!(lab.store.quarantined("lab").await.unwrap().is_empty());
+    })
+    .await;
+}
+
+/// Review item: the clone job looked for its VM only on the planned and the source node,
+/// so a VM an admin moved elsewhere was cloned again under a new VMID once its done job
+/// expired. Now it is found by VMID cluster-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moved_to_another_node_is_found_and_not_cloned_again() {
+    let lab = Lab::new(0.0, &["student1@pve"], ONE_ROUTER).await;
+    lab.with_workers(1, async {
+        let (id, plan) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let v = &plan.vms[0];
+        let scope = format!("{id}#0");
+        let facts = lab.store.one_vm(&scope, &v.key).await.unwrap().unwrap();
+        let here = lab
+            .sim
+            .vms()
+            .into_iter()
+            .find(|x| x.vmid == facts.vmid)
+            .unwrap();
+        // The admin's move: the same VM (same VMID, marker, name) now lives on another node
+        // than the planned and the source node.
+        let elsewhere = ["pve1", "pve2", "pve3"]
+            .into_iter()
+            .find(|n| *n != here.node && *n != v.source.node && *n != v.node)
+            .expect("a third node");
+        let pve = lab.pve();
+        let upid = pve
+            .destroy_vm(
+                &here.node,
+                facts.vmid,
+                &shared::pve::DestroyParams {
+                    purge: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        pve.wait_task(&upid, &shared::pve::WaitOptions::default())
+            .await
+            .unwrap();
+        let upid = pve
+            .clone_vm(
+                &v.source.node,
+                v.source.vmid,
+                &shared::pve::CloneParams {
+                    newid: facts.vmid,
+                    name: Some(v.name.clone()),
+                    description: here.description.clone(),
+                    target: Some(elsewhere.to_owned()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        pve.wait_task(&upid, &shared::pve::WaitOptions::default())
+            .await
+            .unwrap();
+        let key = rerun_clone(&lab, &plan, &id, &v.key).await;
+        job_done(&lab, &key, Duration::from_secs(30)).await;
+        let copies: Vec<_> = lab
+            .sim
+            .vms()
+            .into_iter()
+            .filter(|x| x.name.as_deref() == Some(v.name.as_str()))
+            .collect();
+        assert_eq!(
+            copies.len(),
+            1,
+            "found where it is, not cloned again: {copies:?}"
+        );
+        assert_eq!(copies[0].node, elsewhere);
+        assert_eq!(
+            lab.store
+                .one_vm(&scope, &v.key)
+                .await
+                .unwrap()
+                .unwrap()
+                .vmid,
+            facts.vmid
+        );
     })
     .await;
 }

@@ -1066,3 +1066,130 @@ async fn a_failed_attempt_that_lost_track_of_its_work_keeps_its_slots() {
     assert_eq!(c.jobs.len(), 1);
     assert_eq!(c.jobs[0].key, "next", "freed once lease + sweep passed");
 }
+
+/// Keys that went on forever: a purged dead letter's successor set, and every record of a
+/// finished group (done, cancelled, queued and dead jobs with their history), which a
+/// torn-down deployment's epoch leaves behind. A running job survives the purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_leave_no_record_of_a_finished_group_or_a_dead_letter() {
+    let r = RedisServer::start();
+    let mut c = cfg();
+    c.dead_retention = ms(300);
+    let q = queue(&r, c).await;
+    let mut conn = q.connection();
+    let keys = |pat: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let mut v: Vec<String> = redis::cmd("KEYS")
+                .arg(pat)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            v.sort();
+            v
+        }
+    };
+
+    // A dead letter with a successor: once purged, its successor set goes too.
+    q.enqueue_batch(&[noop("p").max_attempts(1), noop("s").after(["p"])])
+        .await
+        .unwrap();
+    let j = q.claim("w", 1).await.unwrap().jobs.remove(0);
+    q.fail(&j.key, &j.token, "w", &FailOutcome::permanent("boom"))
+        .await
+        .unwrap();
+    assert_eq!(state(&q, "p").await, "dead");
+    assert_eq!(keys("*succ:p").await.len(), 1);
+    tokio::time::sleep(ms(400)).await;
+    q.reap().await.unwrap();
+    assert_eq!(state(&q, "p").await, "", "purged after its retention");
+    assert!(
+        keys("*succ:p").await.is_empty(),
+        "its successor set is gone too"
+    );
+
+    // A group with a done, a cancelled, a dead, a gated and a running job.
+    let g = |k: &str| noop(k).group("dep#0");
+    q.enqueue_batch(&[
+        g("g-done"),
+        g("g-dead").max_attempts(1),
+        g("g-run"),
+        g("g-gated").after(["g-run"]),
+        g("g-later").run_after(SECS(60)),
+    ])
+    .await
+    .unwrap();
+    let mut claimed = q.claim("w", 3).await.unwrap().jobs;
+    claimed.sort_by(|a, b| a.key.cmp(&b.key));
+    let [dead, done, run] = <[_; 3]>::try_from(claimed).unwrap();
+    q.ack(&done.key, &done.token).await.unwrap();
+    q.fail(&dead.key, &dead.token, "w", &FailOutcome::permanent("x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.purge_group("dep#0").await.unwrap(),
+        4,
+        "all but the running job"
+    );
+    assert_eq!(
+        state(&q, "g-run").await,
+        "running",
+        "a live job is never deleted"
+    );
+    assert!(keys("*hist:g-*").await.is_empty());
+    let gs = q.group_stats("dep#0").await.unwrap();
+    assert_eq!(
+        (gs.dead, gs.gated, gs.scheduled, gs.done, gs.in_flight),
+        (0, 0, 0, 0, 1),
+        "{gs:?}"
+    );
+    let stats = q.stats().await.unwrap();
+    // `s`, gated on the purged dead letter `p`, is the only gated job left (not in the group).
+    assert_eq!(
+        (stats.dead, stats.gated, stats.scheduled),
+        (0, 1, 0),
+        "{stats:?}"
+    );
+    // The last one done, purged: nothing of the group is left.
+    q.ack(&run.key, &run.token).await.unwrap();
+    q.purge_group("dep#0").await.unwrap();
+    let left: Vec<String> = keys("*")
+        .await
+        .into_iter()
+        .filter(|k| k.contains("g-") || k.contains("dep#0"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+/// A job enqueued to be forgotten leaves nothing at its ack, after releasing what it gated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_job_releases_its_successors_and_leaves_nothing() {
+    let r = RedisServer::start();
+    let q = queue(&r, cfg()).await;
+    q.enqueue_batch(&[
+        noop("f").group("grp").forget_when_done(),
+        noop("after-f").after(["f"]),
+    ])
+    .await
+    .unwrap();
+    let j = q.claim("w", 1).await.unwrap().jobs.remove(0);
+    assert_eq!(j.key, "f");
+    q.ack(&j.key, &j.token).await.unwrap();
+    assert_eq!(state(&q, "f").await, "", "forgotten at its ack");
+    assert_eq!(
+        state(&q, "after-f").await,
+        "ready",
+        "its successor was released first"
+    );
+    let mut conn = q.connection();
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("*grp*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "its group went with its last member: {left:?}"
+    );
+}

@@ -29,20 +29,20 @@ use shared::secret::SecretKey;
 /// These tests start several worker processes, a Redis and a simulator each, and measure
 /// timing against the lease; running them one at a time keeps a 2-core machine's load (and
 /// so the figures) honest, whatever the test harness runs beside them.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The root password of the simulated cluster. Not the demo's `labfleet`: that word is the
 /// project's name and appears in every marker, so a scan for it would prove nothing.
-const ROOT_PW: &str = "Rel1ab-root-pw-7c41e9";
+pub(crate) const ROOT_PW: &str = "Rel1ab-root-pw-7c41e9";
 const TOKEN_SECRET: &str = "5e1f0c2a-7d43-4b9e-a8c1-3f2d9b6e0a71";
 
-const TWO_MACHINES: &str = "name: rel-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
+pub(crate) const TWO_MACHINES: &str = "name: rel-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
 
 fn full() -> bool {
     std::env::var("LABFLEET_FULL").is_ok_and(|v| v == "1")
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("LABFLEET_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -50,17 +50,17 @@ fn seed() -> u64 {
 }
 
 /// splitmix64: the tests' own seeded choices (victims, intervals).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
     fn secs(&mut self, lo: f64, hi: f64) -> Duration {
@@ -70,25 +70,29 @@ impl Rng {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Auth {
+pub(crate) enum Auth {
     Token,
     Password,
 }
 
 #[derive(Clone, Copy)]
-struct Caps {
+pub(crate) struct Caps {
     per_node: u64,
     linked_per_storage: u64,
 }
 
-struct RigOpts {
-    time_scale: f64,
-    users: usize,
-    deployment: String,
-    auth: Auth,
-    caps: Caps,
-    workers: WorkerOpts,
-    redis: RedisOptions,
+pub(crate) struct RigOpts {
+    pub(crate) time_scale: f64,
+    pub(crate) users: usize,
+    pub(crate) deployment: String,
+    pub(crate) auth: Auth,
+    pub(crate) caps: Caps,
+    pub(crate) workers: WorkerOpts,
+    pub(crate) redis: RedisOptions,
+    /// Changes the simulated cluster before it starts (objects an earlier version made).
+    pub(crate) sim_setup: Option<fn(&mut SimConfig)>,
+    /// The secret key (default: a new one).
+    pub(crate) key: Option<SecretKey>,
 }
 
 impl Default for RigOpts {
@@ -104,24 +108,26 @@ impl Default for RigOpts {
             },
             workers: WorkerOpts::default(),
             redis: RedisOptions::default(),
+            sim_setup: None,
+            key: None,
         }
     }
 }
 
 /// One lab: Redis, the simulator, a data folder aimed at it, the key, the producer's store
 /// and a fleet of worker processes.
-struct Rig {
-    redis: RedisServer,
-    sim: SimHandle,
-    data: tempfile::TempDir,
-    cfg: Config,
-    key: SecretKey,
-    store: Store,
-    fleet: Fleet,
+pub(crate) struct Rig {
+    pub(crate) redis: RedisServer,
+    pub(crate) sim: SimHandle,
+    pub(crate) data: tempfile::TempDir,
+    pub(crate) cfg: Config,
+    pub(crate) key: SecretKey,
+    pub(crate) store: Store,
+    pub(crate) fleet: Fleet,
     caps: Caps,
 }
 
-fn connection_yaml(name: &str, port: u16, fp: &str, auth: Auth, caps: Caps) -> String {
+pub(crate) fn connection_yaml(name: &str, port: u16, fp: &str, auth: Auth, caps: Caps) -> String {
     let auth = match auth {
         Auth::Token => format!("  token_name: labfleet\n  token_secret: \"{TOKEN_SECRET}\"\n"),
         Auth::Password => format!("  password: \"{ROOT_PW}\"\n"),
@@ -132,7 +138,7 @@ fn connection_yaml(name: &str, port: u16, fp: &str, auth: Auth, caps: Caps) -> S
     )
 }
 
-fn users_yaml(n: usize) -> String {
+pub(crate) fn users_yaml(n: usize) -> String {
     let list: String = (1..=n)
         .map(|i| format!("  - \"student{i}@pve\"\n"))
         .collect();
@@ -140,7 +146,7 @@ fn users_yaml(n: usize) -> String {
 }
 
 impl Rig {
-    async fn new(o: RigOpts) -> Rig {
+    pub(crate) async fn new(o: RigOpts) -> Rig {
         let redis = RedisServer::start_with(o.redis.clone());
         let mut sc = SimConfig::from_cluster_file(
             &labfleet_tests::bins::root().join("data/sim/cluster.yml"),
@@ -157,6 +163,9 @@ impl Rig {
                 }
             }
         }
+        if let Some(setup) = o.sim_setup {
+            setup(&mut sc);
+        }
         let sim = Sim::start(sc).await.unwrap();
         let data = tempfile::tempdir().unwrap();
         let fp = sim.fingerprint().unwrap();
@@ -171,7 +180,7 @@ impl Rig {
         let queue = Queue::connect(&redis.url(), worker::queue_config())
             .await
             .unwrap();
-        let key = SecretKey::generate();
+        let key = o.key.unwrap_or_else(SecretKey::generate);
         let fleet = Fleet::new(
             &redis.url(),
             data.path(),
@@ -190,11 +199,11 @@ impl Rig {
         }
     }
 
-    fn q(&self) -> &Queue {
+    pub(crate) fn q(&self) -> &Queue {
         self.store.queue()
     }
 
-    fn pve(&self) -> PveClient {
+    pub(crate) fn pve(&self) -> PveClient {
         producer::deploy::connect_pve(&self.cfg, Some(&self.key))
             .map_err(|f| f.error)
             .unwrap()
@@ -207,7 +216,7 @@ impl Rig {
             .unwrap()
     }
 
-    async fn state(&self, id: &str) -> String {
+    pub(crate) async fn state(&self, id: &str) -> String {
         producer::deploy::status(&self.store, id)
             .await
             .map(|s| s.state)
@@ -215,7 +224,7 @@ impl Rig {
     }
 
     /// Waits for the deployment's state; on timeout fails with what was still open.
-    async fn wait_state(&self, id: &str, want: &str, deadline: Duration) {
+    pub(crate) async fn wait_state(&self, id: &str, want: &str, deadline: Duration) {
         let end = tokio::time::Instant::now() + deadline;
         while self.state(id).await != want {
             if tokio::time::Instant::now() >= end {
@@ -230,7 +239,7 @@ impl Rig {
 
     /// What a stuck deployment still has open: VM counts, failures, the queue's view, every
     /// capped slot, and the first unfinished jobs with where they wait.
-    async fn diagnose(&self, id: &str) -> String {
+    pub(crate) async fn diagnose(&self, id: &str) -> String {
         let mut out = String::new();
         if let Ok(st) = producer::deploy::status(&self.store, id).await {
             out += &format!("status {}: {:?}\n", st.state, st.counts);
@@ -358,11 +367,11 @@ impl Rig {
                     .find(|pl| pl.vms.iter().any(|x| x.key == p.key && x.name == p.name))
                     .map(|pl| pl.id.clone())
                     .unwrap_or_default();
-                v.description
-                    .as_deref()
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.trim() == shared::jobs::marker(&dep, &p.key))
+                shared::jobs::find_marker(
+                    v.description.as_deref().unwrap_or_default(),
+                    &dep,
+                    &p.key,
+                ) != shared::jobs::MarkerMatch::None
             });
             if !ok || v.lock.is_some() {
                 orphans.push(format!("{} {:?} lock={:?}", v.vmid, v.name, v.lock));
@@ -522,7 +531,8 @@ async fn clone_still_running(rig: &Rig, key: &str) -> bool {
     let Some(Ok(shared::jobs::Job::Clone(j))) = f[1].as_deref().map(serde_json::from_str) else {
         return false;
     };
-    let Ok(Some(facts)) = rig.store.one_vm(&j.vm.deployment, &j.vm.key).await else {
+    let scope = shared::jobs::scope_of_key(key);
+    let Ok(Some(facts)) = rig.store.one_vm(scope, &j.vm.key).await else {
         return false;
     };
     rig.sim
@@ -634,8 +644,8 @@ async fn p2_a_stale_worker_is_fenced_off() {
     .await;
     let taken_after = stopped.elapsed();
     // What the new owner wrote, before A wakes up.
-    let steps_key = rig.store.key_steps(&id);
-    let vms_key = rig.store.key_vms(&id);
+    let steps_key = rig.store.key_steps(&format!("{id}#0"));
+    let vms_key = rig.store.key_vms(&format!("{id}#0"));
     let c = rig.q().connection();
     let read = |k: String| {
         let mut c = c.clone();
@@ -1005,7 +1015,7 @@ async fn p4_proxmox_faults_at_20_percent() {
 }
 
 /// Runs the producer binary against the rig's data folder and Redis.
-fn producer(rig: &Rig, args: &[&str], extra: &[&str]) -> Output {
+pub(crate) fn producer(rig: &Rig, args: &[&str], extra: &[&str]) -> Output {
     Command::new(bin("producer"))
         .arg("--data-dir")
         .arg(rig.data.path())
@@ -1427,7 +1437,7 @@ async fn p8_no_secret_in_redis_logs_or_errors() {
     let mut students = 0;
     for id in ["sec-pw@pw", "sec-tok@tok"] {
         let plan: Plan =
-            serde_json::from_str(&rig.store.plan_json(id).await.unwrap().unwrap()).unwrap();
+            serde_json::from_str(&rig.store.plan_json(id, 0).await.unwrap().unwrap()).unwrap();
         for s in plan.students.iter().filter(|s| s.create_user) {
             students += 1;
             secrets.push((

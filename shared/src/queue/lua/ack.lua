@@ -2,7 +2,7 @@
 -- Returns {1} applied (+ per follow-up 1/0), {2} already applied by this token, {0} stale.
 local id, token = ARGV[2], ARGV[3]
 local key = jk(id)
-local f = redis.call('HMGET', key, 'token', 'settled_token', 'state', 'group', 'slots')
+local f = redis.call('HMGET', key, 'token', 'settled_token', 'state', 'group', 'slots', 'forget')
 if f[1] ~= token then
   if f[2] == token then return {2, {}} end
   return {0, {}}
@@ -29,6 +29,11 @@ end
 redis.call('DEL', sk)
 
 local created = enqueue_all(ARGV[4])
+-- A job that asked to be forgotten leaves nothing (its successors are released above).
+if f[6] == '1' then
+  forget(id, 'done', f[4], '', nil)
+  return {1, created}
+end
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then
   redis.call('PEXPIRE', key, ttl)

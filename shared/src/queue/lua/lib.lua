@@ -100,6 +100,25 @@ local function release_slots(id, slots)
   end
 end
 
+-- Deletes a job that is not running: its record, history and successor set, its entry in
+-- the index of its state and in its group (the group's set and counters go with the last
+-- member). Slots it still holds are freed.
+local function forget(id, st, group, slots, waiting_on)
+  if st == 'ready' then redis.call('ZREM', P .. 'ready', id)
+  elseif st == 'scheduled' then redis.call('ZREM', P .. 'scheduled', id)
+  elseif st == 'gated' then redis.call('SREM', P .. 'gated', id)
+  elseif st == 'waiting' then redis.call('ZREM', P .. 'wait:' .. (waiting_on or ''), id)
+  elseif st == 'dead' then redis.call('ZREM', P .. 'dead', id) end
+  release_slots(id, split(slots))
+  transition(id, st, nil, group)
+  redis.call('DEL', jk(id), P .. 'hist:' .. id, P .. 'succ:' .. id)
+  if group and group ~= '' then
+    local gk = P .. 'group:' .. group
+    redis.call('SREM', gk, id)
+    if redis.call('SCARD', gk) == 0 then redis.call('DEL', gk, P .. 'gcounts:' .. group) end
+  end
+end
+
 local function push_history(id, entry, max)
   local hk = P .. 'hist:' .. id
   redis.call('LPUSH', hk, cjson.encode(entry))
@@ -158,6 +177,7 @@ local function enqueue_all(json)
         'max_attempts', s.m, 'lease_losses', 0, 'max_lease_losses', s.ml, 'group', group,
         'slots', table.concat(s.s or {}, '\n'), 'run_at', run_at, 'score', run_at,
         'created_at', NOW, 'gate_pending', pending, 'state', state)
+      if s.f then redis.call('HSET', key, 'forget', 1) end
       local t = tally[group]
       if not t then
         t = {}

@@ -36,10 +36,12 @@ end
 
 -- Slots kept for a re-delivery that did not happen within the hold time.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'slotheld', '-inf', NOW, 'LIMIT', 0, batch)) do
-  local f = redis.call('HMGET', jk(id), 'state', 'slots')
+  local f = redis.call('HMGET', jk(id), 'state', 'slots', 'forget', 'group', 'waiting_on')
   if f[1] ~= 'running' then
     release_slots(id, split(f[2]))
     freed = freed + 1
+    -- Purged with its group while it kept its slots: nothing else of it is needed now.
+    if f[3] == '1' and f[1] then forget(id, f[1], f[4], '', f[5]) end
   else
     redis.call('ZREM', P .. 'slotheld', id)
   end
@@ -58,7 +60,8 @@ if dead_ret > 0 then
     redis.call('ZREM', P .. 'dead', id)
     local g = redis.call('HGET', jk(id), 'group')
     transition(id, 'dead', nil, g)
-    redis.call('DEL', jk(id), P .. 'hist:' .. id)
+    -- Its successor set too: nothing will ever ack it now.
+    redis.call('DEL', jk(id), P .. 'hist:' .. id, P .. 'succ:' .. id)
     if g and g ~= '' then redis.call('SREM', P .. 'group:' .. g, id) end
     purged = purged + 1
   end
