@@ -195,24 +195,30 @@ fn status_json(rig: &Rig, dir: &Path, id: &str) -> Value {
 /// `status` tells the truth: every VM it lists as done exists on the cluster at its VMID
 /// with its name, and every VM of the class on the cluster is listed.
 fn assert_status_matches_cluster(rig: &Rig, dir: &Path, id: &str, expect: usize) {
+    assert_status_lists(rig, dir, id, expect, 0);
+}
+
+/// As [`assert_status_matches_cluster`], with `kept` of them `not-in-files` (students dropped
+/// from the files without `--prune`).
+fn assert_status_lists(rig: &Rig, dir: &Path, id: &str, expect: usize, kept: usize) {
     let st = status_json(rig, dir, id);
     assert_eq!(st["state"], "done", "{st}");
     let vms = st["vms"].as_array().unwrap();
     assert_eq!(vms.len(), expect, "{st}");
     let cluster = class_on_cluster(rig);
+    let mut not_in_files = 0;
     for v in vms {
-        assert_eq!(v["state"], "done", "{v}");
+        if v["state"] == "not-in-files" {
+            not_in_files += 1;
+        } else {
+            assert_eq!(v["state"], "done", "{v}");
+        }
         let name = v["name"].as_str().unwrap();
-        let on = cluster
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} is not on the cluster"));
-        assert_eq!(
-            Some(on.vmid),
-            v["vmid"].as_u64().map(|x| x as u32),
-            "{name}"
-        );
+        let on = cluster.get(name).unwrap_or_else(|| panic!("{name} is not on the cluster"));
+        assert_eq!(Some(on.vmid), v["vmid"].as_u64().map(|x| x as u32), "{name}");
         assert_eq!(on.node, v["node"].as_str().unwrap(), "{name}");
     }
+    assert_eq!(not_in_files, kept, "{st}");
 }
 
 /// Every student of the handout logs in with the password it gives and sees their VMs.
@@ -652,6 +658,8 @@ struct Course {
     /// Students whose VMs must exist: the files' list, plus students dropped from it without
     /// `--prune` (kept, listed as not-in-files).
     kept: BTreeSet<String>,
+    /// The files' list.
+    listed: BTreeSet<String>,
 }
 
 /// The VM names a course's students have (`<machine>-<user part>`).
@@ -739,6 +747,7 @@ async fn randomized_lifecycle_of_two_courses_sharing_students() {
                 users.clone()
             };
             m.live = true;
+            m.listed = users.clone();
             format!("{id}: {} {users:?}", args.join(" "))
         } else if roll < 75 {
             let wait = rng.below(2) == 0;
@@ -815,11 +824,14 @@ async fn randomized_lifecycle_of_two_courses_sharing_students() {
         }
         for i in 0..2 {
             if model[i].live {
-                assert_status_matches_cluster(
+                let dropped: BTreeSet<String> =
+                    model[i].kept.difference(&model[i].listed).cloned().collect();
+                assert_status_lists(
                     &rig,
                     &dirs[i],
                     ids[i],
                     vm_names(machines[i], &model[i].kept).len(),
+                    vm_names(machines[i], &dropped).len(),
                 );
                 producer_ok(&rig, &dirs[i], &["handout", ids[i]]);
                 let rows = handout(&dirs[i], ids[i]);
