@@ -26,6 +26,7 @@
 //! ```
 
 mod access;
+mod body;
 mod client;
 mod cluster;
 mod config;
@@ -51,7 +52,10 @@ pub use config::{
     Auth, ClientConfig, DEFAULT_PORT, FingerprintError, Scheme, TlsPolicy, format_fingerprint,
     parse_fingerprint,
 };
-pub use error::{ConnectFailure, ErrorClass, MessageKind, ParamErrors, PveError};
+pub use error::{
+    ConnectFailure, ErrorClass, MAX_MESSAGE_BYTES, MAX_PARAM_ERRORS, MAX_RESPONSE_BYTES,
+    MessageKind, ParamErrors, PveError,
+};
 pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;

@@ -6,6 +6,7 @@ mod compose;
 mod metrics;
 mod pipeline;
 mod pve_client;
+mod pve_client_hostile;
 mod queue;
 mod redis_tls;
 mod reliability;
