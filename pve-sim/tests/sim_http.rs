@@ -1525,23 +1525,15 @@ async fn migrate_moves_the_config_and_local_disks_under_lock_migrate() {
     assert_eq!(api.clone_vm("pve1", 100, &[("newid", "503")]).await, "OK");
     let (upid, exit) = migrate(&api, "pve1", 503, &[("target", "pve2")]).await;
     assert_eq!(exit, "migration aborted");
-    assert!(
-        task_log(&api, "pve1", &upid).await.iter().any(|l| l.ends_with(
-            "can't migrate 'local-lvm:base-100-disk-0/vm-503-disk-0' as it's a clone of 'base-100-disk-0'"
-        ))
-    );
+    let clone_of = "can't migrate 'local-lvm:base-100-disk-0/vm-503-disk-0' as it's a clone of 'base-100-disk-0'";
+    let log = task_log(&api, "pve1", &upid).await;
+    assert!(log.iter().any(|l| l.ends_with(clone_of)), "{log:?}");
     let (upid, exit) = migrate(&api, "pve1", 100, &[("target", "pve2")]).await;
     assert_eq!(exit, "migration aborted");
-    assert!(
-        task_log(&api, "pve1", &upid)
-            .await
-            .iter()
-            .any(|l| {
-                l.ends_with(
-            "can't migrate local disk 'local-lvm:base-100-disk-0': referenced by linked clone(s)"
-        )
-            })
-    );
+    let base_used =
+        "can't migrate local disk 'local-lvm:base-100-disk-0': referenced by linked clone(s)";
+    let log = task_log(&api, "pve1", &upid).await;
+    assert!(log.iter().any(|l| l.ends_with(base_used)), "{log:?}");
     assert_eq!(
         sim.vms().iter().find(|v| v.vmid == 100).unwrap().node,
         "pve1"
