@@ -474,7 +474,13 @@ async fn old_server_mode_has_no_message_field() {
 
 #[tokio::test]
 async fn clone_config_start_destroy_lifecycle() {
-    let (sim, api) = start(0.01).await;
+    // The temp config (lock: clone, no name) lasts as long as the storage-lock hold of the
+    // first disk: 50 s nominal = 0.5 s here, wide enough for the GETs below on a loaded
+    // machine (the default 1 s, 10 ms here, was missed under load).
+    let (sim, api) = start_with(0.01, |cfg| {
+        cfg.cluster.costs.storage_lock_hold_seconds = 50.0
+    })
+    .await;
     api.call("POST", "/pools", &[("poolid", "lab1")]).await;
     let before = sim.snapshot();
     let r = api
