@@ -474,7 +474,13 @@ async fn old_server_mode_has_no_message_field() {
 
 #[tokio::test]
 async fn clone_config_start_destroy_lifecycle() {
-    let (sim, api) = start(0.01).await;
+    // The temp config (lock: clone, no name) lasts as long as the storage-lock hold of the
+    // first disk: 50 s nominal = 0.5 s here, wide enough for the GETs below on a loaded
+    // machine (the default 1 s, 10 ms here, was missed under load).
+    let (sim, api) = start_with(0.01, |cfg| {
+        cfg.cluster.costs.storage_lock_hold_seconds = 50.0
+    })
+    .await;
     api.call("POST", "/pools", &[("poolid", "lab1")]).await;
     let before = sim.snapshot();
     let r = api
@@ -1270,5 +1276,363 @@ async fn demo_certificate_is_served_with_its_pinned_fingerprint() {
     );
     let api = Api::new(&sim);
     assert_eq!(api.get("/version").await.status, 200);
+    sim.shutdown().await;
+}
+
+/// The task's log lines.
+async fn task_log(api: &Api, node: &str, upid: &str) -> Vec<String> {
+    let log = api
+        .call(
+            "GET",
+            &format!("/nodes/{node}/tasks/{upid}/log"),
+            &[("limit", "500")],
+        )
+        .await;
+    log.data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["t"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// POST migrate, expect a UPID, wait; returns (UPID, exit status).
+async fn migrate(api: &Api, node: &str, vmid: u32, params: &[(&str, &str)]) -> (String, String) {
+    let r = api
+        .call(
+            "POST",
+            &format!("/nodes/{node}/qemu/{vmid}/migrate"),
+            params,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let upid = r.data().as_str().unwrap().to_string();
+    let exit = api.wait_task(node, &upid).await["exitstatus"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (upid, exit)
+}
+
+async fn power(api: &Api, node: &str, vmid: u32, action: &str) {
+    let r = api
+        .call(
+            "POST",
+            &format!("/nodes/{node}/qemu/{vmid}/status/{action}"),
+            &[],
+        )
+        .await;
+    let upid = r.data().as_str().unwrap().to_string();
+    assert_eq!(api.wait_task(node, &upid).await["exitstatus"], "OK");
+}
+
+#[tokio::test]
+async fn migrate_checks_before_the_task() {
+    let (sim, api) = start(0.0).await;
+    assert_eq!(
+        api.clone_vm("pve1", 100, &[("newid", "501"), ("full", "1")])
+            .await,
+        "OK"
+    );
+    let post = |node: &'static str, params: &'static [(&'static str, &'static str)]| {
+        let api = api.clone();
+        async move {
+            api.call("POST", &format!("/nodes/{node}/qemu/501/migrate"), params)
+                .await
+        }
+    };
+    let r = post("pve1", &[]).await;
+    assert_eq!(
+        (r.status, r.body["errors"]["target"].as_str()),
+        (400, Some("property is missing and it is not optional"))
+    );
+    let r = post("pve1", &[("target", "pve1")]).await;
+    assert_eq!(
+        (r.status, r.body["errors"]["target"].as_str()),
+        (400, Some("target is local node."))
+    );
+    let r = post("pve1", &[("target", "pve9")]).await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "no such cluster node 'pve9'")
+    );
+    let r = post("pve2", &[("target", "pve3")]).await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (
+            500,
+            "Configuration file 'nodes/pve2/qemu-server/501.conf' does not exist"
+        )
+    );
+    // Root-only options: a token (root's too) is not root@pam.
+    let r = post("pve1", &[("target", "pve2"), ("force", "1")]).await;
+    assert_eq!(
+        (r.status, r.body["errors"]["force"].as_str()),
+        (400, Some("Only root may use this option."))
+    );
+    let r = post("pve1", &[("target", "pve2"), ("online", "true")]).await;
+    assert_eq!(r.status, 400);
+    // A running VM needs online=1.
+    power(&api, "pve1", 501, "start").await;
+    let r = post("pve1", &[("target", "pve2")]).await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "can't migrate running VM without --online")
+    );
+    // The route is a proxied call: the node asked must be up.
+    sim.set_node_online("pve1", false);
+    assert_eq!(post("pve1", &[("target", "pve2")]).await.status, 595);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn migrate_moves_the_config_and_local_disks_under_lock_migrate() {
+    // 0.05: the 10 GiB copies take 41 s nominal, 2 s on the wall.
+    let (sim, api) = start(0.05).await;
+    assert_eq!(
+        api.clone_vm(
+            "pve1",
+            100,
+            &[("newid", "501"), ("full", "1"), ("name", "m1")]
+        )
+        .await,
+        "OK"
+    );
+    // Stopped VM with a local disk: offline migration copies the disk, no option needed.
+    let r = api
+        .call(
+            "POST",
+            "/nodes/pve1/qemu/501/migrate",
+            &[("target", "pve2")],
+        )
+        .await;
+    let upid = r.data().as_str().unwrap().to_string();
+    let f: Vec<&str> = upid.split(':').collect();
+    assert_eq!(
+        (f[1], f[5], f[6], f[7]),
+        ("pve1", "qmigrate", "501", "root@pam!labfleet")
+    );
+    // The task writes `lock: migrate` first; while the copy runs the VM stays locked on
+    // the source node.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/nodes/pve1/qemu/501/config").await.data()["lock"] != "migrate" {
+        assert!(Instant::now() < deadline, "no lock: migrate");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = api
+        .call("PUT", "/nodes/pve1/qemu/501/config", &[("cores", "4")])
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "VM is locked (migrate)")
+    );
+    let res = api
+        .call("GET", "/cluster/resources", &[("type", "vm")])
+        .await;
+    let entry = res
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["vmid"] == 501)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (entry["node"].as_str(), entry["lock"].as_str()),
+        (Some("pve1"), Some("migrate"))
+    );
+    assert_eq!(api.wait_task("pve1", &upid).await["exitstatus"], "OK");
+    let log = task_log(&api, "pve1", &upid).await;
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("starting migration of VM 501 to node 'pve2' (10.0.0.2)")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("found local disk 'local-lvm:vm-501-disk-0' (attached)"))
+    );
+    assert!(log.iter().any(|l| l.ends_with("copying local disk images")));
+    assert_eq!(log.last().map(String::as_str), Some("TASK OK"));
+    let moved = api.get("/nodes/pve2/qemu/501/config").await;
+    assert_eq!(moved.status, 200);
+    assert_eq!(moved.data()["name"], "m1");
+    assert!(moved.data().get("lock").is_none());
+    assert!(
+        moved.data()["scsi0"]
+            .as_str()
+            .unwrap()
+            .starts_with("local-lvm:vm-501-disk-0")
+    );
+    let gone = api.get("/nodes/pve1/qemu/501/config").await;
+    assert_eq!(
+        gone.reason,
+        "Configuration file 'nodes/pve1/qemu-server/501.conf' does not exist"
+    );
+    // Running with a local disk: live migration needs with-local-disks=1, else the task
+    // fails like PVE's and the VM stays where it was, unlocked.
+    power(&api, "pve2", 501, "start").await;
+    let (upid, exit) = migrate(&api, "pve2", 501, &[("target", "pve3"), ("online", "1")]).await;
+    assert_eq!(exit, "migration aborted");
+    let log = task_log(&api, "pve2", &upid).await;
+    assert!(
+        log.iter().any(|l| l.ends_with(
+            "can't migrate local disk 'local-lvm:vm-501-disk-0': can't live migrate attached local disks without with-local-disks option"
+        )),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("aborting phase 1 - cleanup resources"))
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("ERROR: migration aborted (duration ")
+                && l.ends_with(
+                    "): Problem found while scanning volumes - can't migrate VM - check log"
+                ))
+    );
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("TASK ERROR: migration aborted")
+    );
+    let c = api.get("/nodes/pve2/qemu/501/config").await;
+    assert!(c.data().get("lock").is_none(), "{c:?}");
+    let (_, exit) = migrate(
+        &api,
+        "pve2",
+        501,
+        &[
+            ("target", "pve3"),
+            ("online", "1"),
+            ("with-local-disks", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(exit, "OK");
+    let cur = api.get("/nodes/pve3/qemu/501/status/current").await;
+    assert_eq!(cur.data()["status"], "running");
+    // Shared storage: a linked clone of the router template moves, its disk stays.
+    assert_eq!(api.clone_vm("pve1", 120, &[("newid", "502")]).await, "OK");
+    let before = api.get("/nodes/pve1/qemu/502/config").await.data()["scsi0"].clone();
+    let (upid, exit) = migrate(&api, "pve1", 502, &[("target", "pve2")]).await;
+    assert_eq!(exit, "OK");
+    assert!(
+        !task_log(&api, "pve1", &upid)
+            .await
+            .iter()
+            .any(|l| l.contains("copying"))
+    );
+    assert_eq!(
+        api.get("/nodes/pve2/qemu/502/config").await.data()["scsi0"],
+        before
+    );
+    // A linked clone on local storage cannot leave its base; nor can the base while used.
+    assert_eq!(api.clone_vm("pve1", 100, &[("newid", "503")]).await, "OK");
+    let (upid, exit) = migrate(&api, "pve1", 503, &[("target", "pve2")]).await;
+    assert_eq!(exit, "migration aborted");
+    let clone_of = "can't migrate 'local-lvm:base-100-disk-0/vm-503-disk-0' as it's a clone of 'base-100-disk-0'";
+    let log = task_log(&api, "pve1", &upid).await;
+    assert!(log.iter().any(|l| l.ends_with(clone_of)), "{log:?}");
+    let (upid, exit) = migrate(&api, "pve1", 100, &[("target", "pve2")]).await;
+    assert_eq!(exit, "migration aborted");
+    let base_used =
+        "can't migrate local disk 'local-lvm:base-100-disk-0': referenced by linked clone(s)";
+    let log = task_log(&api, "pve1", &upid).await;
+    assert!(log.iter().any(|l| l.ends_with(base_used)), "{log:?}");
+    assert_eq!(
+        sim.vms().iter().find(|v| v.vmid == 100).unwrap().node,
+        "pve1"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats["tasks"]["qmigrate"]["ok"], 3, "{stats}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn lock_property_is_settable_by_root_only_and_blocks_clone_and_migrate() {
+    let (sim, api) = start(0.0).await;
+    let root = api.login("root@pam", "labfleet").await;
+    let r = root
+        .call("PUT", "/nodes/pve1/qemu/110/config", &[("lock", "backup")])
+        .await;
+    assert_eq!((r.status, r.data()), (200, &Value::Null), "{r:?}");
+    assert_eq!(
+        api.get("/nodes/pve1/qemu/110/config").await.data()["lock"],
+        "backup"
+    );
+    let r = api
+        .call("POST", "/nodes/pve1/qemu/110/clone", &[("newid", "600")])
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "VM is locked (backup)")
+    );
+    let r = api
+        .call(
+            "POST",
+            "/nodes/pve1/qemu/110/migrate",
+            &[("target", "pve2")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "VM is locked (backup)")
+    );
+    // A value outside the schema's enum is a parameter error.
+    let r = root
+        .call("PUT", "/nodes/pve2/qemu/111/config", &[("lock", "bogus")])
+        .await;
+    assert_eq!(
+        (r.status, r.body["errors"]["lock"].as_str()),
+        (
+            400,
+            Some(
+                "value 'bogus' does not have a value in the enumeration 'backup, clone, create, migrate, rollback, snapshot, snapshot-delete, suspending, suspended'"
+            )
+        )
+    );
+    // Everyone but root@pam (root's token too) is refused, for setting and deleting.
+    let r = api
+        .call("PUT", "/nodes/pve2/qemu/111/config", &[("lock", "backup")])
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "only root can set 'lock' config")
+    );
+    let r = api
+        .call("POST", "/nodes/pve2/qemu/111/config", &[("lock", "backup")])
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "only root can set 'lock' config")
+    );
+    let r = api
+        .call("PUT", "/nodes/pve1/qemu/110/config", &[("delete", "lock")])
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (500, "only root can set 'lock' config")
+    );
+    // Removing it needs skiplock (the VM is locked), which needs root's ticket.
+    let r = root
+        .call("PUT", "/nodes/pve1/qemu/110/config", &[("delete", "lock")])
+        .await;
+    assert_eq!(r.reason, "VM is locked (backup)");
+    let r = root
+        .call(
+            "PUT",
+            "/nodes/pve1/qemu/110/config",
+            &[("delete", "lock"), ("skiplock", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        api.get("/nodes/pve1/qemu/110/config")
+            .await
+            .data()
+            .get("lock")
+            .is_none()
+    );
     sim.shutdown().await;
 }

@@ -98,6 +98,43 @@ pub enum SecretError {
     EnvMissing(String),
     #[error("cannot read secret file {path}: {reason}")]
     File { path: String, reason: String },
+    #[error(
+        "secret file {path} is larger than {limit} bytes, the limit for a file holding a secret or key; not reading it"
+    )]
+    FileTooLarge { path: String, limit: u64 },
+}
+
+/// Largest file [`read_secret_file`] reads: a password, token secret or key is a line.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+/// Reads a file that holds a secret (a `password_file`, a `token_secret_file`, the key
+/// file), at most [`MAX_SECRET_FILE_BYTES`]: a path pointing at a log, a disk image or
+/// `/dev/zero` by mistake is refused instead of read into memory. Errors name the file and
+/// never quote its content.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, SecretError> {
+    use std::io::Read;
+    let shown = || path.display().to_string();
+    let io_err = |e: std::io::Error| SecretError::File {
+        path: shown(),
+        reason: e.kind().to_string(),
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(SecretError::FileTooLarge {
+            path: shown(),
+            limit: MAX_SECRET_FILE_BYTES,
+        });
+    }
+    String::from_utf8(bytes)
+        .map(Secret::new)
+        .map_err(|_| SecretError::File {
+            path: shown(),
+            reason: "not valid UTF-8".into(),
+        })
 }
 
 /// The key that seals `enc:` values and the students' initial passwords in Redis.
@@ -137,11 +174,11 @@ impl SecretKey {
             return SecretKey::from_base64(&v, KEY_ENV);
         }
         if let Ok(path) = std::env::var(KEY_FILE_ENV) {
-            let text = std::fs::read_to_string(&path).map_err(|e| SecretError::KeyFile {
-                path: path.clone(),
-                reason: e.to_string(),
+            let text = read_secret_file(std::path::Path::new(&path)).map_err(|e| match e {
+                SecretError::File { path, reason } => SecretError::KeyFile { path, reason },
+                other => other,
             })?;
-            return SecretKey::from_base64(&text, &path);
+            return SecretKey::from_base64(text.expose(), &path);
         }
         Err(SecretError::NoKey)
     }
@@ -192,6 +229,53 @@ impl SecretKey {
 /// Whether a configured secret is an `enc:` value.
 pub fn is_sealed(s: &str) -> bool {
     s.starts_with(ENC_PREFIX)
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn secret_files_are_capped_and_errors_never_quote_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_limit = dir.path().join("at-limit");
+        std::fs::write(&at_limit, "k".repeat(MAX_SECRET_FILE_BYTES as usize)).unwrap();
+        assert_eq!(
+            read_secret_file(&at_limit).unwrap().expose().len(),
+            MAX_SECRET_FILE_BYTES as usize
+        );
+        let big = dir.path().join("big");
+        std::fs::write(&big, "s3cr3t-".repeat(10_000)).unwrap();
+        let err = read_secret_file(&big).unwrap_err();
+        assert!(
+            matches!(&err, SecretError::FileTooLarge { limit, .. } if *limit == MAX_SECRET_FILE_BYTES),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&big.display().to_string()), "{text}");
+        assert!(text.contains("65536 bytes"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        // An endless file is refused after the cap, not read until memory runs out.
+        let err = read_secret_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(err, SecretError::FileTooLarge { .. }), "{err:?}");
+        let bad = dir.path().join("binary");
+        std::fs::write(&bad, [0xff, 0xfe, b's', b'3']).unwrap();
+        let err = read_secret_file(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("not valid UTF-8") && !err.contains("s3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn password_and_token_secret_files_go_through_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("pw");
+        std::fs::write(&big, "p".repeat(MAX_SECRET_FILE_BYTES as usize + 1)).unwrap();
+        let err = crate::config::resolve_secret(&crate::config::SecretSource::File(big), None)
+            .unwrap_err();
+        assert!(matches!(err, SecretError::FileTooLarge { .. }), "{err:?}");
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use crate::state::Shared;
 
 mod access;
 mod cluster;
+mod config_lock;
+mod migrate;
 mod network;
 mod nodes;
 mod pools;
@@ -172,6 +174,7 @@ pub(crate) fn router(app: Arc<Shared>) -> Router {
             post(qemu::shutdown),
         )
         .route("/nodes/{node}/qemu/{vmid}/template", post(qemu::template))
+        .route("/nodes/{node}/qemu/{vmid}/migrate", post(migrate::migrate))
         .route("/sim/stats", get(sim_stats))
         .fallback(api_not_implemented)
         .method_not_allowed_fallback(api_not_implemented);

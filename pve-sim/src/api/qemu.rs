@@ -389,6 +389,7 @@ fn prepare_update(
     if !errors.is_empty() {
         return Err(PveError::params(errors));
     }
+    super::config_lock::check(who, &set, &delete)?;
     if set.is_empty() && delete.is_empty() && p.str("revert").is_none() {
         return Err(PveError::internal("no options specified"));
     }

@@ -26,7 +26,7 @@ pub use model::{
 };
 pub use read::MAX_FILE_BYTES;
 
-use crate::secret::{Secret, SecretError, SecretKey, is_sealed};
+use crate::secret::{Secret, SecretError, SecretKey, is_sealed, read_secret_file};
 use read::Quoting;
 
 /// Where the three files are.
@@ -209,11 +209,8 @@ pub fn resolve_secret(src: &SecretSource, key: Option<&SecretKey>) -> Result<Sec
             Secret::new(std::env::var(var).map_err(|_| SecretError::EnvMissing(var.clone()))?)
         }
         SecretSource::File(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| SecretError::File {
-                path: path.display().to_string(),
-                reason: e.kind().to_string(),
-            })?;
-            Secret::new(text.trim_end_matches(['\n', '\r']).to_owned())
+            let text = read_secret_file(path)?;
+            Secret::new(text.expose().trim_end_matches(['\n', '\r']).to_owned())
         }
     };
     if is_sealed(raw.expose()) {

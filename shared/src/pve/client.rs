@@ -31,7 +31,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::config::{Auth, ClientConfig};
-use super::error::{ParamErrors, PveError};
+use super::error::{MAX_RESPONSE_BYTES, ParamErrors, PveError};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
@@ -540,9 +540,7 @@ impl PveClient {
             .extensions()
             .get::<hyper::ext::ReasonPhrase>()
             .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-        let body = resp.bytes().await;
-        latency.observe(started.elapsed());
-        let body = body.map_err(|e| {
+        let body = super::body::read_capped(resp, method.as_str(), path, MAX_RESPONSE_BYTES, |e| {
             transport_error(
                 e,
                 method.as_str(),
@@ -550,7 +548,10 @@ impl PveClient {
                 &self.inner.origin,
                 &self.inner.presented,
             )
-        })?;
+        })
+        .await;
+        latency.observe(started.elapsed());
+        let body = body?;
         tracing::debug!(
             connection = %self.inner.config.connection_name,
             method = %method, path, status = status.as_u16(),
@@ -561,10 +562,8 @@ impl PveClient {
             if body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Envelope::default());
             }
-            let raw: RawEnvelope = serde_json::from_slice(&body).map_err(|e| PveError::Decode {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+            let raw: RawEnvelope =
+                serde_json::from_slice(&body).map_err(|e| PveError::decode(path, e))?;
             return Ok(Envelope {
                 data: raw.data,
                 total: raw.total.as_ref().and_then(super::lenient::value_to_u64),
@@ -647,10 +646,7 @@ impl PveClient {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(path: &str, data: Value) -> Result<T, PveError> {
-    serde_json::from_value(data).map_err(|e| PveError::Decode {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    serde_json::from_value(data).map_err(|e| PveError::decode(path, e))
 }
 
 /// Percent-encodes one path segment (user ids hold `@` and `!`, UPIDs `:`).

@@ -178,6 +178,16 @@ pub enum PveError {
     /// The response was not what the API documents (a bug here or in the server).
     #[error("cannot decode response of {path}: {message}")]
     Decode { path: String, message: String },
+    /// The response body was larger than `limit` bytes ([`MAX_RESPONSE_BYTES`]); the client
+    /// stopped reading it there. Permanent: the same call would get the same body.
+    #[error(
+        "response of {method} {path} is larger than the limit of {limit} bytes; not read further"
+    )]
+    ResponseTooLarge {
+        method: String,
+        path: String,
+        limit: u64,
+    },
     /// The client could not be built (bad CA file, bad TLS setup).
     #[error("invalid client configuration: {0}")]
     Config(String),
@@ -217,7 +227,7 @@ impl PveError {
             PveError::Server { .. } => ErrorClass::Server,
             PveError::TaskFailed { .. } => ErrorClass::TaskFailed,
             PveError::Cancelled => ErrorClass::Cancelled,
-            PveError::Decode { .. } => ErrorClass::Decode,
+            PveError::Decode { .. } | PveError::ResponseTooLarge { .. } => ErrorClass::Decode,
             PveError::Config(_) => ErrorClass::Config,
         }
     }
@@ -243,6 +253,7 @@ impl PveError {
             | PveError::Param { .. }
             | PveError::Cancelled
             | PveError::Decode { .. }
+            | PveError::ResponseTooLarge { .. }
             | PveError::Config(_) => false,
         }
     }
@@ -280,8 +291,11 @@ impl PveError {
 
     /// Builds the error for a non-2xx response. `message` is already chosen (JSON
     /// `message`, else reason phrase, else canonical reason); `errors` is the 400 map.
+    /// Both are bounded here ([`bound_message`], [`bound_param_errors`]) before anything
+    /// reads them.
     pub fn from_response(status: u16, message: &str, errors: ParamErrors) -> PveError {
-        let message = message.trim_end().to_owned();
+        let message = bound_message(message.trim_end());
+        let errors = bound_param_errors(errors);
         match status {
             401 => return PveError::Auth { message },
             403 => return PveError::Permission { message },
@@ -330,7 +344,89 @@ impl PveError {
 }
 
 fn with_errors(message: String, errors: &ParamErrors) -> String {
-    format!("{message}{}", param_suffix(errors))
+    bound_message(&format!("{message}{}", param_suffix(errors)))
+}
+
+/// Largest body read from a Proxmox reply. `/cluster/resources` of a 10,000-VM cluster is a
+/// few MB; anything past this is a broken or hostile server.
+pub const MAX_RESPONSE_BYTES: u64 = 64 << 20;
+
+/// Longest text kept from a Proxmox reply (reason phrase, `message`, each per-parameter
+/// message, a task's exit status and each log line), in bytes. These texts end up in Redis
+/// step records and log lines; Proxmox's own are a line or two.
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// Most per-parameter messages kept from a 400 reply; the rest are counted in one entry.
+pub const MAX_PARAM_ERRORS: usize = 16;
+
+/// Longest parameter name kept from a 400 reply's `errors` map, in bytes.
+const MAX_PARAM_NAME_BYTES: usize = 128;
+
+/// `text` cut to at most `max` bytes on a UTF-8 character boundary, with a visible marker
+/// saying how long it was when cut.
+fn bound_to(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... [truncated: {} bytes in all]",
+        &text[..end],
+        text.len()
+    )
+}
+
+/// A text taken from a Proxmox reply, cut to [`MAX_MESSAGE_BYTES`] (UTF-8 safe, with a
+/// `... [truncated: N bytes in all]` marker). The one bound every reply text goes through.
+pub fn bound_message(text: &str) -> String {
+    bound_to(text, MAX_MESSAGE_BYTES)
+}
+
+/// A 400's `errors` map with every name and message bounded and at most
+/// [`MAX_PARAM_ERRORS`] entries (the first ones by name); a dropped remainder is counted
+/// under the name `...`.
+pub fn bound_param_errors(errors: ParamErrors) -> ParamErrors {
+    let total = errors.len();
+    let mut out: ParamErrors = errors
+        .into_iter()
+        .take(MAX_PARAM_ERRORS)
+        .map(|(k, v)| (bound_to(&k, MAX_PARAM_NAME_BYTES), bound_message(&v)))
+        .collect();
+    if total > MAX_PARAM_ERRORS {
+        out.insert(
+            "...".to_owned(),
+            format!(
+                "{} more parameter errors not kept",
+                total - MAX_PARAM_ERRORS
+            ),
+        );
+    }
+    out
+}
+
+impl PveError {
+    /// A task that ended with an error exit status: the exit status and each log line
+    /// bounded ([`bound_message`]), then classified.
+    pub fn task_failed(upid: &Upid, exitstatus: &str, log_tail: Vec<String>) -> PveError {
+        let exitstatus = bound_message(exitstatus);
+        PveError::TaskFailed {
+            upid: Box::new(upid.clone()),
+            kind: classify_message(&exitstatus),
+            exitstatus,
+            log_tail: log_tail.iter().map(|l| bound_message(l)).collect(),
+        }
+    }
+
+    /// A reply that does not decode; `message` (serde's, which may quote the reply) bounded.
+    pub fn decode(path: &str, message: impl fmt::Display) -> PveError {
+        PveError::Decode {
+            path: path.to_owned(),
+            message: bound_message(&message.to_string()),
+        }
+    }
 }
 
 impl fmt::Display for ErrorClass {
@@ -477,6 +573,47 @@ mod tests {
         assert_eq!(
             classify_message("VM is locked (backup)"),
             MessageKind::ConfigLocked
+        );
+    }
+
+    #[test]
+    fn reply_texts_are_bounded_on_a_char_boundary_with_a_marker() {
+        assert_eq!(
+            bound_message("VM is locked (clone)"),
+            "VM is locked (clone)"
+        );
+        let exact = "a".repeat(MAX_MESSAGE_BYTES);
+        assert_eq!(bound_message(&exact), exact);
+        // 'é' is two bytes: after one ASCII byte the cut at 2048 falls inside a character.
+        let long = format!("x{}", "é".repeat(MAX_MESSAGE_BYTES));
+        let cut = bound_message(&long);
+        let marker = format!("... [truncated: {} bytes in all]", long.len());
+        assert!(cut.ends_with(&marker), "{cut}");
+        let kept = cut.strip_suffix(&marker).unwrap();
+        assert_eq!(kept.len(), MAX_MESSAGE_BYTES - 1);
+        assert!(long.starts_with(kept));
+        // from_response bounds the message, each parameter error and the map's size.
+        let many: ParamErrors = (0..MAX_PARAM_ERRORS + 3)
+            .map(|i| (format!("p{i:02}"), long.clone()))
+            .collect();
+        let e = PveError::from_response(400, &long, many);
+        let PveError::Param { message, errors } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(message.ends_with(&marker));
+        assert_eq!(errors.len(), MAX_PARAM_ERRORS + 1);
+        assert_eq!(errors["..."], "3 more parameter errors not kept");
+        assert!(errors["p00"].ends_with(&marker));
+        let e = PveError::from_response(
+            500,
+            &format!("VM is locked (backup){long}"),
+            errs("x", &long),
+        );
+        assert_eq!(e.class(), ErrorClass::Locked);
+        assert!(
+            e.message().len() <= MAX_MESSAGE_BYTES + 40,
+            "{}",
+            e.message().len()
         );
     }
 

@@ -11,7 +11,10 @@
 //! Invariants: no secret (password, token secret, ticket, CSRF token) appears in `Debug`,
 //! logs or error texts; requests are logged at debug level with method, path, status and
 //! latency only. Message texts are interpreted in one place, [`error::classify_message`].
-//! The client is tested against `pve-sim` over real HTTP(S), never a mock.
+//! No reply is read past [`MAX_RESPONSE_BYTES`] and no text from one is kept past
+//! [`MAX_MESSAGE_BYTES`] (`error::bound_message`), so a hostile server cannot fill memory,
+//! Redis step records or logs. The client is tested against `pve-sim` over real HTTP(S),
+//! never a mock, and against a hostile server started in the test.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), shared::pve::PveError> {
@@ -26,12 +29,14 @@
 //! ```
 
 mod access;
+mod body;
 mod client;
 mod cluster;
 mod config;
 pub mod error;
 mod latency;
 mod lenient;
+mod migrate;
 mod network;
 mod task;
 mod tls;
@@ -51,8 +56,12 @@ pub use config::{
     Auth, ClientConfig, DEFAULT_PORT, FingerprintError, Scheme, TlsPolicy, format_fingerprint,
     parse_fingerprint,
 };
-pub use error::{ConnectFailure, ErrorClass, MessageKind, ParamErrors, PveError};
+pub use error::{
+    ConnectFailure, ErrorClass, MAX_MESSAGE_BYTES, MAX_PARAM_ERRORS, MAX_RESPONSE_BYTES,
+    MessageKind, ParamErrors, PveError,
+};
 pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
+pub use migrate::MigrateParams;
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;
 pub use task::{

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Params, PveClient, RequestKind, decode, seg};
-use super::error::{ErrorClass, PveError, classify_message};
+use super::error::{ErrorClass, PveError};
 use super::lenient;
 use super::upid::Upid;
 
@@ -214,12 +214,7 @@ impl PveClient {
                                 .task_log_tail(upid, LOG_TAIL_LINES)
                                 .await
                                 .unwrap_or_default();
-                            Err(PveError::TaskFailed {
-                                upid: Box::new(upid.clone()),
-                                kind: classify_message(text),
-                                exitstatus: text.to_owned(),
-                                log_tail,
-                            })
+                            Err(PveError::task_failed(upid, text, log_tail))
                         }
                     };
                 }

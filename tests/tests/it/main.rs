@@ -7,6 +7,7 @@ mod lifecycle;
 mod metrics;
 mod pipeline;
 mod pve_client;
+mod pve_client_hostile;
 mod queue;
 mod redis_tls;
 mod reliability;

@@ -876,3 +876,68 @@ async fn debug_request_log_has_no_secrets() {
         assert!(!log.contains(secret), "{secret} in log: {log}");
     }
 }
+
+#[tokio::test]
+async fn migrate_vm_moves_a_vm_and_reports_proxmox_refusals() {
+    let h = sim().await;
+    let pve = client(&h, root_token());
+    // Offline: the stopped VM's config (and its local disk) end up on the target.
+    let upid = pve.migrate_vm("pve2", 100, "pve1").await.unwrap();
+    assert_eq!(
+        (upid.node(), upid.task_type(), upid.id()),
+        ("pve2", "qmigrate", "100")
+    );
+    assert_eq!(
+        pve.wait_task(&upid, &wait_opts()).await.unwrap(),
+        TaskOutcome::Ok
+    );
+    let cfg = pve.vm_config("pve1", 100).await.unwrap();
+    assert_eq!(cfg.lock(), None);
+    let gone = pve.vm_config("pve2", 100).await.unwrap_err();
+    assert_eq!(gone.class(), ErrorClass::NotFound, "{gone:?}");
+    // The node asked is the target: a parameter error on `target`.
+    let err = pve.migrate_vm("pve1", 100, "pve1").await.unwrap_err();
+    match &err {
+        PveError::Param { errors, .. } => {
+            assert_eq!(errors["target"], "target is local node.")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Running: refused without `online`; live with its local disk when both are asked.
+    let up = pve.start_vm("pve1", 100).await.unwrap();
+    pve.wait_task(&up, &wait_opts()).await.unwrap();
+    let err = pve.migrate_vm("pve1", 100, "pve2").await.unwrap_err();
+    assert!(
+        matches!(&err, PveError::Server { status: 500, message, transient: false }
+            if message == "can't migrate running VM without --online"),
+        "{err:?}"
+    );
+    let live = MigrateParams {
+        online: true,
+        ..MigrateParams::to("pve2")
+    };
+    let upid = pve.migrate_vm_with("pve1", 100, &live).await.unwrap();
+    let err = pve.wait_task(&upid, &wait_opts()).await.unwrap_err();
+    assert!(
+        matches!(&err, PveError::TaskFailed { exitstatus, .. } if exitstatus == "migration aborted"),
+        "{err:?}"
+    );
+    let live = MigrateParams {
+        with_local_disks: true,
+        ..live
+    };
+    let upid = pve.migrate_vm_with("pve1", 100, &live).await.unwrap();
+    pve.wait_task(&upid, &wait_opts()).await.unwrap();
+    assert_eq!(pve.vm_status("pve2", 100).await.unwrap().status, "running");
+    // A VM under `lock: backup` (set by root@pam with its ticket) is refused as Locked.
+    let root = client(&h, root_password());
+    let mut lock = ConfigUpdate::default();
+    lock.set.insert("lock".into(), "backup".into());
+    root.update_config_sync("pve1", 9000, &lock).await.unwrap();
+    let err = pve.migrate_vm("pve1", 9000, "pve2").await.unwrap_err();
+    assert!(
+        matches!(&err, PveError::Locked { message, lock_timeout: false, .. }
+            if message == "VM is locked (backup)"),
+        "{err:?}"
+    );
+}
