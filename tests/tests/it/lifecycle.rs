@@ -214,8 +214,14 @@ fn assert_status_lists(rig: &Rig, dir: &Path, id: &str, expect: usize, kept: usi
             assert_eq!(v["state"], "done", "{v}");
         }
         let name = v["name"].as_str().unwrap();
-        let on = cluster.get(name).unwrap_or_else(|| panic!("{name} is not on the cluster"));
-        assert_eq!(Some(on.vmid), v["vmid"].as_u64().map(|x| x as u32), "{name}");
+        let on = cluster
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not on the cluster"));
+        assert_eq!(
+            Some(on.vmid),
+            v["vmid"].as_u64().map(|x| x as u32),
+            "{name}"
+        );
         assert_eq!(on.node, v["node"].as_str().unwrap(), "{name}");
     }
     assert_eq!(not_in_files, kept, "{st}");
@@ -824,8 +830,11 @@ async fn randomized_lifecycle_of_two_courses_sharing_students() {
         }
         for i in 0..2 {
             if model[i].live {
-                let dropped: BTreeSet<String> =
-                    model[i].kept.difference(&model[i].listed).cloned().collect();
+                let dropped: BTreeSet<String> = model[i]
+                    .kept
+                    .difference(&model[i].listed)
+                    .cloned()
+                    .collect();
                 assert_status_lists(
                     &rig,
                     &dirs[i],

@@ -840,13 +840,26 @@ async fn plant_foreign_backup(lab: &Lab, vmid: u32, node: &str) {
     pve.wait_task(&upid, &shared::pve::WaitOptions::default())
         .await
         .unwrap();
-    pve.raw_call(
-        shared::pve::Method::PUT,
-        &format!("/nodes/{node}/qemu/{vmid}/config"),
-        &[("lock", "backup")],
-    )
-    .await
-    .unwrap();
+    // Only root@pam with a password ticket may set `lock` (as `qm set --lock backup`).
+    let mut cc = ClientConfig::new(
+        "lab",
+        "127.0.0.1",
+        Auth::Password {
+            user: "root@pam".into(),
+            password: shared::secret::Secret::new("labfleet"),
+        },
+    );
+    cc.port = lab.sim.addr().port();
+    cc.tls = TlsPolicy::Fingerprint(parse_fingerprint(&lab.sim.fingerprint().unwrap()).unwrap());
+    PveClient::new(cc)
+        .unwrap()
+        .raw_call(
+            shared::pve::Method::PUT,
+            &format!("/nodes/{node}/qemu/{vmid}/config"),
+            &[("lock", "backup")],
+        )
+        .await
+        .unwrap();
 }
 
 /// The connections file with root's password (a ticket may use skiplock), for the workers.
