@@ -226,11 +226,14 @@ async fn plan_with(
     prior: Option<&Plan>,
 ) -> Result<Plan, Failure> {
     let id = plan::deployment_id(cfg);
+    // A student keeps their node: those in the files, and those dropped without --prune
+    // whose VMs are still there (listed again, they must not be planned elsewhere).
     let pinned: BTreeMap<String, String> = prior
         .as_ref()
         .map(|p| {
             p.students
                 .iter()
+                .chain(&p.retired_students)
                 .map(|s| (s.user.clone(), s.node.clone()))
                 .collect()
         })

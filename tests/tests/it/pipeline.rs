@@ -1050,3 +1050,79 @@ async fn a_vm_moved_to_another_node_is_found_and_not_cloned_again() {
     })
     .await;
 }
+
+/// Found by the randomized lifecycle test: a student dropped without --prune (their VMs
+/// kept) and listed again was placed afresh, so the plan (and `status`) named another node
+/// than the one their VMs are on. A kept student keeps their node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_student_listed_again_keeps_their_node_and_vms() {
+    let all = Lab::users(9);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let users = &all[..6];
+    let lab = Lab::new(0.0, users, ONE_LINUX).await;
+    let resubmit = |list: &[&str]| {
+        let text: String = list.iter().map(|u| format!("  - \"{u}\"\n")).collect();
+        std::fs::write(lab.data.path().join("users.yml"), format!("users:\n{text}")).unwrap();
+        let cfg = load(&DataPaths::in_dir(lab.data.path()), None).unwrap();
+        let pve = lab.pve();
+        let store = lab.store.clone();
+        let key = lab.key.clone();
+        async move {
+            producer::deploy::submit(&cfg, &pve, &store, Some(&key))
+                .await
+                .map_err(|f| f.error)
+                .unwrap()
+        }
+    };
+    lab.with_workers(2, async {
+        let (id, first) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let node_of = |p: &shared::plan::Plan, u: &str| {
+            p.students
+                .iter()
+                .find(|s| s.user == u)
+                .map(|s| s.node.clone())
+        };
+        // Drop the first student while three join (they take the free room), then list
+        // everyone.
+        let gone = users[0];
+        let was = node_of(&first, gone).unwrap();
+        let (_, dropped) = resubmit(&all[1..]).await;
+        assert_eq!(dropped.retired_students.len(), 1);
+        wait_for(Duration::from_secs(60), "resubmit done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let (_, again) = resubmit(&all).await;
+        assert_eq!(
+            node_of(&again, gone),
+            Some(was.clone()),
+            "pinned to where their VMs are"
+        );
+        wait_for(Duration::from_secs(60), "resubmit done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let st = producer::deploy::status(&lab.store, &id)
+            .await
+            .map_err(|f| f.error)
+            .unwrap();
+        let vms = lab.sim.vms();
+        for v in &st.vms {
+            let on = vms
+                .iter()
+                .find(|x| Some(x.vmid) == v.vmid)
+                .unwrap_or_else(|| panic!("{} is on the cluster", v.name));
+            assert_eq!(on.node, v.node, "status names the node {} is on", v.name);
+        }
+        assert_eq!(
+            vms.iter().filter(|v| !v.template).count(),
+            9,
+            "nothing made twice"
+        );
+    })
+    .await;
+}
