@@ -8,6 +8,8 @@
 //! - `layer`: `LeaseLayer`, renewal and settle-by-error-class inside each job's future.
 //! - `lease`: `Lease`, the handler's extractor (token, attempt, `is_lost`, fenced writes).
 //! - `error`: `JobError` (what handlers return), `QueueError`, `SettleError`.
+//! - `target`: `RedisTarget`, a Redis URL parsed (one server, or a Sentinel master).
+//! - `connection`: `RedisConn`, the shared connection that follows a Sentinel failover.
 //!
 //! Guarantees rest on Redis: with `appendonly yes` and `appendfsync everysec` a host crash can
 //! lose the last second or two of writes (an ack or an enqueue), with `appendfsync always`
@@ -23,6 +25,7 @@
 
 mod backend;
 mod config;
+mod connection;
 mod error;
 mod keys;
 mod layer;
@@ -30,14 +33,17 @@ mod lease;
 mod scripts;
 mod spec;
 mod store;
+mod target;
 
 pub use backend::{LeaseBackend, WorkerOptions};
 pub use config::{QueueConfig, RetryPolicy};
+pub use connection::{MasterInfo, RedisConn};
 pub use error::{JobError, QueueError, SettleError};
 pub use layer::{LeaseLayer, LeaseService};
 pub use lease::Lease;
 pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
+pub use target::{RedisTarget, SentinelTarget, TargetError};
 pub use store::{
     AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
     ReapReport, ReaperHandle, Settled, SlotStats,

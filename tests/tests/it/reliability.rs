@@ -1204,7 +1204,7 @@ async fn p7_bad_input_never_loses_or_corrupts_state() {
     q.enqueue(&shape).await.unwrap();
 
     // An invalid config: the producer refuses it before writing anything to Redis.
-    let keys = |mut c: redis::aio::ConnectionManager| async move {
+    let keys = |mut c: shared::queue::RedisConn| async move {
         let mut k: Vec<String> = redis::cmd("KEYS")
             .arg("*")
             .query_async(&mut c)
