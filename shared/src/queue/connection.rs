@@ -339,7 +339,7 @@ impl Follower {
             }
         }
         let mut candidates: Vec<_> = votes.into_iter().collect();
-        candidates.sort_by(|a, b| b.1.cmp(&a.1));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
         for ((host, port), _) in candidates {
             match self.open_master(&host, port).await {
                 Ok(conn) => return Ok((format!("{host}:{port}"), conn)),
