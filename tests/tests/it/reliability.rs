@@ -1868,3 +1868,149 @@ async fn p9b_sentinel_failover_with_requirepass_and_lost_writes() {
     let r = failover_mid_deployment(Some("Sent1nel-pw-4f2a"), Cut::LoseWrites).await;
     assert!(r.lost_acks > 0, "the failover lost acknowledged jobs: {r:?}");
 }
+
+/// Property 10: fencing across a Sentinel failover. Two workers hold leases when the master is
+/// SIGKILLed (both frozen for the kill, once the replica has every write, so nothing is lost
+/// and acks can be counted exactly). B is thawed after the promotion and goes on renewing
+/// and settling its leases on the new master: the tokens were replicated. A stays frozen past
+/// its lease: the new master's reaper takes its jobs back, B runs them, and A, thawed, is
+/// refused on every settle. Every job is acknowledged exactly once; every VM made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_sentinel_failover_while_workers_hold_leases() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut rig = Rig::new(RigOpts {
+        users: 6,
+        time_scale: 0.6,
+        workers: WorkerOpts {
+            lease: 5.0,
+            sweep: 0.3,
+            verbose: true,
+            ..WorkerOpts::default()
+        },
+        sentinel: Some(None),
+        ..RigOpts::default()
+    })
+    .await;
+    let a = rig.fleet.spawn();
+    let b = rig.fleet.spawn();
+    let (id, plan) = rig.submit().await;
+    wait_for(Duration::from_secs(60), "A and B hold jobs", || async {
+        let r = rig.running().await;
+        r.iter().any(|x| x.2 == a) && r.iter().any(|x| x.2 == b)
+    })
+    .await;
+    rig.fleet.stop(&a);
+    rig.fleet.stop(&b);
+    let running = rig.running().await;
+    let held_by = |w: &str| -> Vec<String> {
+        running
+            .iter()
+            .filter(|x| x.2 == w)
+            .map(|x| x.0.clone())
+            .collect()
+    };
+    let (held_a, held_b) = (held_by(&a), held_by(&b));
+    assert!(!held_a.is_empty() && !held_b.is_empty(), "{running:?}");
+    let set = rig.sentinels.as_ref().unwrap();
+    let (old, new) = (set.first_master(), set.first_replica());
+    // Nothing in flight on the wire: the replica has every write the master acknowledged.
+    let offset = |port: u16, field: &str| -> Option<u64> {
+        let info: String = set
+            .query(port, redis::cmd("INFO").arg("replication"))
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    wait_for(Duration::from_secs(10), "the replica caught up", || async {
+        offset(old, "master_repl_offset:") == offset(new, "slave_repl_offset:")
+    })
+    .await;
+    let tokens: BTreeMap<String, Option<String>> = {
+        let mut m = BTreeMap::new();
+        for k in held_a.iter().chain(&held_b) {
+            m.insert(k.clone(), rig.job_fields(k, &["token"]).await[0].clone());
+        }
+        m
+    };
+    let killed_at = Instant::now();
+    rig.sentinels.as_mut().unwrap().kill_node(old);
+    rig.sentinels
+        .as_ref()
+        .unwrap()
+        .wait_master(new, Duration::from_secs(30));
+    let promoted = killed_at.elapsed();
+    // The leases are on the new master, token for token.
+    for (k, t) in &tokens {
+        assert_eq!(&rig.job_fields(k, &["token"]).await[0], t, "{k}");
+    }
+    rig.fleet.cont(&b);
+    wait_for(
+        Duration::from_secs(60),
+        "B took A's jobs on the new master",
+        || async {
+            let mut all = true;
+            for k in &held_a {
+                let f = rig.job_fields(k, &["state", "worker"]).await;
+                all &= f[0].as_deref() == Some("done")
+                    || (f[0].as_deref() == Some("running") && f[1].as_deref() == Some(b.as_str()));
+            }
+            all
+        },
+    )
+    .await;
+    let a_fenced = killed_at.elapsed();
+    rig.fleet.cont(&a);
+    wait_for(
+        Duration::from_secs(30),
+        "A tried to settle its jobs",
+        || async {
+            let log = rig.fleet.log(&a);
+            held_a.iter().all(|k| {
+                log.lines()
+                    .any(|l| l.contains(k.as_str()) && l.contains("settled"))
+            })
+        },
+    )
+    .await;
+    rig.wait_state(&id, "done", Duration::from_secs(120)).await;
+    let log_a = rig.fleet.log(&a);
+    for k in &held_a {
+        assert!(
+            log_a
+                .lines()
+                .any(|l| l.contains(k.as_str()) && l.contains("settled") && l.contains("Stale")),
+            "job {k}: A's settle after the failover was not refused as stale"
+        );
+        let j = rig.q().job(k).await.unwrap().unwrap();
+        assert!(
+            j.history
+                .iter()
+                .any(|h| h.outcome == "lease_lost" && h.worker.as_deref() == Some(a.as_str())),
+            "job {k}: A's lease was not lost on the new master: {:?}",
+            j.history
+        );
+    }
+    // B's own leases lived through the failover: it settled them itself, none was lost.
+    for k in &held_b {
+        let j = rig.q().job(k).await.unwrap().unwrap();
+        assert_eq!(j.state, "done", "{k}");
+        assert!(
+            !j.history
+                .iter()
+                .any(|h| h.outcome == "lease_lost" && h.worker.as_deref() == Some(b.as_str())),
+            "job {k}: B lost its lease across the failover: {:?}",
+            j.history
+        );
+    }
+    let jobs = rig.q().group_jobs(&format!("{id}#0")).await.unwrap().len() as u64;
+    let qs = rig.q().stats().await.unwrap();
+    assert_eq!(qs.acked_total, jobs, "exactly one acknowledgement per job");
+    rig.check_outcome(&id, &[&plan], 0).await;
+    eprintln!(
+        "p10: A held {} and B {} leases at the kill; promoted after {promoted:?}; A's jobs taken back on the new master {a_fenced:?} after the kill; A's {} settles refused; {jobs} jobs acknowledged exactly once",
+        held_a.len(),
+        held_b.len(),
+        held_a.len()
+    );
+}
