@@ -295,7 +295,11 @@ impl SentinelSet {
     }
 
     /// Runs a command on the node on `port`.
-    pub fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    pub fn query<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
         cmd.query(&mut self.sync_conn(port)?)
     }
 

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::join_all;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, IntoConnectionInfo,
     RedisConnectionInfo, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
@@ -346,9 +348,7 @@ impl Follower {
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            RedisError::from((ErrorKind::Io, "no sentinel answered"))
-        }))
+        Err(last_err.unwrap_or_else(|| RedisError::from((ErrorKind::Io, "no sentinel answered"))))
     }
 
     /// One sentinel's view: `Some((ip, port))`, or `None` if it knows no such master.

@@ -13,7 +13,8 @@
 //!
 //! Guarantees rest on Redis: with `appendonly yes` and `appendfsync everysec` a host crash can
 //! lose the last second or two of writes (an ack or an enqueue), with `appendfsync always`
-//! nothing. Handlers must therefore tolerate running a job again (converge, check "already
+//! nothing; behind Redis Sentinel, a failover can lose what the old master had not yet
+//! replicated. Handlers must therefore tolerate running a job again (converge, check "already
 //! done?"), and producers re-enqueue by key, which is idempotent.
 
 //! A worker is an apalis worker over `LeaseBackend`:
@@ -43,8 +44,8 @@ pub use layer::{LeaseLayer, LeaseService};
 pub use lease::Lease;
 pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
-pub use target::{RedisTarget, SentinelTarget, TargetError};
 pub use store::{
     AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
     ReapReport, ReaperHandle, Settled, SlotStats,
 };
+pub use target::{RedisTarget, SentinelTarget, TargetError};

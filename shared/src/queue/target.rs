@@ -197,7 +197,9 @@ fn parse_host_port(s: &str) -> Result<(String, u16), TargetError> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or(TargetError("a sentinel port is not a number from 1 to 65535"))?,
+            .ok_or(TargetError(
+                "a sentinel port is not a number from 1 to 65535",
+            ))?,
     };
     Ok((host.to_owned(), port))
 }

@@ -291,13 +291,22 @@ async fn metrics_count_a_known_deployment() {
         let served: std::collections::BTreeSet<String> =
             m.iter().map(|(n, _, _)| n.clone()).collect();
         let dashboard = dashboard_queries(&root.join("deploy/grafana/labfleet-workers.json"));
-        assert!(dashboard.len() >= 10, "the dashboard has its panels: {dashboard:?}");
+        assert!(
+            dashboard.len() >= 10,
+            "the dashboard has its panels: {dashboard:?}"
+        );
         let missing = unserved(&dashboard, &served);
-        assert!(missing.is_empty(), "dashboard panels query metrics /metrics does not serve: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "dashboard panels query metrics /metrics does not serve: {missing:?}"
+        );
         let rules = rule_queries(&root.join("deploy/prometheus/labfleet.rules.yml"));
         assert!(rules.len() >= 4, "the alert rules: {rules:?}");
         let missing = unserved(&rules, &served);
-        assert!(missing.is_empty(), "alert rules query metrics /metrics does not serve: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "alert rules query metrics /metrics does not serve: {missing:?}"
+        );
         shutdown.cancel();
     };
     let (result, ()) = tokio::join!(worker, flow);
@@ -317,7 +326,10 @@ fn dashboard_queries(path: &std::path::Path) -> Vec<(String, String)> {
             let title = p["title"].as_str().unwrap_or("?").to_owned();
             for t in p["targets"].as_array().into_iter().flatten() {
                 let expr = t["expr"].as_str().unwrap_or_default();
-                assert!(!expr.is_empty(), "panel {title} has a target without a query");
+                assert!(
+                    !expr.is_empty(),
+                    "panel {title} has a target without a query"
+                );
                 out.push((title.clone(), expr.to_owned()));
             }
             walk(&p["panels"], out);
@@ -349,8 +361,32 @@ fn rule_queries(path: &std::path::Path) -> Vec<(String, String)> {
 /// inside quotes or `[...]` ranges.
 fn metric_names(expr: &str) -> Vec<String> {
     const KEYWORDS: &[&str] = &[
-        "by", "without", "and", "or", "unless", "on", "ignoring", "group_left", "group_right",
-        "bool", "offset",
+        "by",
+        "without",
+        "and",
+        "or",
+        "unless",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+    ];
+    // Aggregations may be followed by `by (...)` before their parentheses.
+    const AGGREGATIONS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
     ];
     let b = expr.as_bytes();
     let mut out = Vec::new();
@@ -377,14 +413,19 @@ fn metric_names(expr: &str) -> Vec<String> {
         }
         if c.is_ascii_alphabetic() || c == '_' || c == ':' {
             let start = i;
-            while i < b.len() && ((b[i] as char).is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b':') {
+            while i < b.len()
+                && ((b[i] as char).is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b':')
+            {
                 i += 1;
             }
             let word = &expr[start..i];
             let rest = expr[i..].trim_start();
-            let is_function = rest.starts_with('(');
+            let is_function = rest.starts_with('(') || AGGREGATIONS.contains(&word);
             if KEYWORDS.contains(&word) {
-                grouping = matches!(word, "by" | "without" | "on" | "ignoring" | "group_left" | "group_right");
+                grouping = matches!(
+                    word,
+                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+                );
                 continue;
             }
             if depth_braces == 0 && depth_range == 0 && !is_function && !grouping {
@@ -426,13 +467,21 @@ fn dashboard_check_finds_an_unserved_metric() {
         vec!["labfleet_pve_request_duration_seconds_bucket"]
     );
     assert_eq!(
-        metric_names(r#"max by (slot) (a_held{slot=~"x"}) >= max by (slot) (b_cap) > 0 and on() c"#),
+        metric_names(
+            r#"max by (slot) (a_held{slot=~"x"}) >= max by (slot) (b_cap) > 0 and on() c"#
+        ),
         vec!["a_held", "b_cap", "c"]
     );
     let served = ["labfleet_queue_up".to_owned()].into_iter().collect();
     let q = vec![
-        ("ok".to_owned(), "min(labfleet_queue_up) + sum(up{job=\"w\"})".to_owned()),
+        (
+            "ok".to_owned(),
+            "min(labfleet_queue_up) + sum(up{job=\"w\"})".to_owned(),
+        ),
         ("typo".to_owned(), "max(labfleet_queue_upp)".to_owned()),
     ];
-    assert_eq!(unserved(&q, &served), vec![("typo".to_owned(), "labfleet_queue_upp".to_owned())]);
+    assert_eq!(
+        unserved(&q, &served),
+        vec![("typo".to_owned(), "labfleet_queue_upp".to_owned())]
+    );
 }
