@@ -142,14 +142,17 @@ for w in $workers; do
     done
     [ "$health" = healthy ] || { echo "worker $w is $health, not healthy" >&2; exit 1; }
     metrics=$($docker exec "$w" curl -fsS http://127.0.0.1:9100/metrics)
-    for m in labfleet_worker_jobs_total labfleet_queue_jobs labfleet_queue_up labfleet_pve_request_duration_seconds_bucket; do
+    for m in labfleet_worker_jobs_total labfleet_worker_leases_lost_total labfleet_queue_jobs labfleet_queue_up; do
         echo "$metrics" | grep -q "^$m" || { echo "worker $w: /metrics has no $m" >&2; exit 1; }
     done
     echo "$metrics" | grep -q '^labfleet_queue_up 1' || { echo "worker $w: labfleet_queue_up is not 1" >&2; exit 1; }
+    # A worker that made no Proxmox request yet has no latency histogram; one must have.
+    echo "$metrics" | grep -q '^labfleet_pve_request_duration_seconds_bucket' && histogram=1
     mine=$(echo "$metrics" | awk '/^labfleet_worker_jobs_total\{.*outcome="done"/ {s += $2} END {print s + 0}')
     echo "worker $($docker inspect --format '{{.Name}}' "$w"): $health, $mine jobs done"
     done_total=$((done_total + mine))
 done
+[ -n "${histogram:-}" ] || { echo "no worker serves labfleet_pve_request_duration_seconds" >&2; exit 1; }
 queue_done=$($docker exec "$(echo "$workers" | head -n 1)" curl -fsS http://127.0.0.1:9100/metrics \
     | awk '/^labfleet_queue_jobs\{state="done"\}/ {print $2}')
 echo "jobs done by the 3 workers: $done_total; the queue counts $queue_done"
