@@ -1735,8 +1735,6 @@ async fn failover_mid_deployment(password: Option<&'static str>, cut: Cut) -> Fa
         let _: () = set
             .query(old, redis::cmd("SET").arg(&lost_key).arg("1"))
             .unwrap();
-        // Workers acknowledge jobs the replica never hears of.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let acked = |port: u16| -> u64 {
         set.query::<Option<u64>>(
@@ -1747,6 +1745,19 @@ async fn failover_mid_deployment(password: Option<&'static str>, cut: Cut) -> Fa
         .flatten()
         .unwrap_or(0)
     };
+    if cut == Cut::LoseWrites {
+        // Workers acknowledge jobs the replica never hears of: at least 0.5 s of them and at
+        // least one ack, within a few seconds (a replica cut off for much longer than ten
+        // times down-after-milliseconds would not be promoted).
+        let cut_at = Instant::now();
+        while cut_at.elapsed() < Duration::from_millis(500) || acked(old) <= acked(new) {
+            assert!(
+                cut_at.elapsed() < Duration::from_secs(6),
+                "no job acknowledged in 6 s after the replica's link was cut"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     // What the master has acknowledged, and what of it the replica (to be promoted) has.
     let acked_old = acked(old);
     let acked_replica = acked(new);
