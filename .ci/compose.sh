@@ -110,6 +110,8 @@ docker-compose "${files[@]}" --profile monitoring config -q
 
 step "compose up --scale worker=3 (producer deploys data/compose/)"
 compose_up=1
+# Whatever an interrupted earlier run left behind goes first.
+docker-compose "${files[@]}" -p "$project" --profile monitoring down -v --remove-orphans >/dev/null 2>&1 || true
 # Every service but Grafana, which is not in Debian's archive (its config is checked above).
 docker-compose "${files[@]}" -p "$project" --profile monitoring up -d --no-build --scale worker=3 \
     redis pve-sim worker producer prometheus
@@ -142,7 +144,7 @@ for w in $workers; do
     done
     [ "$health" = healthy ] || { echo "worker $w is $health, not healthy" >&2; exit 1; }
     metrics=$($docker exec "$w" curl -fsS http://127.0.0.1:9100/metrics)
-    for m in labfleet_worker_jobs_total labfleet_worker_leases_lost_total labfleet_queue_jobs labfleet_queue_up; do
+    for m in labfleet_worker_jobs_total labfleet_queue_jobs labfleet_queue_up; do
         echo "$metrics" | grep -q "^$m" || { echo "worker $w: /metrics has no $m" >&2; exit 1; }
     done
     echo "$metrics" | grep -q '^labfleet_queue_up 1' || { echo "worker $w: labfleet_queue_up is not 1" >&2; exit 1; }

@@ -10,9 +10,6 @@
 //! - a half-made VM (the task died: `unexpected status`, or a `lock: clone` left behind) ->
 //!   destroy it (with `skiplock` when the connection may use it), or quarantine its VMID and
 //!   clone again under a new one;
-//! - a clone in progress at the VMID reserved for this VM, with no record of an earlier
-//!   attempt (lost in a Redis failover) -> treated as a call whose UPID was never recorded:
-//!   waited for until the clone deadline;
 //! - the VMID taken by something that is not ours -> a new VMID.
 //!
 //! Whenever a clone task of ours may still run and the job gives up for now (shutdown, a
@@ -70,16 +67,12 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
         .one_vm(dep, key)
         .await
         .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
-    // The VMID reserved for this VM in Redis, when no earlier attempt left a record.
-    let reserved = match &prior {
-        Some(_) => None,
-        None => alloc::lookup(q, &space, &owner)
-            .await
-            .map_err(|e| JobError::Retry(e.to_string()))?,
-    };
     let mut vmid = match &prior {
         Some(f) => f.vmid,
-        None => reserved.unwrap_or(j.vmid),
+        None => alloc::lookup(q, &space, &owner)
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))?
+            .unwrap_or(j.vmid),
     };
     let mut quarantined = prior
         .as_ref()
@@ -183,15 +176,6 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                         if maybe_ours_in_flight && Some(vmid) == prior_vmid =>
                     {
                         // Our own earlier call's clone, still running: wait for it.
-                        return Err(JobError::DeferredFor(Duration::from_secs(3)));
-                    }
-                    Found::Unfinished { .. } if reserved == Some(vmid) => {
-                        // A clone in progress at the VMID reserved for this VM, and no
-                        // record of an earlier attempt: that record may have been lost
-                        // (a Redis failover loses what the old master had not replicated),
-                        // so the clone may be ours. This attempt's record (VMID, no UPID)
-                        // is written now: the next attempt waits for that clone as for any
-                        // call whose UPID was never recorded, until the clone deadline.
                         return Err(JobError::DeferredFor(Duration::from_secs(3)));
                     }
                     _ => {

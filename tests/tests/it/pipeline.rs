@@ -127,10 +127,19 @@ impl Lab {
             .map_err(|f| f.error)
             .unwrap();
         wait_for(deadline, "teardown finished", || async {
-            producer::deploy::finish_teardown(&self.store, id, &self.pve())
-                .await
-                .map_err(|f| f.error)
-                .unwrap()
+            match producer::deploy::finish_teardown(&self.store, id, &self.pve()).await {
+                Ok(done) => done,
+                Err(f) => {
+                    let q = self.store.queue();
+                    let mut dead = Vec::new();
+                    for k in q.dead_letters(20).await.unwrap_or_default() {
+                        if let Ok(Some(j)) = q.job(&k).await {
+                            dead.push(format!("{k}: {:?} {:?}", j.last_error, j.history));
+                        }
+                    }
+                    panic!("{:#}\ndead letters:\n{}", f.error, dead.join("\n"));
+                }
+            }
         })
         .await;
     }
