@@ -87,9 +87,14 @@ pub async fn watch(
     Ok(exit_for(&st))
 }
 
+/// How long a watch goes on polling while Redis does not answer (a restart, a Sentinel
+/// failover) before it gives up with exit code 3.
+const REDIS_OUTAGE_TOLERATED: Duration = Duration::from_secs(60);
+
 /// Polls until the deployment is done, failed or torn down and returns its last status.
 /// Progress: a bar on a terminal; otherwise (not with `--json`) a line on stderr whenever
-/// the counts change.
+/// the counts change. Redis errors are ridden out for `REDIS_OUTAGE_TOLERATED`: the workers
+/// carry on meanwhile, so the watch does too.
 pub async fn wait_until_finished(
     store: &Store,
     id: &str,
@@ -99,8 +104,24 @@ pub async fn wait_until_finished(
 ) -> Result<Status, Failure> {
     let bar = progress::Progress::new(json, "VMs");
     let mut last = String::new();
+    let mut outage_since: Option<tokio::time::Instant> = None;
     loop {
-        let st = deploy::summary(store, id).await?;
+        let st = match deploy::summary(store, id).await {
+            Ok(st) => {
+                outage_since = None;
+                st
+            }
+            Err(f) if matches!(f.exit, Exit::RedisUnreachable) => {
+                let since = *outage_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REDIS_OUTAGE_TOLERATED {
+                    return Err(f);
+                }
+                tracing::warn!(error = %format!("{:#}", f.error), "Redis did not answer; still watching");
+                tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
         let line = summary(&st);
         if bar.is_shown() {
             let finished: usize = ["done", "failed", "removed"]

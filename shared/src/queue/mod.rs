@@ -8,10 +8,13 @@
 //! - `layer`: `LeaseLayer`, renewal and settle-by-error-class inside each job's future.
 //! - `lease`: `Lease`, the handler's extractor (token, attempt, `is_lost`, fenced writes).
 //! - `error`: `JobError` (what handlers return), `QueueError`, `SettleError`.
+//! - `target`: `RedisTarget`, a Redis URL parsed (one server, or a Sentinel master).
+//! - `connection`: `RedisConn`, the shared connection that follows a Sentinel failover.
 //!
 //! Guarantees rest on Redis: with `appendonly yes` and `appendfsync everysec` a host crash can
 //! lose the last second or two of writes (an ack or an enqueue), with `appendfsync always`
-//! nothing. Handlers must therefore tolerate running a job again (converge, check "already
+//! nothing; behind Redis Sentinel, a failover can lose what the old master had not yet
+//! replicated. Handlers must therefore tolerate running a job again (converge, check "already
 //! done?"), and producers re-enqueue by key, which is idempotent.
 
 //! A worker is an apalis worker over `LeaseBackend`:
@@ -23,6 +26,7 @@
 
 mod backend;
 mod config;
+mod connection;
 mod error;
 mod keys;
 mod layer;
@@ -30,9 +34,11 @@ mod lease;
 mod scripts;
 mod spec;
 mod store;
+mod target;
 
 pub use backend::{LeaseBackend, WorkerOptions};
 pub use config::{QueueConfig, RetryPolicy};
+pub use connection::{MasterInfo, RedisConn};
 pub use error::{JobError, QueueError, SettleError};
 pub use layer::{LeaseLayer, LeaseService};
 pub use lease::Lease;
@@ -42,3 +48,4 @@ pub use store::{
     AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
     ReapReport, ReaperHandle, Settled, SlotStats,
 };
+pub use target::{RedisTarget, SentinelTarget, TargetError};

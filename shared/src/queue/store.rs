@@ -6,21 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, FromRedisValue, Script};
 use serde::Deserialize;
 
 use super::config::QueueConfig;
+use super::connection::RedisConn;
 use super::error::QueueError;
 use super::keys::Keys;
 use super::scripts::{self, FencedScript};
 use super::spec::{Enqueued, JobSpec, WireSpec};
 
 /// A handle on one queue (one namespace) in Redis. Cheap to clone; every clone shares one
-/// multiplexed connection that reconnects by itself.
+/// multiplexed connection that reconnects by itself (to the same server, or to the master the
+/// sentinels name: see `RedisConn`).
 #[derive(Clone)]
 pub struct Queue {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Arc<Keys>,
     config: Arc<QueueConfig>,
 }
@@ -242,14 +243,10 @@ fn ms(d: Duration) -> String {
 }
 
 impl Queue {
-    /// Connects (5 s response timeout by default; reconnects by itself afterwards).
+    /// Connects (5 s response timeout by default; reconnects by itself afterwards). `url` is
+    /// `redis://`, `rediss://` or `redis+sentinel://` / `rediss+sentinel://` (`RedisTarget`).
     pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
-        let client = redis::Client::open(url)?;
-        let cm = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.response_timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, cm).await?;
+        let conn = RedisConn::connect(url, config.response_timeout).await?;
         Ok(Self {
             conn,
             keys: Arc::new(Keys::new(&config.namespace)),
@@ -269,7 +266,7 @@ impl Queue {
     }
 
     /// The shared connection, for the caller's own reads.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 

@@ -207,6 +207,28 @@ fn redis_unreachable_is_exit_3_with_the_password_redacted() {
     assert_eq!(o.status.code(), Some(3), "{out}");
     assert!(out.contains("redis://:***@127.0.0.1:1"), "{out}");
     assert!(!out.contains("TopSecretPw"), "{out}");
+
+    // The Sentinel form: no sentinel answers on these ports.
+    let url = "redis+sentinel://:TopSecretPw@127.0.0.1:1,127.0.0.1:2/labfleet";
+    let o = producer(&["list", "--redis", url]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("redis+sentinel://:***@127.0.0.1:1,127.0.0.1:2/labfleet/0"),
+        "{out}"
+    );
+    assert!(!out.contains("TopSecretPw"), "{out}");
+
+    // A malformed Sentinel URL is refused without showing it.
+    let o = producer(&[
+        "list",
+        "--redis",
+        "redis+sentinel://:TopSecretPw@127.0.0.1:1",
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains("no master name"), "{out}");
+    assert!(!out.contains("TopSecretPw"), "{out}");
 }
 
 /// A data folder whose connections.yml reaches `port` with the given credential and TLS lines.

@@ -3,7 +3,8 @@
 //! localhost) do not name. That works because a pinned fingerprint is checked instead of the
 //! certificate's names. Proven here by serving the demo certificate on 127.0.0.2, another
 //! name the certificate does not carry, and connecting with data/compose's settings.
-//! (`.ci/run` validates the compose file itself with `docker-compose config -q`.)
+//! (`.ci/run` validates the compose file with `docker-compose config -q` and brings it up
+//! for real with `.ci/compose.sh`.)
 
 use std::net::SocketAddr;
 

@@ -36,7 +36,7 @@ pub(crate) fn producer_in(rig: &Rig, dir: &Path, args: &[&str]) -> Output {
         .arg("--data-dir")
         .arg(dir)
         .arg("--redis")
-        .arg(rig.redis.url())
+        .arg(&rig.redis_url)
         .args(args)
         .env("LABFLEET_SECRET_KEY", rig.key.to_base64().expose())
         .env_remove("RUST_LOG")

@@ -286,9 +286,202 @@ async fn metrics_count_a_known_deployment() {
                 &[("cluster", "lab"), ("kind", "other")]
             ) > 0.0
         );
+
+        // The shipped Grafana dashboard and alert rules query only what this page serves.
+        let served: std::collections::BTreeSet<String> =
+            m.iter().map(|(n, _, _)| n.clone()).collect();
+        let dashboard = dashboard_queries(&root.join("deploy/grafana/labfleet-workers.json"));
+        assert!(
+            dashboard.len() >= 10,
+            "the dashboard has its panels: {dashboard:?}"
+        );
+        let missing = unserved(&dashboard, &served);
+        assert!(
+            missing.is_empty(),
+            "dashboard panels query metrics /metrics does not serve: {missing:?}"
+        );
+        let rules = rule_queries(&root.join("deploy/prometheus/labfleet.rules.yml"));
+        assert!(rules.len() >= 4, "the alert rules: {rules:?}");
+        let missing = unserved(&rules, &served);
+        assert!(
+            missing.is_empty(),
+            "alert rules query metrics /metrics does not serve: {missing:?}"
+        );
         shutdown.cancel();
     };
     let (result, ()) = tokio::join!(worker, flow);
     result.expect("worker ran and stopped cleanly");
     sim.shutdown().await;
+}
+
+/// Series Prometheus makes itself (not served by the worker), which panels and rules may use.
+const PROMETHEUS_SERIES: &[&str] = &["up"];
+
+/// (panel or rule title, PromQL expression) of every query in the dashboard, rows included.
+fn dashboard_queries(path: &std::path::Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    fn walk(panels: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for p in panels.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or("?").to_owned();
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or_default();
+                assert!(
+                    !expr.is_empty(),
+                    "panel {title} has a target without a query"
+                );
+                out.push((title.clone(), expr.to_owned()));
+            }
+            walk(&p["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&doc["panels"], &mut out);
+    out
+}
+
+/// (alert name, expression) of every rule in a Prometheus rule file (read as text: each
+/// `expr:` is one line after its `- alert:`).
+fn rule_queries(path: &std::path::Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    let mut name = String::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(n) = line.strip_prefix("- alert:") {
+            name = n.trim().to_owned();
+        } else if let Some(e) = line.strip_prefix("expr:") {
+            out.push((name.clone(), e.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// The metric names an expression uses: identifiers not followed by `(` (functions), not
+/// PromQL keywords, not label names (before `=`, `!=`, `=~`, `!~`, or in `by (...)`), not
+/// inside quotes or `[...]` ranges.
+fn metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: &[&str] = &[
+        "by",
+        "without",
+        "and",
+        "or",
+        "unless",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+    ];
+    // Aggregations may be followed by `by (...)` before their parentheses.
+    const AGGREGATIONS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut depth_braces, mut depth_range) = (0, 0, 0);
+    let mut grouping = false;
+    while i < b.len() {
+        let c = b[i] as char;
+        match c {
+            '"' | '\'' => {
+                let q = b[i];
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                continue;
+            }
+            '{' => depth_braces += 1,
+            '}' => depth_braces -= 1,
+            '[' => depth_range += 1,
+            ']' => depth_range -= 1,
+            ')' => grouping = false,
+            _ => {}
+        }
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < b.len()
+                && ((b[i] as char).is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b':')
+            {
+                i += 1;
+            }
+            let word = &expr[start..i];
+            let rest = expr[i..].trim_start();
+            let is_function = rest.starts_with('(') || AGGREGATIONS.contains(&word);
+            if KEYWORDS.contains(&word) {
+                grouping = matches!(
+                    word,
+                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+                );
+                continue;
+            }
+            if depth_braces == 0 && depth_range == 0 && !is_function && !grouping {
+                out.push(word.to_owned());
+            }
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Every (title, metric) that a query uses and the page does not serve.
+fn unserved(
+    queries: &[(String, String)],
+    served: &std::collections::BTreeSet<String>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (title, expr) in queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{title}: no metric found in `{expr}`");
+        for n in names {
+            if !served.contains(&n) && !PROMETHEUS_SERIES.contains(&n.as_str()) {
+                out.push((title.clone(), n));
+            }
+        }
+    }
+    out
+}
+
+/// The dashboard check itself: it finds metric names in the PromQL the dashboard uses, and
+/// reports one that the page does not serve.
+#[test]
+fn dashboard_check_finds_an_unserved_metric() {
+    assert_eq!(
+        metric_names(
+            r#"histogram_quantile(0.95, sum by (le, kind) (rate(labfleet_pve_request_duration_seconds_bucket{kind=~"po.*"}[5m])))"#
+        ),
+        vec!["labfleet_pve_request_duration_seconds_bucket"]
+    );
+    assert_eq!(
+        metric_names(
+            r#"max by (slot) (a_held{slot=~"x"}) >= max by (slot) (b_cap) > 0 and on() c"#
+        ),
+        vec!["a_held", "b_cap", "c"]
+    );
+    let served = ["labfleet_queue_up".to_owned()].into_iter().collect();
+    let q = vec![
+        (
+            "ok".to_owned(),
+            "min(labfleet_queue_up) + sum(up{job=\"w\"})".to_owned(),
+        ),
+        ("typo".to_owned(), "max(labfleet_queue_upp)".to_owned()),
+    ];
+    assert_eq!(
+        unserved(&q, &served),
+        vec![("typo".to_owned(), "labfleet_queue_upp".to_owned())]
+    );
 }

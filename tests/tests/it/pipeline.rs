@@ -131,7 +131,19 @@ impl Lab {
                 .await
                 .map_err(|f| f.error)
                 .unwrap();
-            assert!(!(p.dead > 0 && p.open <= 1), "teardown jobs failed: {p:?}");
+            if p.dead > 0 && p.open <= 1 {
+                let q = self.store.queue();
+                let mut dead = Vec::new();
+                for k in q.dead_letters(20).await.unwrap_or_default() {
+                    if let Ok(Some(j)) = q.job(&k).await {
+                        dead.push(format!("{k}: {:?} {:?}", j.last_error, j.history));
+                    }
+                }
+                panic!(
+                    "teardown jobs failed: {p:?}\ndead letters:\n{}",
+                    dead.join("\n")
+                );
+            }
             p.finished
         })
         .await;
