@@ -1628,7 +1628,7 @@ async fn submitted(rig: &Rig) -> (String, Plan) {
     loop {
         if let Ok(d) = rig.store.deployments().await
             && let Some(r) = d.first()
-            && let Ok(Some(p)) = rig.store.plan_json(&r.id).await
+            && let Ok(Some(p)) = rig.store.plan_json(&r.id, r.epoch).await
             && let Ok(plan) = serde_json::from_str::<Plan>(&p)
         {
             return (r.id.clone(), plan);
