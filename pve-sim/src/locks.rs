@@ -1,5 +1,6 @@
 //! The lock and bandwidth model: node-local VM config flocks (shared/exclusive, with
-//! timeouts), per-storage allocation locks (FIFO, 10 s wait timeout) and fair sharing of a
+//! timeouts), per-storage allocation locks (no FIFO: racing flock waiters, polling pmxcfs
+//! waiters; 10 s wait timeout), the cluster-wide `user.cfg` lock, and fair sharing of a
 //! storage's bandwidth among concurrent full-clone copies (processor sharing, exact).
 
 use std::collections::HashMap;
@@ -7,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{
-    OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore, watch,
-};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, oneshot, watch};
 
 /// `/var/lock/qemu-server/lock-<vmid>.conf`, node-local: keyed by (node, vmid).
 #[derive(Default)]
@@ -61,23 +62,146 @@ impl Flocks {
 }
 
 /// Per-storage allocation locks. Keys: `node/storage` for local storage, `storage` for shared.
-#[derive(Default)]
+///
+/// Neither kind hands the lock over first come, first served. A local storage lock is an
+/// `flock` (pve-common `lock_file_full`): when it is released one of the blocked waiters wins,
+/// which one is a race, drawn here from a seeded RNG. A shared storage lock is a pmxcfs lock
+/// (pve-cluster `cfs_lock`): a waiter tries, sleeps 0.1-1 s and tries again until its
+/// timeout, so the lock may sit free between a release and the next try, and whoever tries
+/// first afterwards wins.
 pub(crate) struct StorageLocks {
-    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+    map: Mutex<HashMap<String, Arc<StorageLock>>>,
+    rng: Mutex<StdRng>,
+}
+
+#[derive(Default)]
+struct LockInner {
+    held: bool,
+    next_waiter: u64,
+    /// Blocked `flock` waiters; on release one of them, chosen at random, gets the lock.
+    waiters: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+pub(crate) struct StorageLock {
+    inner: Mutex<LockInner>,
+    locks: std::sync::Weak<StorageLocks>,
+}
+
+/// Holding a storage lock; released on drop.
+pub(crate) struct StorageLockGuard {
+    lock: Arc<StorageLock>,
+}
+
+impl Drop for StorageLockGuard {
+    fn drop(&mut self) {
+        self.lock.release();
+    }
+}
+
+impl StorageLock {
+    fn release(&self) {
+        let mut inner = self.inner.lock();
+        while !inner.waiters.is_empty() {
+            let i = match self.locks.upgrade() {
+                Some(l) => l.rng.lock().random_range(0..inner.waiters.len()),
+                None => 0,
+            };
+            let (_, tx) = inner.waiters.swap_remove(i);
+            // A waiter that has just timed out dropped its receiver: try the next one.
+            if tx.send(()).is_ok() {
+                return;
+            }
+        }
+        inner.held = false;
+    }
+
+    fn try_take(&self) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.held {
+            false
+        } else {
+            inner.held = true;
+            true
+        }
+    }
 }
 
 impl StorageLocks {
-    pub async fn lock(&self, key: &str, timeout: Duration) -> Option<OwnedSemaphorePermit> {
-        let s = self
-            .map
+    pub fn new(seed: u64) -> Arc<Self> {
+        Arc::new(StorageLocks {
+            map: Mutex::new(HashMap::new()),
+            rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x10c4_5eed)),
+        })
+    }
+
+    fn get(self: &Arc<Self>, key: &str) -> Arc<StorageLock> {
+        self.map
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(1)))
-            .clone();
-        tokio::time::timeout(timeout, s.acquire_owned())
-            .await
-            .ok()?
-            .ok()
+            .or_insert_with(|| {
+                Arc::new(StorageLock {
+                    inner: Mutex::new(LockInner::default()),
+                    locks: Arc::downgrade(self),
+                })
+            })
+            .clone()
+    }
+
+    /// Takes the lock of `key`, waiting at most `timeout`. `shared` storage polls with
+    /// sleeps of `poll_min..poll_max` (already scaled); local storage blocks and races.
+    pub async fn lock(
+        self: &Arc<Self>,
+        key: &str,
+        shared: bool,
+        timeout: Duration,
+        poll: (Duration, Duration),
+    ) -> Option<StorageLockGuard> {
+        let lock = self.get(key);
+        if shared {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if lock.try_take() {
+                    return Some(StorageLockGuard { lock });
+                }
+                let nap = {
+                    let (lo, hi) = poll;
+                    let f: f64 = self.rng.lock().random();
+                    lo + (hi.saturating_sub(lo)).mul_f64(f)
+                };
+                let now = Instant::now();
+                if now >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(nap.min(deadline - now)).await;
+            }
+        }
+        let (id, mut rx) = {
+            let mut inner = lock.inner.lock();
+            if !inner.held {
+                inner.held = true;
+                drop(inner);
+                return Some(StorageLockGuard { lock });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = inner.next_waiter;
+            inner.next_waiter += 1;
+            inner.waiters.push((id, tx));
+            (id, rx)
+        };
+        match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(Ok(())) => Some(StorageLockGuard { lock }),
+            _ => {
+                let mut inner = lock.inner.lock();
+                if let Some(i) = inner.waiters.iter().position(|(w, _)| *w == id) {
+                    inner.waiters.swap_remove(i);
+                    None
+                } else {
+                    // Handed over just as the wait ran out: the lock is ours.
+                    drop(inner);
+                    Some(StorageLockGuard { lock })
+                }
+            }
+        }
     }
 }
 

@@ -44,6 +44,8 @@ pub(crate) enum Ty {
     /// `dns-name` (VM names).
     DnsName,
     StorageId,
+    /// One of these strings.
+    Enum(&'static [&'static str]),
 }
 
 /// One schema entry: name, type, required.
@@ -141,6 +143,16 @@ fn check_value(ty: Ty, v: &PVal) -> Result<(), String> {
             } else {
                 Err(format!(
                     "value '{text}' does not look like a valid DNS name"
+                ))
+            }
+        }
+        Ty::Enum(values) => {
+            if values.contains(&text.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "value '{text}' does not have a value in the enumeration '{}'",
+                    values.join(", ")
                 ))
             }
         }

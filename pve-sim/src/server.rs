@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -94,41 +94,130 @@ fn tls_config(mode: &TlsMode) -> anyhow::Result<Option<(rustls::ServerConfig, St
     Ok(Some((cfg, fp)))
 }
 
+/// Whether pveproxy hands this call to an API worker (pvedaemon): every write except the
+/// login, which pveproxy answers itself. Reads are served by pveproxy's own workers.
+fn is_protected(method: &hyper::Method, rest: &str) -> bool {
+    method != hyper::Method::GET
+        && method != hyper::Method::HEAD
+        && !(method == hyper::Method::POST && rest.starts_with("/access/ticket"))
+}
+
+/// The node whose pvedaemon runs a call: `{node}` of `/nodes/{node}/...`, else the node
+/// the client talks to (the first node of the cluster file).
+fn worker_node(app: &Shared, rest: &str) -> Option<String> {
+    let st = app.state.lock();
+    match rest.strip_prefix("/nodes/") {
+        Some(r) => {
+            let n = r.split('/').next().unwrap_or("");
+            // A call for an unknown or offline node is answered by the proxy (500/595).
+            st.nodes
+                .get(n)
+                .filter(|ns| ns.is_online(Instant::now()))
+                .map(|_| n.to_string())
+        }
+        None => st.nodes.keys().next().cloned(),
+    }
+}
+
+fn lost_reply(kind: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, kind)
+}
+
 async fn handle(
     app: Arc<Shared>,
     router: axum::Router,
     req: hyper::Request<Incoming>,
 ) -> Result<axum::response::Response, std::io::Error> {
-    if let Some(rest) = req
+    let arrived = Instant::now();
+    let Some(rest) = req
         .uri()
         .path()
         .strip_prefix("/api2/json")
         .filter(|r| !r.starts_with("/sim/"))
-    {
-        let fault = app
-            .state
-            .lock()
-            .faults
-            .request_fault(req.method().as_str(), rest);
-        match fault {
-            Some(RequestFault::ConnectionReset) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "simulated connection reset",
-                ));
-            }
-            Some(RequestFault::Proxy596) => {
-                return Ok(PveError::proxy(596, "Connection timed out").render(false));
-            }
-            Some(RequestFault::Internal500) => {
-                return Ok(PveError::internal("got unexpected error (simulated fault)")
-                    .render(app.message_field));
-            }
-            None => {}
+        .map(str::to_string)
+    else {
+        return Ok(route(router, req).await);
+    };
+    let fault = app
+        .state
+        .lock()
+        .faults
+        .request_fault(req.method().as_str(), &rest);
+    match fault {
+        Some(RequestFault::ConnectionReset) => {
+            return Err(lost_reply("simulated connection reset"));
         }
+        Some(RequestFault::Proxy596) => {
+            return Ok(PveError::proxy(596, "Connection timed out").render(false));
+        }
+        Some(RequestFault::Internal500) => {
+            return Ok(PveError::internal("got unexpected error (simulated fault)")
+                .render(app.message_field));
+        }
+        _ => {}
     }
+    // A protected call waits for one of its node's API workers, unless pveproxy refuses it
+    // first (authentication) or cannot reach the node.
+    let workers = (!app.zero_cost() && is_protected(req.method(), &rest))
+        .then(|| {
+            crate::auth::identify(&app, req.method(), req.headers())
+                .ok()
+                .and(worker_node(&app, &rest))
+        })
+        .flatten()
+        .and_then(|node| app.api_workers.get(&node).map(|s| (node, s.clone())));
+    let after_commit = fault.filter(|f| f.after_commit());
+    if workers.is_none() && after_commit.is_none() {
+        return Ok(route(router, req).await);
+    }
+    // The call runs in its own task: it carries on when pveproxy gives up on it.
+    let app2 = app.clone();
+    let call = tokio::spawn(async move {
+        let permit = match &workers {
+            Some((node, sem)) => {
+                let p = sem.clone().acquire_owned().await.ok();
+                let waited = arrived.elapsed();
+                app2.state
+                    .lock()
+                    .stats
+                    .api_call(node, app2.sim_seconds(waited));
+                p
+            }
+            None => None,
+        };
+        let resp = route(router, req).await;
+        drop(permit);
+        resp
+    });
+    let deadline = tokio::time::Instant::from_std(arrived + app.proxy_timeout);
+    match after_commit {
+        Some(RequestFault::ResetAfterCommit) => {
+            let _ = call.await;
+            Err(lost_reply("simulated connection reset after the call ran"))
+        }
+        Some(_) => {
+            let _ = call.await;
+            tokio::time::sleep_until(deadline).await;
+            Ok(PveError::proxy(596, "Connection timed out").render(false))
+        }
+        None => match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Ok(PveError::internal("got unexpected error (worker died)")
+                .render(app.message_field)),
+            Err(_) => {
+                let mut st = app.state.lock();
+                st.stats.api_proxy_timeout();
+                st.faults.count("api_proxy_timeout");
+                drop(st);
+                Ok(PveError::proxy(596, "Connection timed out").render(false))
+            }
+        },
+    }
+}
+
+async fn route(router: axum::Router, req: hyper::Request<Incoming>) -> axum::response::Response {
     let resp: Result<_, Infallible> = router.oneshot(req.map(Body::new)).await;
-    Ok(resp.unwrap_or_else(|e| match e {}))
+    resp.unwrap_or_else(|e| match e {})
 }
 
 impl Sim {
@@ -152,12 +241,25 @@ impl Sim {
             version: cfg.cluster.api.version.clone(),
             ticket_lifetime: cfg.cluster.api.ticket_lifetime_seconds as i64,
             flocks: Flocks::default(),
-            storage_locks: StorageLocks::default(),
+            storage_locks: StorageLocks::new(cfg.seed),
             copy_pools: Mutex::new(Default::default()),
             clock_offset: Default::default(),
             secret: rand::random(),
             fingerprint: tls.as_ref().map(|t| t.1.clone()),
             started: Instant::now(),
+            api_workers: cfg
+                .cluster
+                .nodes
+                .iter()
+                .filter(|_| cfg.cluster.api.workers_per_node > 0)
+                .map(|n| {
+                    let sem = Semaphore::new(cfg.cluster.api.workers_per_node as usize);
+                    (n.name.clone(), Arc::new(sem))
+                })
+                .collect(),
+            proxy_timeout: Duration::from_secs_f64(
+                (cfg.cluster.api.proxy_timeout_seconds * scale).max(0.0),
+            ),
         });
         schedule_offline_windows(&app, &cfg.faults);
         let router = api::router(app.clone());

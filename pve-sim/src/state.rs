@@ -17,7 +17,7 @@ use crate::access::{AclEntry, Identity, builtin_roles, effective_privs};
 use crate::cluster::{ClusterSpec, CostSpec, StorageSpec};
 use crate::error::{PveError, PveResult};
 use crate::faults::{FaultPlan, FaultState};
-use crate::locks::{CopyPool, Flocks, StorageLocks};
+use crate::locks::{CopyPool, Flocks, StorageLockGuard, StorageLocks};
 use crate::stats::Stats;
 use crate::tasks::Task;
 
@@ -209,6 +209,8 @@ pub(crate) struct State {
     pub roles: BTreeMap<String, BTreeSet<String>>,
     pub pools: BTreeMap<String, Pool>,
     pub tasks: HashMap<String, Task>,
+    /// Per node: tasks that ended but are still in the node's active list.
+    pub unarchived: HashMap<String, Vec<String>>,
     pub task_order: Vec<String>,
     pub next_pid: u32,
     pub faults: FaultState,
@@ -226,12 +228,16 @@ pub(crate) struct Shared {
     pub version: String,
     pub ticket_lifetime: i64,
     pub flocks: Flocks,
-    pub storage_locks: StorageLocks,
+    pub storage_locks: Arc<StorageLocks>,
     pub copy_pools: Mutex<HashMap<String, Arc<CopyPool>>>,
     pub clock_offset: AtomicI64,
     pub secret: [u8; 32],
     pub fingerprint: Option<String>,
     pub started: Instant,
+    /// Per node: pvedaemon's API workers (absent when `workers_per_node` is 0).
+    pub api_workers: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Scaled: how long pveproxy waits for a protected call's answer.
+    pub proxy_timeout: Duration,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -245,6 +251,38 @@ impl Shared {
     /// Scaled wall-clock duration of `nominal` simulated seconds.
     pub fn wall(&self, nominal: f64) -> Duration {
         Duration::from_secs_f64((nominal * self.scale).max(0.0))
+    }
+
+    /// Takes the cluster-wide `user.cfg` lock (pmxcfs `cfs_lock_file`, polled like a shared
+    /// storage lock, 10 s wait) and spends one write's time holding it. On timeout the
+    /// error is PVE's, prefixed with `errmsg` as `lock_user_config` does. No lock in
+    /// zero-cost mode.
+    pub async fn user_cfg_lock(&self, errmsg: &str) -> Result<Option<StorageLockGuard>, String> {
+        if self.zero_cost() {
+            return Ok(None);
+        }
+        let wait = self.wall(self.costs.user_cfg_lock_timeout_seconds);
+        let timeout = || format!("{errmsg}: cfs-lock 'file-user_cfg' error: got lock request timeout");
+        if self.state.lock().faults.user_cfg_lock_timeout() {
+            tokio::time::sleep(wait).await;
+            return Err(timeout());
+        }
+        let g = self
+            .storage_locks
+            .lock("file-user_cfg", true, wait, (self.wall(0.1), self.wall(1.0)))
+            .await
+            .ok_or_else(timeout)?;
+        tokio::time::sleep(self.wall(self.costs.user_cfg_write_seconds)).await;
+        Ok(Some(g))
+    }
+
+    /// Simulated seconds of a wall-clock duration (0 in zero-cost mode).
+    pub fn sim_seconds(&self, wall: Duration) -> f64 {
+        if self.scale > 0.0 {
+            wall.as_secs_f64() / self.scale
+        } else {
+            0.0
+        }
     }
 
     pub fn zero_cost(&self) -> bool {
@@ -479,11 +517,30 @@ impl State {
             roles: builtin_roles(),
             pools,
             tasks: HashMap::new(),
+            unarchived: HashMap::new(),
             task_order: Vec::new(),
             next_pid: 0x0010_0000 + (seed as u32 & 0xffff),
             faults: FaultState::new(faults, seed),
             stats: Stats::default(),
             rng,
+        }
+    }
+
+    /// What the node's `active_workers` bookkeeping does when a task starts or ends there:
+    /// tasks that ended before (all but `except`) move from the active list to the index.
+    /// `ended` (the task that just ended, if any) stays in the active list until then.
+    pub fn archive_ended(&mut self, node: &str, ended: Option<&str>) {
+        let list = std::mem::take(self.unarchived.entry(node.to_string()).or_default());
+        for u in list {
+            if let Some(t) = self.tasks.get_mut(&u) {
+                t.saved = true;
+            }
+        }
+        if let Some(u) = ended {
+            self.unarchived
+                .entry(node.to_string())
+                .or_default()
+                .push(u.to_string());
         }
     }
 

@@ -94,11 +94,8 @@ pub(super) async fn get_p(
 ) -> ApiResult {
     p.check(&[P("type", Ty::Str, false)], |_| false)?;
     let st = app.state.lock();
-    let mut v = pool_info(&st, &who, &id, p.str("type").as_deref())?;
-    if let Some(o) = v.as_object_mut() {
-        o.remove("poolid");
-    }
-    ok(v)
+    // pve-manager `Pool.pm` answers with `index()[0]`, `poolid` included.
+    ok(pool_info(&st, &who, &id, p.str("type").as_deref())?)
 }
 
 pub(super) async fn create(
@@ -119,6 +116,10 @@ pub(super) async fn create(
             ),
         ));
     }
+    let _cfg = app
+        .user_cfg_lock("create pool failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     st.check(&who, &format!("/pool/{id}"), "Pool.Allocate")?;
     if st.pools.contains_key(&id) {
@@ -253,6 +254,10 @@ pub(super) async fn update_q(
     let mut spec: Vec<P> = UPDATE.iter().map(|x| P(x.0, x.1, x.2)).collect();
     spec.push(P("poolid", Ty::Str, true));
     p.check(&spec, |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("update pools failed")
+        .await
+        .map_err(PveError::internal)?;
     update(&app, &who, &p.str("poolid").unwrap_or_default(), &p)
 }
 
@@ -263,6 +268,10 @@ pub(super) async fn update_p(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE, |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("update pools failed")
+        .await
+        .map_err(PveError::internal)?;
     update(&app, &who, &id, &p)
 }
 
@@ -296,6 +305,10 @@ pub(super) async fn delete_q(
     p: Params,
 ) -> ApiResult {
     p.check(&[P("poolid", Ty::Str, true)], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("delete pool failed")
+        .await
+        .map_err(PveError::internal)?;
     delete(&app, &who, &p.str("poolid").unwrap_or_default())
 }
 
@@ -306,5 +319,9 @@ pub(super) async fn delete_p(
     p: Params,
 ) -> ApiResult {
     p.check(&[], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("delete pool failed")
+        .await
+        .map_err(PveError::internal)?;
     delete(&app, &who, &id)
 }

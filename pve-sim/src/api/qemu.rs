@@ -14,7 +14,7 @@ use super::{ApiResult, ok};
 use crate::access::Identity;
 use crate::auth::Auth;
 use crate::error::{PveError, PveResult};
-use crate::locks::{FlockGuard, storage_timeout_msg};
+use crate::locks::{FlockGuard, StorageLockGuard, storage_timeout_msg};
 use crate::params::{P, Params, Ty, path_vmid, valid_dns_name};
 use crate::state::{Shared, Vm, canonical_net, format_size, is_disk_key};
 use crate::tasks::{Outcome, TaskCtx, start_task};
@@ -53,6 +53,23 @@ pub(crate) fn config_digest(c: &BTreeMap<String, Value>) -> String {
         .take(20)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Takes a storage's allocation lock (or times out, after the full wait, when a
+/// lock-timeout fault fires). Never called in zero-cost mode.
+pub(crate) async fn storage_lock(
+    app: &Shared,
+    key: &str,
+    shared: bool,
+) -> Option<StorageLockGuard> {
+    let wait = app.wall(app.costs.storage_lock_timeout_seconds);
+    if app.state.lock().faults.lock_timeout() {
+        tokio::time::sleep(wait).await;
+        return None;
+    }
+    app.storage_locks
+        .lock(key, shared, wait, (app.wall(0.1), app.wall(1.0)))
+        .await
 }
 
 async fn flock(
@@ -1141,19 +1158,7 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
         }
         let hold = app.costs.storage_lock_hold_seconds;
         if !app.zero_cost() {
-            let forced = app.state.lock().faults.lock_timeout();
-            let permit = if forced {
-                tokio::time::sleep(app.wall(app.costs.storage_lock_timeout_seconds)).await;
-                None
-            } else {
-                app.storage_locks
-                    .lock(
-                        &d.lock_key,
-                        app.wall(app.costs.storage_lock_timeout_seconds),
-                    )
-                    .await
-            };
-            let Some(permit) = permit else {
+            let Some(permit) = storage_lock(&app, &d.lock_key, d.shared).await else {
                 return fail(ctx, storage_timeout_msg(&d.storage, d.shared));
             };
             app.state
@@ -1230,6 +1235,18 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
         app.costs.linked_clone_seconds
     };
     ctx.spend(fixed).await;
+    // The pool add runs under the cluster-wide `user.cfg` lock, inside the clone's eval:
+    // when it fails the new VM is removed again (qemu-server `clone_vm`).
+    let _cfg = match &plan.pool {
+        Some(pl) => match app
+            .user_cfg_lock(&format!("can't add VM {newid} to pool '{pl}'"))
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => return fail(ctx, e),
+        },
+        None => None,
+    };
     let mut st = app.state.lock();
     let mut warnings = 0;
     let mut pool_ok = None;
