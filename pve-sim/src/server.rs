@@ -260,7 +260,12 @@ impl Sim {
             proxy_timeout: Duration::from_secs_f64(
                 (cfg.cluster.api.proxy_timeout_seconds * scale).max(0.0),
             ),
+            rrd_interval: Duration::from_secs_f64(
+                (cfg.cluster.api.rrd_interval_seconds * scale).max(0.0),
+            ),
         });
+        app.state.lock().sample_rrd(Instant::now());
+        schedule_rrd_updates(&app);
         schedule_offline_windows(&app, &cfg.faults);
         let router = api::router(app.clone());
         let acceptor = tls.map(|(c, _)| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
@@ -333,6 +338,25 @@ where
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
+}
+
+/// pvestatd: a fresh RRD sample of every VM once per interval (scaled).
+fn schedule_rrd_updates(app: &Arc<Shared>) {
+    if app.rrd_live() {
+        return;
+    }
+    let weak = Arc::downgrade(app);
+    let every = app.rrd_interval;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            app.state.lock().sample_rrd(Instant::now());
+        }
+    });
 }
 
 fn schedule_offline_windows(app: &Arc<Shared>, plan: &FaultPlan) {
@@ -424,7 +448,8 @@ impl SimHandle {
     pub fn acls(&self) -> Vec<AclEntry> {
         self.inner.app.state.lock().acls.clone()
     }
-    /// Bridges applied (active) on `node`.
+    /// Bridges that exist (are up) on `node`: in the interfaces file and brought up by
+    /// the last completed network reload.
     pub fn bridges(&self, node: &str) -> Vec<String> {
         let st = self.inner.app.state.lock();
         st.nodes
@@ -432,7 +457,10 @@ impl SimHandle {
             .map(|n| {
                 n.net_applied
                     .iter()
-                    .filter(|(_, i)| i.get("type").and_then(|t| t.as_str()) == Some("bridge"))
+                    .filter(|(k, i)| {
+                        n.net_live.contains(*k)
+                            && i.get("type").and_then(|t| t.as_str()) == Some("bridge")
+                    })
                     .map(|(k, _)| k.clone())
                     .collect()
             })

@@ -1,6 +1,7 @@
 //! Host network: `/nodes/{node}/network[/{iface}]`. Writes go to the pending file
-//! (`interfaces.new`); `PUT /nodes/{node}/network` applies it in a `srvreload` task, after
-//! which new interfaces are `active`; `DELETE` reverts.
+//! (`interfaces.new`); `PUT /nodes/{node}/network` applies it in a `srvreload` task that
+//! renames the file at its start and brings the interfaces up (`active`) at its end;
+//! `DELETE` reverts.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -98,7 +99,7 @@ fn visible(st: &St, node: &str) -> Vec<Value> {
     current(st, node)
         .into_iter()
         .map(|(k, mut v)| {
-            if n.net_applied.contains_key(&k) {
+            if n.net_live.contains(&k) {
                 v.insert("active".into(), json!(1));
             } else {
                 v.remove("active");
@@ -355,19 +356,21 @@ pub(super) async fn apply(
         None,
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
+            // pve-manager `Network.pm`: the worker renames interfaces.new over interfaces
+            // first, then runs ifreload; the kernel has the new interfaces only at its end.
+            {
+                let mut st = app.state.lock();
+                if let Some(n) = st.nodes.get_mut(&n2)
+                    && let Some(p) = n.net_pending.take()
+                {
+                    n.net_applied = p;
+                }
+            }
             ctx.log("ifreload -a");
             ctx.spend(app.costs.network_reload_seconds).await;
             let mut st = app.state.lock();
-            if let Some(n) = st.nodes.get_mut(&n2)
-                && let Some(p) = n.net_pending.take()
-            {
-                n.net_applied = p
-                    .into_iter()
-                    .map(|(k, mut v)| {
-                        v.insert("active".into(), json!(1));
-                        (k, v)
-                    })
-                    .collect();
+            if let Some(n) = st.nodes.get_mut(&n2) {
+                n.net_live = n.net_applied.keys().cloned().collect();
             }
             drop(st);
             (ctx, Outcome::Ok)

@@ -25,12 +25,12 @@ fn valid_poolid(s: &str) -> bool {
         })
 }
 
-fn members(st: &St, id: &str, pool: &Pool, ty: Option<&str>) -> Vec<Value> {
+fn members(st: &St, pool: &Pool, ty: Option<&str>, rrd_live: bool) -> Vec<Value> {
     let now = Instant::now();
     let mut out = Vec::new();
     if ty.is_none_or(|t| t == "qemu") {
         for vmid in pool.vms.iter().filter(|v| st.vms.contains_key(v)) {
-            out.push(vm_resource(st, *vmid, now));
+            out.push(vm_resource(st, *vmid, now, rrd_live));
         }
     }
     if ty.is_none_or(|t| t == "storage") {
@@ -40,17 +40,22 @@ fn members(st: &St, id: &str, pool: &Pool, ty: Option<&str>) -> Vec<Value> {
             }
         }
     }
-    let _ = id;
     out
 }
 
-fn pool_info(st: &St, who: &Identity, id: &str, ty: Option<&str>) -> Result<Value, PveError> {
+fn pool_info(
+    app: &Shared,
+    st: &St,
+    who: &Identity,
+    id: &str,
+    ty: Option<&str>,
+) -> Result<Value, PveError> {
     let pool = st
         .pools
         .get(id)
         .ok_or_else(|| PveError::internal(format!("pool '{id}' does not exist")))?;
     st.check(who, &format!("/pool/{id}"), "Pool.Audit")?;
-    let mut v = json!({"poolid": id, "members": members(st, id, pool, ty)});
+    let mut v = json!({"poolid": id, "members": members(st, pool, ty, app.rrd_live())});
     if let Some(c) = &pool.comment {
         v["comment"] = json!(c);
     }
@@ -65,6 +70,7 @@ pub(super) async fn index(State(app): State<Arc<Shared>>, Auth(who): Auth, p: Pa
     let st = app.state.lock();
     if let Some(id) = p.str("poolid") {
         return ok(json!([pool_info(
+            &app,
             &st,
             &who,
             &id,
@@ -95,7 +101,7 @@ pub(super) async fn get_p(
     p.check(&[P("type", Ty::Str, false)], |_| false)?;
     let st = app.state.lock();
     // pve-manager `Pool.pm` answers with `index()[0]`, `poolid` included.
-    ok(pool_info(&st, &who, &id, p.str("type").as_deref())?)
+    ok(pool_info(&app, &st, &who, &id, p.str("type").as_deref())?)
 }
 
 pub(super) async fn create(

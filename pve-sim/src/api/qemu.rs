@@ -16,7 +16,7 @@ use crate::auth::Auth;
 use crate::error::{PveError, PveResult};
 use crate::locks::{FlockGuard, StorageLockGuard, storage_timeout_msg};
 use crate::params::{P, Params, Ty, path_vmid, valid_dns_name};
-use crate::state::{Shared, Vm, canonical_net, format_size, is_disk_key};
+use crate::state::{LooseVolume, Shared, Vm, canonical_net, format_size, is_disk_key};
 use crate::tasks::{Outcome, TaskCtx, start_task};
 
 fn vm_path(vmid: u32) -> String {
@@ -580,6 +580,15 @@ async fn power(
                 Ok(r) => r,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
+            if action == "start"
+                && let Some(missing) = missing_bridge(&app, &n2, vmid)
+            {
+                ctx.log(format!("starting VM {vmid}"));
+                return (
+                    ctx,
+                    Outcome::Error(format!("bridge '{missing}' does not exist")),
+                );
+            }
             let secs = match action {
                 "start" => app.costs.start_seconds,
                 "stop" => app.costs.stop_seconds,
@@ -603,6 +612,27 @@ async fn power(
     )
     .await?;
     ok(json!(upid))
+}
+
+/// The first NIC bridge of the VM that does not exist on the node (qemu-server plugs each
+/// tap into its bridge at start; pve-common `read_bridge_mtu` dies for a missing one).
+fn missing_bridge(app: &Shared, node: &str, vmid: u32) -> Option<String> {
+    let st = app.state.lock();
+    let live = &st.nodes.get(node)?.net_live;
+    let vm = st.vms.get(&vmid)?;
+    vm.config
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix("net")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|(_, v)| {
+            v.as_str()?
+                .split(',')
+                .find_map(|p| p.strip_prefix("bridge="))
+                .map(String::from)
+        })
+        .find(|b| !live.contains(b))
 }
 
 const START_PARAMS: &[P] = &[
@@ -704,7 +734,12 @@ pub(super) async fn destroy(
             };
             let disks = {
                 let mut st = app.state.lock();
-                let in_use = st.vms.values().any(|v| v.linked_from == Some(vmid));
+                let base = format!("base-{vmid}-");
+                let in_use = st.vms.values().any(|v| v.linked_from == Some(vmid))
+                    || st
+                        .loose
+                        .iter()
+                        .any(|l| l.volname.contains('/') && l.volname.starts_with(&base));
                 match st.vm_on_mut(&n2, vmid) {
                     Err(e) => return (ctx, Outcome::Error(e.message)),
                     Ok(vm) => {
@@ -731,10 +766,39 @@ pub(super) async fn destroy(
                     }
                 }
             };
-            for (_, s, vol, _) in &disks {
-                let vol = vol.rsplit('/').next().unwrap_or(vol);
-                ctx.log(format!("  Logical volume \"{vol}\" successfully removed."));
-                let _ = s;
+            // qemu-server `destroy_vm`: each disk is freed under its storage lock; a disk
+            // that cannot be freed is only a warning and stays on the storage.
+            let mut leaked = Vec::new();
+            for (_, s, vol, size) in &disks {
+                let volid = format!("{s}:{vol}");
+                let (key, shared) = {
+                    let st = app.state.lock();
+                    let shared = st.storages.get(s).is_some_and(|x| x.shared);
+                    (st.storage_key(s, &n2), shared)
+                };
+                if !app.zero_cost() {
+                    let Some(g) = storage_lock(&app, &key, shared).await else {
+                        ctx.log(format!(
+                            "Could not remove disk '{volid}', check manually: {}",
+                            storage_timeout_msg(s, shared)
+                        ));
+                        leaked.push(LooseVolume {
+                            storage: s.clone(),
+                            node: n2.clone(),
+                            volname: vol.clone(),
+                            size: *size,
+                        });
+                        continue;
+                    };
+                    let hold = app.costs.volume_free_seconds;
+                    app.state.lock().stats.busy_enter(&key, Instant::now());
+                    ctx.spend(hold).await;
+                    app.state.lock().stats.busy_exit(&key, Instant::now());
+                    ctx.work.storage.push((key.clone(), hold, 0.0));
+                    drop(g);
+                }
+                let short = vol.rsplit('/').next().unwrap_or(vol);
+                ctx.log(format!("  Logical volume \"{short}\" successfully removed."));
             }
             ctx.spend(app.costs.destroy_seconds).await;
             let mut st = app.state.lock();
@@ -746,7 +810,15 @@ pub(super) async fn destroy(
             }
             let path = vm_path(vmid);
             st.acls.retain(|a| a.path != path);
+            let warnings = leaked.len() as u32;
+            for _ in &leaked {
+                st.faults.count("destroy_leaked_volume");
+            }
+            st.loose.extend(leaked);
             drop(st);
+            if warnings > 0 {
+                return (ctx, Outcome::Warnings(warnings));
+            }
             (ctx, Outcome::Ok)
         },
     )
@@ -1131,6 +1203,7 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
                 started: None,
                 pool: None,
                 linked_from: None,
+                rrd: None,
             },
         );
         st.stats.clone_begin(&node, &stat_storage);
