@@ -214,7 +214,10 @@ impl FaultState {
             (rf.weight_596, RequestFault::Proxy596),
             (rf.weight_500, RequestFault::Internal500),
             (rf.weight_reset, RequestFault::ConnectionReset),
-            (rf.weight_596_after_commit, RequestFault::Proxy596AfterCommit),
+            (
+                rf.weight_596_after_commit,
+                RequestFault::Proxy596AfterCommit,
+            ),
             (rf.weight_reset_after_commit, RequestFault::ResetAfterCommit),
         ];
         let total: f64 = kinds.iter().map(|(w, _)| w.max(0.0)).sum();

@@ -299,6 +299,70 @@ impl CopyPool {
 mod tests {
     use super::*;
 
+    /// Five waiters queue in order behind a holder; the order they get the lock in.
+    async fn handover_order(seed: u64, shared: bool) -> Vec<u32> {
+        let locks = StorageLocks::new(seed);
+        let poll = (Duration::from_millis(1), Duration::from_millis(10));
+        let first = locks
+            .lock("s", shared, Duration::from_secs(5), poll)
+            .await
+            .unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut hs = Vec::new();
+        for i in 0..5u32 {
+            let (locks, order) = (locks.clone(), order.clone());
+            hs.push(tokio::spawn(async move {
+                let g = locks.lock("s", shared, Duration::from_secs(5), poll).await;
+                order.lock().push(i);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                drop(g);
+            }));
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        drop(first);
+        for h in hs {
+            h.await.unwrap();
+        }
+        let v = order.lock().clone();
+        v
+    }
+
+    #[tokio::test]
+    async fn storage_lock_handover_is_not_first_come_first_served() {
+        for shared in [false, true] {
+            let mut orders = Vec::new();
+            for seed in 0..4 {
+                let o = handover_order(seed, shared).await;
+                let mut sorted = o.clone();
+                sorted.sort();
+                assert_eq!(sorted, vec![0, 1, 2, 3, 4], "every waiter got it once");
+                orders.push(o);
+            }
+            assert!(
+                orders.iter().any(|o| *o != vec![0, 1, 2, 3, 4]),
+                "shared={shared}: {orders:?}"
+            );
+        }
+        // A waiter gives up after its timeout.
+        let locks = StorageLocks::new(1);
+        let poll = (Duration::from_millis(1), Duration::from_millis(5));
+        let _held = locks.lock("s", false, Duration::from_secs(1), poll).await;
+        let t = Instant::now();
+        assert!(
+            locks
+                .lock("s", false, Duration::from_millis(30), poll)
+                .await
+                .is_none()
+        );
+        assert!(
+            locks
+                .lock("s", true, Duration::from_millis(30), poll)
+                .await
+                .is_none()
+        );
+        assert!(t.elapsed() >= Duration::from_millis(60));
+    }
+
     #[tokio::test]
     async fn bandwidth_is_shared_fairly() {
         // 100 MB/s; 4 copies of 10 MB at once take ~0.4 s, one takes ~0.1 s.

@@ -200,18 +200,20 @@ async fn handle(
             tokio::time::sleep_until(deadline).await;
             Ok(PveError::proxy(596, "Connection timed out").render(false))
         }
-        None => match tokio::time::timeout_at(deadline, call).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(_)) => Ok(PveError::internal("got unexpected error (worker died)")
-                .render(app.message_field)),
-            Err(_) => {
-                let mut st = app.state.lock();
-                st.stats.api_proxy_timeout();
-                st.faults.count("api_proxy_timeout");
-                drop(st);
-                Ok(PveError::proxy(596, "Connection timed out").render(false))
+        None => {
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Ok(PveError::internal("got unexpected error (worker died)")
+                    .render(app.message_field)),
+                Err(_) => {
+                    let mut st = app.state.lock();
+                    st.stats.api_proxy_timeout();
+                    st.faults.count("api_proxy_timeout");
+                    drop(st);
+                    Ok(PveError::proxy(596, "Connection timed out").render(false))
+                }
             }
-        },
+        }
     }
 }
 

@@ -316,14 +316,20 @@ impl Shared {
             return Ok(None);
         }
         let wait = self.wall(self.costs.user_cfg_lock_timeout_seconds);
-        let timeout = || format!("{errmsg}: cfs-lock 'file-user_cfg' error: got lock request timeout");
+        let timeout =
+            || format!("{errmsg}: cfs-lock 'file-user_cfg' error: got lock request timeout");
         if self.state.lock().faults.user_cfg_lock_timeout() {
             tokio::time::sleep(wait).await;
             return Err(timeout());
         }
         let g = self
             .storage_locks
-            .lock("file-user_cfg", true, wait, (self.wall(0.1), self.wall(1.0)))
+            .lock(
+                "file-user_cfg",
+                true,
+                wait,
+                (self.wall(0.1), self.wall(1.0)),
+            )
             .await
             .ok_or_else(timeout)?;
         tokio::time::sleep(self.wall(self.costs.user_cfg_write_seconds)).await;
@@ -711,15 +717,14 @@ impl State {
             .values()
             .filter(|vm| self.storage_key(id, &vm.node) == key)
             .flat_map(|vm| {
-                vm.disks()
-                    .into_iter()
-                    .filter(|(_, s, _, _)| s == id)
-                    .map(|(_, s, volname, size)| LooseVolume {
+                vm.disks().into_iter().filter(|(_, s, _, _)| s == id).map(
+                    |(_, s, volname, size)| LooseVolume {
                         storage: s,
                         node: vm.node.clone(),
                         volname,
                         size,
-                    })
+                    },
+                )
             })
             .filter(|v| !self.freed.contains(&(key.clone(), v.volname.clone())))
             .collect();

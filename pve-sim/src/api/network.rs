@@ -358,14 +358,7 @@ pub(super) async fn apply(
             let app = ctx.app.clone();
             // pve-manager `Network.pm`: the worker renames interfaces.new over interfaces
             // first, then runs ifreload; the kernel has the new interfaces only at its end.
-            {
-                let mut st = app.state.lock();
-                if let Some(n) = st.nodes.get_mut(&n2)
-                    && let Some(p) = n.net_pending.take()
-                {
-                    n.net_applied = p;
-                }
-            }
+            rename_pending(&app, &n2);
             ctx.log("ifreload -a");
             ctx.spend(app.costs.network_reload_seconds).await;
             let mut st = app.state.lock();
@@ -377,5 +370,17 @@ pub(super) async fn apply(
         },
     )
     .await?;
+    // The rename is the worker's first step; done here too so that a read right after the
+    // UPID sees it, whichever of the two runs first.
+    rename_pending(&app, &node);
     ok(json!(upid))
+}
+
+fn rename_pending(app: &Shared, node: &str) {
+    let mut st = app.state.lock();
+    if let Some(n) = st.nodes.get_mut(node)
+        && let Some(p) = n.net_pending.take()
+    {
+        n.net_applied = p;
+    }
 }

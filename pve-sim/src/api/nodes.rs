@@ -246,11 +246,7 @@ pub(super) async fn task_list(
             P("since", Ty::Int(i64::MIN, i64::MAX), false),
             P("until", Ty::Int(i64::MIN, i64::MAX), false),
             P("statusfilter", Ty::Str, false),
-            P(
-                "source",
-                Ty::Enum(&["archive", "active", "all"]),
-                false,
-            ),
+            P("source", Ty::Enum(&["archive", "active", "all"]), false),
         ],
         |_| false,
     )?;

@@ -798,7 +798,9 @@ pub(super) async fn destroy(
                     drop(g);
                 }
                 let short = vol.rsplit('/').next().unwrap_or(vol);
-                ctx.log(format!("  Logical volume \"{short}\" successfully removed."));
+                ctx.log(format!(
+                    "  Logical volume \"{short}\" successfully removed."
+                ));
             }
             ctx.spend(app.costs.destroy_seconds).await;
             let mut st = app.state.lock();

@@ -30,9 +30,7 @@ fn storage_for(
 ) -> PveResult<StorageSpec> {
     st.proxy_to(node, Instant::now())?;
     let Some(spec) = st.storages.get(id) else {
-        return Err(PveError::internal(format!(
-            "storage '{id}' does not exist"
-        )));
+        return Err(PveError::internal(format!("storage '{id}' does not exist")));
     };
     if st.storage_on(id, node).is_none() {
         return Err(PveError::internal(format!(
@@ -75,9 +73,9 @@ fn volname_of(storage: &str, volume: &str) -> PveResult<String> {
 
 fn find(st: &St, storage: &str, node: &str, volname: &str) -> Option<LooseVolume> {
     // A linked clone's volume may be named with or without its base (`base-100-disk-0/`).
-    st.volumes(storage, node).into_iter().find(|v| {
-        v.volname == volname || v.volname.rsplit('/').next() == Some(volname)
-    })
+    st.volumes(storage, node)
+        .into_iter()
+        .find(|v| v.volname == volname || v.volname.rsplit('/').next() == Some(volname))
 }
 
 pub(super) async fn index(
@@ -101,7 +99,8 @@ pub(super) async fn index(
         &storage,
         &["Datastore.Audit", "Datastore.AllocateSpace"],
     )?;
-    if p.str("content").is_some_and(|c| c != "images") || !spec.content.iter().any(|c| c == "images")
+    if p.str("content").is_some_and(|c| c != "images")
+        || !spec.content.iter().any(|c| c == "images")
     {
         return ok(json!([]));
     }
