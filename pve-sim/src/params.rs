@@ -46,6 +46,8 @@ pub(crate) enum Ty {
     StorageId,
     /// One of these strings.
     Enum(&'static [&'static str]),
+    /// A VM disk key (`scsi0`, `efidisk0`, ...), an enumeration in PVE's schema.
+    DiskKey,
 }
 
 /// One schema entry: name, type, required.
@@ -153,6 +155,21 @@ fn check_value(ty: Ty, v: &PVal) -> Result<(), String> {
                 Err(format!(
                     "value '{text}' does not have a value in the enumeration '{}'",
                     values.join(", ")
+                ))
+            }
+        }
+        Ty::DiskKey => {
+            if crate::state::is_disk_key(&text) {
+                Ok(())
+            } else {
+                let mut all: Vec<String> = Vec::new();
+                for (p, n) in [("ide", 3), ("scsi", 30), ("virtio", 15), ("sata", 5)] {
+                    all.extend((0..=n).map(|i| format!("{p}{i}")));
+                }
+                all.extend(["efidisk0".to_string(), "tpmstate0".to_string()]);
+                Err(format!(
+                    "value '{text}' does not have a value in the enumeration '{}'",
+                    all.join(", ")
                 ))
             }
         }

@@ -17,23 +17,44 @@ use crate::params::{P, Params, Ty};
 use crate::state::{Iface, Shared, State as St};
 use crate::tasks::{Outcome, TaskCtx, start_task};
 
+/// Interface types, in the order of pve-manager's schema.
 const TYPES: &[&str] = &[
     "bridge",
     "bond",
     "eth",
     "alias",
     "vlan",
+    "fabric",
     "OVSBridge",
     "OVSBond",
     "OVSPort",
     "OVSIntPort",
     "vnet",
-    "fabric",
+    "unknown",
 ];
 
+/// `GET /nodes/{node}/network?type=`: the types plus the bridge groups.
+const LIST_TYPES: &[&str] = &[
+    "bridge",
+    "bond",
+    "eth",
+    "alias",
+    "vlan",
+    "fabric",
+    "OVSBridge",
+    "OVSBond",
+    "OVSPort",
+    "OVSIntPort",
+    "vnet",
+    "any_bridge",
+    "any_local_bridge",
+    "include_sdn",
+];
+
+/// Interface parameters. IPv6, bonds and OVS are accepted and stored, not acted on.
 const IFACE_PARAMS: &[P] = &[
     P("iface", Ty::Str, true),
-    P("type", Ty::Str, true),
+    P("type", Ty::Enum(TYPES), true),
     P("autostart", Ty::Bool, false),
     P("bridge_ports", Ty::Str, false),
     P("bridge_vlan_aware", Ty::Bool, false),
@@ -47,6 +68,39 @@ const IFACE_PARAMS: &[P] = &[
     P("mtu", Ty::Int(1280, 65520), false),
     P("comments", Ty::Str, false),
     P("delete", Ty::Str, false),
+    P("address6", Ty::Str, false),
+    P("cidr6", Ty::Str, false),
+    P("gateway6", Ty::Str, false),
+    P("netmask6", Ty::Int(0, 128), false),
+    P("comments6", Ty::Str, false),
+    P("slaves", Ty::Str, false),
+    P("bond-primary", Ty::Str, false),
+    P(
+        "bond_mode",
+        Ty::Enum(&[
+            "balance-rr",
+            "active-backup",
+            "balance-xor",
+            "broadcast",
+            "802.3ad",
+            "balance-tlb",
+            "balance-alb",
+            "balance-slb",
+            "lacp-balance-slb",
+            "lacp-balance-tcp",
+        ]),
+        false,
+    ),
+    P(
+        "bond_xmit_hash_policy",
+        Ty::Enum(&["layer2", "layer2+3", "layer3+4"]),
+        false,
+    ),
+    P("ovs_bonds", Ty::Str, false),
+    P("ovs_bridge", Ty::Str, false),
+    P("ovs_options", Ty::Str, false),
+    P("ovs_ports", Ty::Str, false),
+    P("ovs_tag", Ty::Int(1, 4094), false),
 ];
 
 fn current(st: &St, node: &str) -> BTreeMap<String, Iface> {
@@ -115,7 +169,7 @@ pub(super) async fn index(
     Path(node): Path<String>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("type", Ty::Str, false)], |_| false)?;
+    p.check(&[P("type", Ty::Enum(LIST_TYPES), false)], |_| false)?;
     let st = app.state.lock();
     st.proxy_to(&node, Instant::now())?;
     let ty = p.str("type");

@@ -64,7 +64,10 @@ fn pool_info(
 
 pub(super) async fn index(State(app): State<Arc<Shared>>, Auth(who): Auth, p: Params) -> ApiResult {
     p.check(
-        &[P("poolid", Ty::Str, false), P("type", Ty::Str, false)],
+        &[
+            P("poolid", Ty::Str, false),
+            P("type", Ty::Enum(&["qemu", "lxc", "storage"]), false),
+        ],
         |_| false,
     )?;
     let st = app.state.lock();
@@ -98,7 +101,10 @@ pub(super) async fn get_p(
     Path(id): Path<String>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("type", Ty::Str, false)], |_| false)?;
+    p.check(
+        &[P("type", Ty::Enum(&["qemu", "lxc", "storage"]), false)],
+        |_| false,
+    )?;
     let st = app.state.lock();
     // pve-manager `Pool.pm` answers with `index()[0]`, `poolid` included.
     ok(pool_info(&app, &st, &who, &id, p.str("type").as_deref())?)

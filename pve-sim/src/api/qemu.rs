@@ -448,6 +448,33 @@ fn apply_change(app: &Shared, node: &str, vmid: u32, ch: &Change) -> PveResult<(
     Ok(())
 }
 
+/// Schema types of the config keys that are plain integers or booleans: Proxmox checks
+/// them with the other parameters (400), before it looks at the VM.
+fn check_config_types(p: &Params) -> PveResult<()> {
+    let ints: &[(&str, i64, i64)] = &[
+        ("cores", 1, 1024),
+        ("sockets", 1, 16),
+        ("vcpus", 1, 1024),
+        ("cpuunits", 1, 262_144),
+        ("balloon", 0, i64::MAX),
+    ];
+    let bools = [
+        "onboot",
+        "protection",
+        "template",
+        "kvm",
+        "acpi",
+        "tablet",
+        "localtime",
+    ];
+    let mut spec: Vec<P> = ints
+        .iter()
+        .map(|(k, lo, hi)| P(k, Ty::Int(*lo, *hi), false))
+        .collect();
+    spec.extend(bools.iter().map(|k| P(k, Ty::Bool, false)));
+    p.check(&spec, |_| true)
+}
+
 pub(super) async fn put_config(
     State(app): State<Arc<Shared>>,
     Auth(who): Auth,
@@ -455,6 +482,7 @@ pub(super) async fn put_config(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE_PARAMS, is_config_key)?;
+    check_config_types(&p)?;
     let vmid = path_vmid(&vmid)?;
     let ch = prepare_update(&app, &who, &node, vmid, &p)?;
     let _g = flock(&app, &node, vmid, true, app.costs.vm_lock_timeout_seconds)
@@ -471,6 +499,7 @@ pub(super) async fn post_config(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE_PARAMS_ASYNC, is_config_key)?;
+    check_config_types(&p)?;
     let vmid = path_vmid(&vmid)?;
     let ch = prepare_update(&app, &who, &node, vmid, &p)?;
     let n2 = node.clone();
@@ -635,11 +664,22 @@ fn missing_bridge(app: &Shared, node: &str, vmid: u32) -> Option<String> {
         .find(|b| !live.contains(b))
 }
 
+/// Start parameters; the migration ones are accepted and ignored (no migration here).
 const START_PARAMS: &[P] = &[
     P("skiplock", Ty::Bool, false),
-    P("timeout", Ty::Int(0, 86400), false),
+    P("timeout", Ty::Int(0, i64::MAX), false),
+    P("force-cpu", Ty::Str, false),
+    P("machine", Ty::Str, false),
+    P("migratedfrom", Ty::Node, false),
+    P("migration_network", Ty::Str, false),
+    P("migration_type", Ty::Enum(&["secure", "insecure"]), false),
+    P("nets-host-mtu", Ty::Str, false),
+    P("stateuri", Ty::Str, false),
+    P("targetstorage", Ty::Str, false),
+    P("with-conntrack-state", Ty::Bool, false),
 ];
 const STOP_PARAMS: &[P] = &[
+    P("migratedfrom", Ty::Node, false),
     P("skiplock", Ty::Bool, false),
     P("timeout", Ty::Int(0, 86400), false),
     P("keepActive", Ty::Bool, false),
@@ -834,7 +874,7 @@ pub(super) async fn template(
     Path((node, vmid)): Path<(String, String)>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("disk", Ty::Str, false)], |_| false)?;
+    p.check(&[P("disk", Ty::DiskKey, false)], |_| false)?;
     let vmid = path_vmid(&vmid)?;
     let check = |st: &crate::state::State| -> PveResult<()> {
         let vm = st.vm_on(&node, vmid)?;
@@ -913,7 +953,7 @@ const CLONE_PARAMS: &[P] = &[
     P("target", Ty::Node, false),
     P("full", Ty::Bool, false),
     P("storage", Ty::StorageId, false),
-    P("format", Ty::Str, false),
+    P("format", Ty::Enum(&["raw", "qcow2", "vmdk"]), false),
     P("snapname", Ty::Str, false),
     P("bwlimit", Ty::Int(0, i64::MAX), false),
 ];
