@@ -37,6 +37,7 @@ mod task;
 mod tls;
 mod upid;
 mod vm;
+mod watch;
 
 pub use access::{
     AclEntry, AclUpdate, PoolEntry, PoolInfo, PoolMember, PoolUpdate, RoleEntry, UserCreate,
@@ -63,3 +64,4 @@ pub use vm::{
     CloneParams, ConfigUpdate, DestroyParams, NetDevice, NetDeviceParseError, ShutdownParams,
     VmConfig, VmListEntry, VmStatus,
 };
+pub use watch::{TaskList, TaskListEntry, TaskQuery, TaskSource};
