@@ -66,9 +66,9 @@ impl Flocks {
 /// Neither kind hands the lock over first come, first served. A local storage lock is an
 /// `flock` (pve-common `lock_file_full`): when it is released one of the blocked waiters wins,
 /// which one is a race, drawn here from a seeded RNG. A shared storage lock is a pmxcfs lock
-/// (pve-cluster `cfs_lock`): a waiter tries, sleeps 0.1-1 s and tries again until its
-/// timeout, so the lock may sit free between a release and the next try, and whoever tries
-/// first afterwards wins.
+/// (pve-cluster `cfs_lock`): a waiter tries, sleeps 1 s down to 0.1 s and tries again until
+/// its timeout, so the lock may sit free between a release and the next try, and whoever
+/// tries first afterwards wins.
 pub(crate) struct StorageLocks {
     map: Mutex<HashMap<String, Arc<StorageLock>>>,
     rng: Mutex<StdRng>,
@@ -147,32 +147,38 @@ impl StorageLocks {
             .clone()
     }
 
-    /// Takes the lock of `key`, waiting at most `timeout`. `shared` storage polls with
-    /// sleeps of `poll_min..poll_max` (already scaled); local storage blocks and races.
+    /// Takes the lock of `key`, waiting at most `timeout` (wall time). `tenth` is the wall
+    /// time of 0.1 simulated seconds. A local lock blocks and races; a `shared` (pmxcfs)
+    /// one polls as pve-cluster's `cfs_lock` does: try, sleep `min(remaining s, 10)` tenths
+    /// of a second (1 s at first, 0.1 s near the end), try again, give up once the sleeps
+    /// reach the timeout.
     pub async fn lock(
         self: &Arc<Self>,
         key: &str,
         shared: bool,
         timeout: Duration,
-        poll: (Duration, Duration),
+        tenth: Duration,
     ) -> Option<StorageLockGuard> {
         let lock = self.get(key);
         if shared {
-            let deadline = Instant::now() + timeout;
+            let timeout_s = if tenth.is_zero() {
+                0
+            } else {
+                (timeout.as_secs_f64() / (tenth.as_secs_f64() * 10.0)).round() as u64
+            };
+            let mut slept_tenths = 0u64;
             loop {
                 if lock.try_take() {
                     return Some(StorageLockGuard { lock });
                 }
-                let nap = {
-                    let (lo, hi) = poll;
-                    let f: f64 = self.rng.lock().random();
-                    lo + (hi.saturating_sub(lo)).mul_f64(f)
-                };
-                let now = Instant::now();
-                if now >= deadline {
+                let slept_s = slept_tenths / 10;
+                let remaining = timeout_s.saturating_sub(slept_s).max(1);
+                let nap = remaining.min(10);
+                if (slept_tenths + nap) / 10 >= timeout_s {
                     return None;
                 }
-                tokio::time::sleep(nap.min(deadline - now)).await;
+                tokio::time::sleep(tenth * nap as u32).await;
+                slept_tenths += nap;
             }
         }
         let (id, mut rx) = {
@@ -302,9 +308,9 @@ mod tests {
     /// Five waiters queue in order behind a holder; the order they get the lock in.
     async fn handover_order(seed: u64, shared: bool) -> Vec<u32> {
         let locks = StorageLocks::new(seed);
-        let poll = (Duration::from_millis(1), Duration::from_millis(10));
+        let tenth = Duration::from_millis(1);
         let first = locks
-            .lock("s", shared, Duration::from_secs(5), poll)
+            .lock("s", shared, Duration::from_secs(5), tenth)
             .await
             .unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
@@ -312,7 +318,7 @@ mod tests {
         for i in 0..5u32 {
             let (locks, order) = (locks.clone(), order.clone());
             hs.push(tokio::spawn(async move {
-                let g = locks.lock("s", shared, Duration::from_secs(5), poll).await;
+                let g = locks.lock("s", shared, Duration::from_secs(5), tenth).await;
                 order.lock().push(i);
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 drop(g);
@@ -323,8 +329,7 @@ mod tests {
         for h in hs {
             h.await.unwrap();
         }
-        let v = order.lock().clone();
-        v
+        order.lock().clone()
     }
 
     #[tokio::test]
@@ -345,22 +350,27 @@ mod tests {
         }
         // A waiter gives up after its timeout.
         let locks = StorageLocks::new(1);
-        let poll = (Duration::from_millis(1), Duration::from_millis(5));
-        let _held = locks.lock("s", false, Duration::from_secs(1), poll).await;
+        let tenth = Duration::from_millis(1);
+        let _held = locks.lock("s", false, Duration::from_secs(1), tenth).await;
         let t = Instant::now();
         assert!(
             locks
-                .lock("s", false, Duration::from_millis(30), poll)
+                .lock("s", false, Duration::from_millis(30), tenth)
+                .await
+                .is_none()
+        );
+        // Shared: naps of 3 tenths (3 s remaining) until they would reach the 3 s timeout.
+        assert!(
+            locks
+                .lock("s", true, Duration::from_millis(30), tenth)
                 .await
                 .is_none()
         );
         assert!(
-            locks
-                .lock("s", true, Duration::from_millis(30), poll)
-                .await
-                .is_none()
+            t.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
         );
-        assert!(t.elapsed() >= Duration::from_millis(60));
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! Serving: TLS (HTTP/1.1-only ALPN, like pveproxy) or plain HTTP, one tokio task per
 //! connection with hyper's HTTP/1 server, request-level fault injection in front of the
-//! router, and the library face (`Sim::start` → `SimHandle`).
+//! router (before the call runs, or after it ran: the reply lost), pveproxy's hand-over of
+//! protected calls to a node's API workers with its proxy timeout, pvestatd's RRD rounds,
+//! and the library face (`Sim::start` → `SimHandle`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -324,12 +324,7 @@ impl Shared {
         }
         let g = self
             .storage_locks
-            .lock(
-                "file-user_cfg",
-                true,
-                wait,
-                (self.wall(0.1), self.wall(1.0)),
-            )
+            .lock("file-user_cfg", true, wait, self.wall(0.1))
             .await
             .ok_or_else(timeout)?;
         tokio::time::sleep(self.wall(self.costs.user_cfg_write_seconds)).await;

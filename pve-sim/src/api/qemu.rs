@@ -68,7 +68,7 @@ pub(crate) async fn storage_lock(
         return None;
     }
     app.storage_locks
-        .lock(key, shared, wait, (app.wall(0.1), app.wall(1.0)))
+        .lock(key, shared, wait, app.wall(0.1))
         .await
 }
 
