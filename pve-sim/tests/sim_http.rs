@@ -234,7 +234,9 @@ async fn old_server_mode_has_no_message_field() {
 
 #[tokio::test]
 async fn clone_config_start_destroy_lifecycle() {
-    let (sim, api) = start(0.01).await;
+    // 0.05: the clone (2.5 s) runs 125 ms, long enough to look at it while it runs on a
+    // loaded machine.
+    let (sim, api) = start(0.05).await;
     api.call("POST", "/pools", &[("poolid", "lab1")]).await;
     let before = sim.snapshot();
     let r = api
