@@ -216,9 +216,13 @@ impl PveClient {
             }
             let mut reg = watch.register(self, upid, started, first, opts.max_poll, next_check);
             let deadline = opts.deadline;
+            // The watcher answers every waiter at least every `max_poll`; past this, read
+            // the status anyway (a listing stuck in a slow request must not stall waits).
+            let stalled = opts.max_poll.max(first) * 3 + Duration::from_secs(10);
             let verdict = tokio::select! {
                 biased;
                 _ = opts.cancel.cancelled() => return Err(PveError::Cancelled),
+                _ = tokio::time::sleep(stalled) => Verdict::CheckStatus,
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,

@@ -184,6 +184,8 @@ pub(crate) enum Verdict {
 
 struct Waiter {
     upid: String,
+    /// A listing fetched before this cannot tell anything about the task.
+    registered: Instant,
     started: Instant,
     initial: Duration,
     max: Duration,
@@ -289,6 +291,7 @@ impl NodeWatch {
                 id,
                 Waiter {
                     upid: upid.as_str().to_owned(),
+                    registered: Instant::now(),
                     started,
                     initial,
                     max,
@@ -313,6 +316,22 @@ impl NodeWatch {
 
     /// The loop: list when the earliest waiter is due, hand out verdicts, stop when idle.
     async fn run(self: Arc<Self>, client: PveClient) {
+        // However the loop ends (idle, or its runtime going away), the next waiter must be
+        // able to start a new one and the current ones must not wait for this one.
+        struct Stopped(Arc<NodeWatch>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                let mut st = self.0.state();
+                st.running = false;
+                for w in st.waiters.values_mut() {
+                    if let Some(tx) = w.tx.take() {
+                        let _ = tx.send(Verdict::CheckStatus);
+                    }
+                }
+                st.waiters.retain(|_, w| w.tx.is_some());
+            }
+        }
+        let _stopped = Stopped(self.clone());
         loop {
             let due = {
                 let mut st = self.state();
@@ -320,10 +339,10 @@ impl NodeWatch {
                     .retain(|_, w| w.tx.as_ref().is_some_and(|t| !t.is_closed()));
                 match st.waiters.values().map(|w| w.next_due).min() {
                     Some(d) => d,
-                    None => {
-                        st.running = false;
-                        return;
-                    }
+                    // `Stopped` marks the loop as not running, under this same lock hold
+                    // being released first: a waiter registering meanwhile is answered
+                    // `CheckStatus` and registers again, starting a new loop.
+                    None => return,
                 }
             };
             if due > Instant::now() {
@@ -332,6 +351,7 @@ impl NodeWatch {
                     _ = self.wake.notified() => continue,
                 }
             }
+            let fetched = Instant::now();
             let listing = client
                 .node_tasks_as(
                     &self.node,
@@ -367,6 +387,9 @@ impl NodeWatch {
             };
             let mut st = self.state();
             for w in st.waiters.values_mut() {
+                if w.registered > fetched {
+                    continue;
+                }
                 let verdict = match &listed {
                     None => Some(Verdict::CheckStatus),
                     Some(l) => match l.get(&w.upid) {
