@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{Method, header};
+use axum::http::{HeaderMap, Method, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -60,8 +60,8 @@ fn verify_csrf(app: &Shared, token: &str, user: &str) -> bool {
 /// The authenticated caller of an API request.
 pub(crate) struct Auth(pub Identity);
 
-fn cookie_ticket(parts: &Parts) -> Option<String> {
-    for h in parts.headers.get_all(header::COOKIE) {
+fn cookie_ticket(headers: &HeaderMap) -> Option<String> {
+    for h in headers.get_all(header::COOKIE) {
         let Ok(s) = h.to_str() else { continue };
         for c in s.split(';') {
             if let Some(v) = c.trim().strip_prefix("PVEAuthCookie=") {
@@ -96,64 +96,77 @@ fn parse_token_header(v: &str) -> Option<(String, String, String)> {
     ))
 }
 
+/// Authenticates a request (token header, or ticket cookie plus CSRF token on writes), or
+/// says why not, without the 401 delay. pveproxy does this itself, before it hands a
+/// protected call to pvedaemon; the front end uses it to know whether a call will reach
+/// an API worker at all.
+pub(crate) fn identify(
+    app: &Shared,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Identity, &'static str> {
+    let authz = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(a) = &authz
+        && a.starts_with("PVEAPIToken")
+    {
+        let Some((user, id, secret)) = parse_token_header(a) else {
+            return Err("invalid token value!");
+        };
+        let found = {
+            let st = app.state.lock();
+            let enabled = st.users.get(&user).is_some_and(|u| u.enable);
+            st.tokens
+                .get(&format!("{user}!{id}"))
+                .filter(|t| enabled && t.secret == secret)
+                .map(|t| t.privsep)
+        };
+        return match found {
+            Some(privsep) => Ok(Identity {
+                user,
+                token: Some(id),
+                privsep,
+            }),
+            None => Err("invalid token value!"),
+        };
+    }
+    let ticket = cookie_ticket(headers)
+        .or_else(|| authz.and_then(|a| a.strip_prefix("PVEAuthCookie=").map(str::to_string)));
+    let Some(ticket) = ticket else {
+        return Err("No ticket");
+    };
+    let Some(user) = verify_ticket(app, &ticket) else {
+        return Err("permission denied - invalid PVE ticket");
+    };
+    if !app.state.lock().users.get(&user).is_some_and(|u| u.enable) {
+        return Err("permission denied - invalid PVE ticket");
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let ok = headers
+            .get("CSRFPreventionToken")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| verify_csrf(app, t, &user));
+        if !ok {
+            return Err("Permission denied - invalid csrf token");
+        }
+    }
+    Ok(Identity {
+        user,
+        token: None,
+        privsep: false,
+    })
+}
+
 impl FromRequestParts<Arc<Shared>> for Auth {
     type Rejection = PveError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<Shared>) -> Result<Self, PveError> {
-        let authz = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        if let Some(a) = &authz
-            && a.starts_with("PVEAPIToken")
-        {
-            let Some((user, id, secret)) = parse_token_header(a) else {
-                return Err(fail(app, "invalid token value!").await);
-            };
-            let found = {
-                let st = app.state.lock();
-                let enabled = st.users.get(&user).is_some_and(|u| u.enable);
-                st.tokens
-                    .get(&format!("{user}!{id}"))
-                    .filter(|t| enabled && t.secret == secret)
-                    .map(|t| t.privsep)
-            };
-            return match found {
-                Some(privsep) => Ok(Auth(Identity {
-                    user,
-                    token: Some(id),
-                    privsep,
-                })),
-                None => Err(fail(app, "invalid token value!").await),
-            };
+        match identify(app, &parts.method, &parts.headers) {
+            Ok(who) => Ok(Auth(who)),
+            Err(msg) => Err(fail(app, msg).await),
         }
-        let ticket = cookie_ticket(parts)
-            .or_else(|| authz.and_then(|a| a.strip_prefix("PVEAuthCookie=").map(str::to_string)));
-        let Some(ticket) = ticket else {
-            return Err(fail(app, "No ticket").await);
-        };
-        let Some(user) = verify_ticket(app, &ticket) else {
-            return Err(fail(app, "permission denied - invalid PVE ticket").await);
-        };
-        if !app.state.lock().users.get(&user).is_some_and(|u| u.enable) {
-            return Err(fail(app, "permission denied - invalid PVE ticket").await);
-        }
-        if parts.method != Method::GET && parts.method != Method::HEAD {
-            let ok = parts
-                .headers
-                .get("CSRFPreventionToken")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|t| verify_csrf(app, t, &user));
-            if !ok {
-                return Err(fail(app, "Permission denied - invalid csrf token").await);
-            }
-        }
-        Ok(Auth(Identity {
-            user,
-            token: None,
-            privsep: false,
-        }))
     }
 }
 

@@ -97,6 +97,17 @@ pub struct ApiSpec {
     pub version: String,
     /// Lifetime of a ticket (7200 s on real PVE). Checked against the advanceable clock.
     pub ticket_lifetime_seconds: u64,
+    /// pvedaemon worker processes per node (3 in `PVE/Service/pvedaemon.pm`). Protected
+    /// calls (every non-GET except the login) run in one of them and queue for a free one.
+    /// 0 = unlimited (no queue).
+    pub workers_per_node: u32,
+    /// pveproxy's wait for pvedaemon's answer (30 s, scaled): past it the caller gets
+    /// `596 Connection timed out` while the call goes on.
+    pub proxy_timeout_seconds: f64,
+    /// pvestatd's update interval (10 s, scaled): the RRD-derived fields of
+    /// `/cluster/resources` (name, status, uptime, cpu, mem, ...) are as of the last update.
+    /// 0 = no lag.
+    pub rrd_interval_seconds: f64,
 }
 
 impl Default for ApiSpec {
@@ -106,6 +117,9 @@ impl Default for ApiSpec {
             error_message_field: true,
             version: "9.0.10".into(),
             ticket_lifetime_seconds: 7200,
+            workers_per_node: 3,
+            proxy_timeout_seconds: 30.0,
+            rrd_interval_seconds: 10.0,
         }
     }
 }
@@ -133,6 +147,14 @@ pub struct CostSpec {
     pub config_seconds: f64,
     pub template_seconds: f64,
     pub network_reload_seconds: f64,
+    /// How long freeing one volume (`vdisk_free` in a destroy or `DELETE .../content`)
+    /// holds the storage lock.
+    pub volume_free_seconds: f64,
+    /// How long one `user.cfg` write (user, token, ACL, pool, a clone's pool add) holds the
+    /// cluster-wide `user.cfg` lock.
+    pub user_cfg_write_seconds: f64,
+    /// How long a waiter waits for the `user.cfg` lock before failing (10 s in PVE).
+    pub user_cfg_lock_timeout_seconds: f64,
 }
 
 impl Default for CostSpec {
@@ -151,6 +173,9 @@ impl Default for CostSpec {
             config_seconds: 0.5,
             template_seconds: 2.0,
             network_reload_seconds: 3.0,
+            volume_free_seconds: 0.5,
+            user_cfg_write_seconds: 0.05,
+            user_cfg_lock_timeout_seconds: 10.0,
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct FaultPlan {
     /// Fraction of task-starting calls that fail with
     /// `500 got no worker upid - start worker failed`.
     pub worker_start_fail_rate: f64,
+    /// Fraction of `user.cfg` lock acquisitions (users, ACLs, pools, a clone's pool add)
+    /// that time out after the full wait.
+    pub user_cfg_lock_timeout_rate: f64,
     /// Nodes going offline for a window (seconds of simulated time since start; scaled).
     pub node_offline: Vec<OfflineWindow>,
 }
@@ -43,6 +46,11 @@ pub struct RequestFaults {
     pub weight_596: f64,
     pub weight_500: f64,
     pub weight_reset: f64,
+    /// The handler runs to its end (tasks it started keep running), then the reply is a
+    /// `596 Connection timed out` sent when the proxy timeout has passed.
+    pub weight_596_after_commit: f64,
+    /// The handler runs to its end, then the connection is dropped without a reply.
+    pub weight_reset_after_commit: f64,
     /// Only requests whose path (after `/api2/json`) starts with one of these; all if empty.
     /// `POST /access/ticket` is never faulted unless listed explicitly.
     pub paths: Vec<String>,
@@ -76,6 +84,30 @@ pub enum RequestFault {
     Internal500,
     /// The connection is dropped without a response.
     ConnectionReset,
+    /// The call runs to its end; the reply is a 596 after the proxy timeout.
+    Proxy596AfterCommit,
+    /// The call runs to its end; the connection is then dropped without a reply.
+    ResetAfterCommit,
+}
+
+impl RequestFault {
+    /// Whether the call still runs (its effects happen, only the reply is lost).
+    pub fn after_commit(self) -> bool {
+        matches!(
+            self,
+            RequestFault::Proxy596AfterCommit | RequestFault::ResetAfterCommit
+        )
+    }
+
+    fn stat_key(self) -> &'static str {
+        match self {
+            RequestFault::Proxy596 => "request_596",
+            RequestFault::Internal500 => "request_500",
+            RequestFault::ConnectionReset => "request_reset",
+            RequestFault::Proxy596AfterCommit => "request_596_after_commit",
+            RequestFault::ResetAfterCommit => "request_reset_after_commit",
+        }
+    }
 }
 
 /// A one-shot fault injected now from the library face.
@@ -91,6 +123,8 @@ pub enum Fault {
     CloneHalfFail { count: u32 },
     /// The next `count` task-starting calls fail with "got no worker upid".
     WorkerStartFail { count: u32 },
+    /// The next `count` `user.cfg` lock acquisitions time out.
+    UserCfgLockTimeouts { count: u32 },
     /// The node is offline for this long (real time; not scaled).
     NodeOffline { node: String, duration: Duration },
 }
@@ -104,6 +138,7 @@ pub(crate) struct FaultState {
     pub slow_tasks: Vec<f64>,
     pub clone_half_fail: u32,
     pub worker_start_fail: u32,
+    pub user_cfg_lock_timeouts: u32,
     pub fired: BTreeMap<&'static str, u64>,
 }
 
@@ -117,6 +152,7 @@ impl FaultState {
             slow_tasks: Vec::new(),
             clone_half_fail: 0,
             worker_start_fail: 0,
+            user_cfg_lock_timeouts: 0,
             fired: BTreeMap::new(),
         }
     }
@@ -136,6 +172,7 @@ impl FaultState {
             }
             Fault::CloneHalfFail { count } => self.clone_half_fail += count,
             Fault::WorkerStartFail { count } => self.worker_start_fail += count,
+            Fault::UserCfgLockTimeouts { count } => self.user_cfg_lock_timeouts += count,
             Fault::NodeOffline { .. } => {}
         }
     }
@@ -144,8 +181,13 @@ impl FaultState {
         rate > 0.0 && self.rng.random::<f64>() < rate
     }
 
-    fn count(&mut self, what: &'static str) {
+    pub fn count(&mut self, what: &'static str) {
         *self.fired.entry(what).or_default() += 1;
+    }
+
+    fn count_request(&mut self, kind: RequestFault) {
+        self.count("request");
+        self.count(kind.stat_key());
     }
 
     /// Decides whether a request to `path` (after `/api2/json`) fails.
@@ -153,7 +195,7 @@ impl FaultState {
         if let Some(k) =
             (!self.pending_requests.is_empty()).then(|| self.pending_requests.remove(0))
         {
-            self.count("request");
+            self.count_request(k);
             return Some(k);
         }
         let rf = self.plan.requests.clone();
@@ -168,21 +210,35 @@ impl FaultState {
         if !applies || !self.roll(rf.rate) {
             return None;
         }
-        let (a, b, c) = (rf.weight_596, rf.weight_500, rf.weight_reset);
-        let (a, b, c) = if a + b + c <= 0.0 {
-            (1.0, 1.0, 1.0)
+        let kinds = [
+            (rf.weight_596, RequestFault::Proxy596),
+            (rf.weight_500, RequestFault::Internal500),
+            (rf.weight_reset, RequestFault::ConnectionReset),
+            (
+                rf.weight_596_after_commit,
+                RequestFault::Proxy596AfterCommit,
+            ),
+            (rf.weight_reset_after_commit, RequestFault::ResetAfterCommit),
+        ];
+        let total: f64 = kinds.iter().map(|(w, _)| w.max(0.0)).sum();
+        // All weights zero: the three original kinds, equally likely.
+        let weights: Vec<(f64, RequestFault)> = if total <= 0.0 {
+            kinds[..3].iter().map(|(_, k)| (1.0, *k)).collect()
         } else {
-            (a, b, c)
+            kinds.iter().map(|(w, k)| (w.max(0.0), *k)).collect()
         };
-        let x = self.rng.random::<f64>() * (a + b + c);
-        self.count("request");
-        Some(if x < a {
-            RequestFault::Proxy596
-        } else if x < a + b {
-            RequestFault::Internal500
-        } else {
-            RequestFault::ConnectionReset
-        })
+        let sum: f64 = weights.iter().map(|(w, _)| w).sum();
+        let mut x = self.rng.random::<f64>() * sum;
+        let mut kind = weights[weights.len() - 1].1;
+        for (w, k) in &weights {
+            if x < *w {
+                kind = *k;
+                break;
+            }
+            x -= w;
+        }
+        self.count_request(kind);
+        Some(kind)
     }
 
     pub fn lock_timeout(&mut self) -> bool {
@@ -228,6 +284,20 @@ impl FaultState {
         hit
     }
 
+    pub fn user_cfg_lock_timeout(&mut self) -> bool {
+        if self.user_cfg_lock_timeouts > 0 {
+            self.user_cfg_lock_timeouts -= 1;
+            self.count("user_cfg_lock_timeout");
+            return true;
+        }
+        let r = self.plan.user_cfg_lock_timeout_rate;
+        let hit = self.roll(r);
+        if hit {
+            self.count("user_cfg_lock_timeout");
+        }
+        hit
+    }
+
     pub fn worker_start_fail(&mut self) -> bool {
         if self.worker_start_fail > 0 {
             self.worker_start_fail -= 1;
@@ -264,5 +334,24 @@ mod tests {
         assert!(draw(7).iter().any(|x| *x));
         let mut f = FaultState::new(plan, 1);
         assert!(f.request_fault("GET", "/version").is_none());
+
+        // Only the after-commit kinds weighted: every fault is one of them, both occur.
+        let plan = FaultPlan::from_yaml(
+            "requests: {rate: 1, weight_596_after_commit: 1, weight_reset_after_commit: 1}",
+        )
+        .unwrap();
+        let mut f = FaultState::new(plan, 3);
+        let kinds: Vec<RequestFault> = (0..40)
+            .filter_map(|_| f.request_fault("POST", "/nodes/pve1/qemu/100/clone"))
+            .collect();
+        assert_eq!(kinds.len(), 40);
+        assert!(kinds.iter().all(|k| k.after_commit()));
+        assert!(kinds.contains(&RequestFault::Proxy596AfterCommit));
+        assert!(kinds.contains(&RequestFault::ResetAfterCommit));
+        assert_eq!(f.fired["request"], 40);
+        assert_eq!(
+            f.fired["request_596_after_commit"] + f.fired["request_reset_after_commit"],
+            40
+        );
     }
 }

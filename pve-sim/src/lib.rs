@@ -1,7 +1,8 @@
 //! pve-sim: a simulator of the Proxmox VE 9 HTTP API for labfleet's tests, demos and
 //! benchmarks. It speaks real HTTPS with PVE's envelopes, status codes and reason phrases,
-//! runs clone/config/power/destroy/network-apply as tasks with UPIDs, models config and
-//! storage locks and storage bandwidth on a scalable clock, and injects faults.
+//! runs clone/config/power/destroy/network-apply as tasks with UPIDs, models config,
+//! storage and `user.cfg` locks, API workers, the RRD lag and storage bandwidth on a
+//! scalable clock, and injects faults (lost replies included).
 //!
 //! It shares no code with labfleet's Proxmox client on purpose: the client must not be
 //! tested against its own idea of Proxmox. Facts come from `shared/pve-api.md`; known

@@ -1,5 +1,6 @@
 //! The lock and bandwidth model: node-local VM config flocks (shared/exclusive, with
-//! timeouts), per-storage allocation locks (FIFO, 10 s wait timeout) and fair sharing of a
+//! timeouts), per-storage allocation locks (no FIFO: racing flock waiters, polling pmxcfs
+//! waiters; 10 s wait timeout), the cluster-wide `user.cfg` lock, and fair sharing of a
 //! storage's bandwidth among concurrent full-clone copies (processor sharing, exact).
 
 use std::collections::HashMap;
@@ -7,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{
-    OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock, Semaphore, watch,
-};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, oneshot, watch};
 
 /// `/var/lock/qemu-server/lock-<vmid>.conf`, node-local: keyed by (node, vmid).
 #[derive(Default)]
@@ -61,23 +62,152 @@ impl Flocks {
 }
 
 /// Per-storage allocation locks. Keys: `node/storage` for local storage, `storage` for shared.
-#[derive(Default)]
+///
+/// Neither kind hands the lock over first come, first served. A local storage lock is an
+/// `flock` (pve-common `lock_file_full`): when it is released one of the blocked waiters wins,
+/// which one is a race, drawn here from a seeded RNG. A shared storage lock is a pmxcfs lock
+/// (pve-cluster `cfs_lock`): a waiter tries, sleeps 1 s down to 0.1 s and tries again until
+/// its timeout, so the lock may sit free between a release and the next try, and whoever
+/// tries first afterwards wins.
 pub(crate) struct StorageLocks {
-    map: Mutex<HashMap<String, Arc<Semaphore>>>,
+    map: Mutex<HashMap<String, Arc<StorageLock>>>,
+    rng: Mutex<StdRng>,
+}
+
+#[derive(Default)]
+struct LockInner {
+    held: bool,
+    next_waiter: u64,
+    /// Blocked `flock` waiters; on release one of them, chosen at random, gets the lock.
+    waiters: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+pub(crate) struct StorageLock {
+    inner: Mutex<LockInner>,
+    locks: std::sync::Weak<StorageLocks>,
+}
+
+/// Holding a storage lock; released on drop.
+pub(crate) struct StorageLockGuard {
+    lock: Arc<StorageLock>,
+}
+
+impl Drop for StorageLockGuard {
+    fn drop(&mut self) {
+        self.lock.release();
+    }
+}
+
+impl StorageLock {
+    fn release(&self) {
+        let mut inner = self.inner.lock();
+        while !inner.waiters.is_empty() {
+            let i = match self.locks.upgrade() {
+                Some(l) => l.rng.lock().random_range(0..inner.waiters.len()),
+                None => 0,
+            };
+            let (_, tx) = inner.waiters.swap_remove(i);
+            // A waiter that has just timed out dropped its receiver: try the next one.
+            if tx.send(()).is_ok() {
+                return;
+            }
+        }
+        inner.held = false;
+    }
+
+    fn try_take(&self) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.held {
+            false
+        } else {
+            inner.held = true;
+            true
+        }
+    }
 }
 
 impl StorageLocks {
-    pub async fn lock(&self, key: &str, timeout: Duration) -> Option<OwnedSemaphorePermit> {
-        let s = self
-            .map
+    pub fn new(seed: u64) -> Arc<Self> {
+        Arc::new(StorageLocks {
+            map: Mutex::new(HashMap::new()),
+            rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x10c4_5eed)),
+        })
+    }
+
+    fn get(self: &Arc<Self>, key: &str) -> Arc<StorageLock> {
+        self.map
             .lock()
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(1)))
-            .clone();
-        tokio::time::timeout(timeout, s.acquire_owned())
-            .await
-            .ok()?
-            .ok()
+            .or_insert_with(|| {
+                Arc::new(StorageLock {
+                    inner: Mutex::new(LockInner::default()),
+                    locks: Arc::downgrade(self),
+                })
+            })
+            .clone()
+    }
+
+    /// Takes the lock of `key`, waiting at most `timeout` (wall time). `tenth` is the wall
+    /// time of 0.1 simulated seconds. A local lock blocks and races; a `shared` (pmxcfs)
+    /// one polls as pve-cluster's `cfs_lock` does: try, sleep `min(remaining s, 10)` tenths
+    /// of a second (1 s at first, 0.1 s near the end), try again, give up once the sleeps
+    /// reach the timeout.
+    pub async fn lock(
+        self: &Arc<Self>,
+        key: &str,
+        shared: bool,
+        timeout: Duration,
+        tenth: Duration,
+    ) -> Option<StorageLockGuard> {
+        let lock = self.get(key);
+        if shared {
+            let timeout_s = if tenth.is_zero() {
+                0
+            } else {
+                (timeout.as_secs_f64() / (tenth.as_secs_f64() * 10.0)).round() as u64
+            };
+            let mut slept_tenths = 0u64;
+            loop {
+                if lock.try_take() {
+                    return Some(StorageLockGuard { lock });
+                }
+                let slept_s = slept_tenths / 10;
+                let remaining = timeout_s.saturating_sub(slept_s).max(1);
+                let nap = remaining.min(10);
+                if (slept_tenths + nap) / 10 >= timeout_s {
+                    return None;
+                }
+                tokio::time::sleep(tenth * nap as u32).await;
+                slept_tenths += nap;
+            }
+        }
+        let (id, mut rx) = {
+            let mut inner = lock.inner.lock();
+            if !inner.held {
+                inner.held = true;
+                drop(inner);
+                return Some(StorageLockGuard { lock });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = inner.next_waiter;
+            inner.next_waiter += 1;
+            inner.waiters.push((id, tx));
+            (id, rx)
+        };
+        match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(Ok(())) => Some(StorageLockGuard { lock }),
+            _ => {
+                let mut inner = lock.inner.lock();
+                if let Some(i) = inner.waiters.iter().position(|(w, _)| *w == id) {
+                    inner.waiters.swap_remove(i);
+                    None
+                } else {
+                    // Handed over just as the wait ran out: the lock is ours.
+                    drop(inner);
+                    Some(StorageLockGuard { lock })
+                }
+            }
+        }
     }
 }
 
@@ -174,6 +304,74 @@ impl CopyPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Five waiters queue in order behind a holder; the order they get the lock in.
+    async fn handover_order(seed: u64, shared: bool) -> Vec<u32> {
+        let locks = StorageLocks::new(seed);
+        let tenth = Duration::from_millis(1);
+        let first = locks
+            .lock("s", shared, Duration::from_secs(5), tenth)
+            .await
+            .unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut hs = Vec::new();
+        for i in 0..5u32 {
+            let (locks, order) = (locks.clone(), order.clone());
+            hs.push(tokio::spawn(async move {
+                let g = locks.lock("s", shared, Duration::from_secs(5), tenth).await;
+                order.lock().push(i);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                drop(g);
+            }));
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        drop(first);
+        for h in hs {
+            h.await.unwrap();
+        }
+        order.lock().clone()
+    }
+
+    #[tokio::test]
+    async fn storage_lock_handover_is_not_first_come_first_served() {
+        for shared in [false, true] {
+            let mut orders = Vec::new();
+            for seed in 0..4 {
+                let o = handover_order(seed, shared).await;
+                let mut sorted = o.clone();
+                sorted.sort();
+                assert_eq!(sorted, vec![0, 1, 2, 3, 4], "every waiter got it once");
+                orders.push(o);
+            }
+            assert!(
+                orders.iter().any(|o| *o != vec![0, 1, 2, 3, 4]),
+                "shared={shared}: {orders:?}"
+            );
+        }
+        // A waiter gives up after its timeout.
+        let locks = StorageLocks::new(1);
+        let tenth = Duration::from_millis(1);
+        let _held = locks.lock("s", false, Duration::from_secs(1), tenth).await;
+        let t = Instant::now();
+        assert!(
+            locks
+                .lock("s", false, Duration::from_millis(30), tenth)
+                .await
+                .is_none()
+        );
+        // Shared: naps of 3 tenths (3 s remaining) until they would reach the 3 s timeout.
+        assert!(
+            locks
+                .lock("s", true, Duration::from_millis(30), tenth)
+                .await
+                .is_none()
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 
     #[tokio::test]
     async fn bandwidth_is_shared_fairly() {

@@ -44,6 +44,10 @@ pub(crate) enum Ty {
     /// `dns-name` (VM names).
     DnsName,
     StorageId,
+    /// One of these strings.
+    Enum(&'static [&'static str]),
+    /// A VM disk key (`scsi0`, `efidisk0`, ...), an enumeration in PVE's schema.
+    DiskKey,
 }
 
 /// One schema entry: name, type, required.
@@ -141,6 +145,31 @@ fn check_value(ty: Ty, v: &PVal) -> Result<(), String> {
             } else {
                 Err(format!(
                     "value '{text}' does not look like a valid DNS name"
+                ))
+            }
+        }
+        Ty::Enum(values) => {
+            if values.contains(&text.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "value '{text}' does not have a value in the enumeration '{}'",
+                    values.join(", ")
+                ))
+            }
+        }
+        Ty::DiskKey => {
+            if crate::state::is_disk_key(&text) {
+                Ok(())
+            } else {
+                let mut all: Vec<String> = Vec::new();
+                for (p, n) in [("ide", 3), ("scsi", 30), ("virtio", 15), ("sata", 5)] {
+                    all.extend((0..=n).map(|i| format!("{p}{i}")));
+                }
+                all.extend(["efidisk0".to_string(), "tpmstate0".to_string()]);
+                Err(format!(
+                    "value '{text}' does not have a value in the enumeration '{}'",
+                    all.join(", ")
                 ))
             }
         }

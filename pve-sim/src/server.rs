@@ -1,6 +1,8 @@
 //! Serving: TLS (HTTP/1.1-only ALPN, like pveproxy) or plain HTTP, one tokio task per
 //! connection with hyper's HTTP/1 server, request-level fault injection in front of the
-//! router, and the library face (`Sim::start` → `SimHandle`).
+//! router (before the call runs, or after it ran: the reply lost), pveproxy's hand-over of
+//! protected calls to a node's API workers with its proxy timeout, pvestatd's RRD rounds,
+//! and the library face (`Sim::start` → `SimHandle`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -94,41 +96,132 @@ fn tls_config(mode: &TlsMode) -> anyhow::Result<Option<(rustls::ServerConfig, St
     Ok(Some((cfg, fp)))
 }
 
+/// Whether pveproxy hands this call to an API worker (pvedaemon): every write except the
+/// login, which pveproxy answers itself. Reads are served by pveproxy's own workers.
+fn is_protected(method: &hyper::Method, rest: &str) -> bool {
+    method != hyper::Method::GET
+        && method != hyper::Method::HEAD
+        && !(method == hyper::Method::POST && rest.starts_with("/access/ticket"))
+}
+
+/// The node whose pvedaemon runs a call: `{node}` of `/nodes/{node}/...`, else the node
+/// the client talks to (the first node of the cluster file).
+fn worker_node(app: &Shared, rest: &str) -> Option<String> {
+    let st = app.state.lock();
+    match rest.strip_prefix("/nodes/") {
+        Some(r) => {
+            let n = r.split('/').next().unwrap_or("");
+            // A call for an unknown or offline node is answered by the proxy (500/595).
+            st.nodes
+                .get(n)
+                .filter(|ns| ns.is_online(Instant::now()))
+                .map(|_| n.to_string())
+        }
+        None => st.nodes.keys().next().cloned(),
+    }
+}
+
+fn lost_reply(kind: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, kind)
+}
+
 async fn handle(
     app: Arc<Shared>,
     router: axum::Router,
     req: hyper::Request<Incoming>,
 ) -> Result<axum::response::Response, std::io::Error> {
-    if let Some(rest) = req
+    let arrived = Instant::now();
+    let Some(rest) = req
         .uri()
         .path()
         .strip_prefix("/api2/json")
         .filter(|r| !r.starts_with("/sim/"))
-    {
-        let fault = app
-            .state
-            .lock()
-            .faults
-            .request_fault(req.method().as_str(), rest);
-        match fault {
-            Some(RequestFault::ConnectionReset) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "simulated connection reset",
-                ));
+        .map(str::to_string)
+    else {
+        return Ok(route(router, req).await);
+    };
+    let fault = app
+        .state
+        .lock()
+        .faults
+        .request_fault(req.method().as_str(), &rest);
+    match fault {
+        Some(RequestFault::ConnectionReset) => {
+            return Err(lost_reply("simulated connection reset"));
+        }
+        Some(RequestFault::Proxy596) => {
+            return Ok(PveError::proxy(596, "Connection timed out").render(false));
+        }
+        Some(RequestFault::Internal500) => {
+            return Ok(PveError::internal("got unexpected error (simulated fault)")
+                .render(app.message_field));
+        }
+        _ => {}
+    }
+    // A protected call waits for one of its node's API workers, unless pveproxy refuses it
+    // first (authentication) or cannot reach the node.
+    let workers = (!app.zero_cost() && is_protected(req.method(), &rest))
+        .then(|| {
+            crate::auth::identify(&app, req.method(), req.headers())
+                .ok()
+                .and(worker_node(&app, &rest))
+        })
+        .flatten()
+        .and_then(|node| app.api_workers.get(&node).map(|s| (node, s.clone())));
+    let after_commit = fault.filter(|f| f.after_commit());
+    if workers.is_none() && after_commit.is_none() {
+        return Ok(route(router, req).await);
+    }
+    // The call runs in its own task: it carries on when pveproxy gives up on it.
+    let app2 = app.clone();
+    let call = tokio::spawn(async move {
+        let permit = match &workers {
+            Some((node, sem)) => {
+                let p = sem.clone().acquire_owned().await.ok();
+                let waited = arrived.elapsed();
+                app2.state
+                    .lock()
+                    .stats
+                    .api_call(node, app2.sim_seconds(waited));
+                p
             }
-            Some(RequestFault::Proxy596) => {
-                return Ok(PveError::proxy(596, "Connection timed out").render(false));
+            None => None,
+        };
+        let resp = route(router, req).await;
+        drop(permit);
+        resp
+    });
+    let deadline = tokio::time::Instant::from_std(arrived + app.proxy_timeout);
+    match after_commit {
+        Some(RequestFault::ResetAfterCommit) => {
+            let _ = call.await;
+            Err(lost_reply("simulated connection reset after the call ran"))
+        }
+        Some(_) => {
+            let _ = call.await;
+            tokio::time::sleep_until(deadline).await;
+            Ok(PveError::proxy(596, "Connection timed out").render(false))
+        }
+        None => {
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Ok(PveError::internal("got unexpected error (worker died)")
+                    .render(app.message_field)),
+                Err(_) => {
+                    let mut st = app.state.lock();
+                    st.stats.api_proxy_timeout();
+                    st.faults.count("api_proxy_timeout");
+                    drop(st);
+                    Ok(PveError::proxy(596, "Connection timed out").render(false))
+                }
             }
-            Some(RequestFault::Internal500) => {
-                return Ok(PveError::internal("got unexpected error (simulated fault)")
-                    .render(app.message_field));
-            }
-            None => {}
         }
     }
+}
+
+async fn route(router: axum::Router, req: hyper::Request<Incoming>) -> axum::response::Response {
     let resp: Result<_, Infallible> = router.oneshot(req.map(Body::new)).await;
-    Ok(resp.unwrap_or_else(|e| match e {}))
+    resp.unwrap_or_else(|e| match e {})
 }
 
 impl Sim {
@@ -152,13 +245,31 @@ impl Sim {
             version: cfg.cluster.api.version.clone(),
             ticket_lifetime: cfg.cluster.api.ticket_lifetime_seconds as i64,
             flocks: Flocks::default(),
-            storage_locks: StorageLocks::default(),
+            storage_locks: StorageLocks::new(cfg.seed),
             copy_pools: Mutex::new(Default::default()),
             clock_offset: Default::default(),
             secret: rand::random(),
             fingerprint: tls.as_ref().map(|t| t.1.clone()),
             started: Instant::now(),
+            api_workers: cfg
+                .cluster
+                .nodes
+                .iter()
+                .filter(|_| cfg.cluster.api.workers_per_node > 0)
+                .map(|n| {
+                    let sem = Semaphore::new(cfg.cluster.api.workers_per_node as usize);
+                    (n.name.clone(), Arc::new(sem))
+                })
+                .collect(),
+            proxy_timeout: Duration::from_secs_f64(
+                (cfg.cluster.api.proxy_timeout_seconds * scale).max(0.0),
+            ),
+            rrd_interval: Duration::from_secs_f64(
+                (cfg.cluster.api.rrd_interval_seconds * scale).max(0.0),
+            ),
         });
+        app.state.lock().sample_rrd(Instant::now());
+        schedule_rrd_updates(&app);
         schedule_offline_windows(&app, &cfg.faults);
         let router = api::router(app.clone());
         let acceptor = tls.map(|(c, _)| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
@@ -231,6 +342,25 @@ where
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
+}
+
+/// pvestatd: a fresh RRD sample of every VM once per interval (scaled).
+fn schedule_rrd_updates(app: &Arc<Shared>) {
+    if app.rrd_live() {
+        return;
+    }
+    let weak = Arc::downgrade(app);
+    let every = app.rrd_interval;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            app.state.lock().sample_rrd(Instant::now());
+        }
+    });
 }
 
 fn schedule_offline_windows(app: &Arc<Shared>, plan: &FaultPlan) {
@@ -322,7 +452,8 @@ impl SimHandle {
     pub fn acls(&self) -> Vec<AclEntry> {
         self.inner.app.state.lock().acls.clone()
     }
-    /// Bridges applied (active) on `node`.
+    /// Bridges that exist (are up) on `node`: in the interfaces file and brought up by
+    /// the last completed network reload.
     pub fn bridges(&self, node: &str) -> Vec<String> {
         let st = self.inner.app.state.lock();
         st.nodes
@@ -330,7 +461,10 @@ impl SimHandle {
             .map(|n| {
                 n.net_applied
                     .iter()
-                    .filter(|(_, i)| i.get("type").and_then(|t| t.as_str()) == Some("bridge"))
+                    .filter(|(k, i)| {
+                        n.net_live.contains(*k)
+                            && i.get("type").and_then(|t| t.as_str()) == Some("bridge")
+                    })
                     .map(|(k, _)| k.clone())
                     .collect()
             })

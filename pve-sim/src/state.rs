@@ -17,7 +17,7 @@ use crate::access::{AclEntry, Identity, builtin_roles, effective_privs};
 use crate::cluster::{ClusterSpec, CostSpec, StorageSpec};
 use crate::error::{PveError, PveResult};
 use crate::faults::{FaultPlan, FaultState};
-use crate::locks::{CopyPool, Flocks, StorageLocks};
+use crate::locks::{CopyPool, Flocks, StorageLockGuard, StorageLocks};
 use crate::stats::Stats;
 use crate::tasks::Task;
 
@@ -33,7 +33,11 @@ pub(crate) struct NodeState {
     pub online: bool,
     /// Until when a fault keeps it offline.
     pub offline_until: Option<Instant>,
+    /// `/etc/network/interfaces`.
     pub net_applied: BTreeMap<String, Iface>,
+    /// Interfaces that exist in the kernel (`/sys/class/net`): those of the file as of the
+    /// last completed `ifreload`. A VM can only plug into a live bridge.
+    pub net_live: BTreeSet<String>,
     pub net_pending: Option<BTreeMap<String, Iface>>,
     pub pstart: u32,
 }
@@ -53,6 +57,9 @@ pub(crate) struct Vm {
     pub pool: Option<String>,
     /// The template this VM was linked-cloned from.
     pub linked_from: Option<u32>,
+    /// pvestatd's last sample of this VM (the RRD-derived fields of `/cluster/resources`),
+    /// `None` until the first update after it appeared.
+    pub rrd: Option<serde_json::Map<String, Value>>,
 }
 
 impl Vm {
@@ -111,6 +118,47 @@ impl Vm {
                 Some((k.clone(), storage.to_string(), volname.to_string(), size))
             })
             .collect()
+    }
+}
+
+/// A volume no VM config refers to any more: what a destroy could not free ("Could not
+/// remove disk ..., check manually"). It uses space and shows in the storage's content.
+#[derive(Clone, Debug)]
+pub(crate) struct LooseVolume {
+    pub storage: String,
+    /// The node it was allocated from (where a local storage keeps it).
+    pub node: String,
+    pub volname: String,
+    pub size: u64,
+}
+
+/// The owner VMID of a volume name: `vm-101-disk-0`, `base-100-disk-0/vm-101-disk-0`.
+pub(crate) fn volume_owner(volname: &str) -> Option<u32> {
+    let last = volname.rsplit('/').next()?;
+    let rest = last
+        .strip_prefix("vm-")
+        .or_else(|| last.strip_prefix("base-"))?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// The RRD-derived fields of a VM's `/cluster/resources` entry (pve-manager
+/// `API2Tools::extract_vm_stats`), as of `now`.
+pub(crate) fn rrd_sample(vm: &Vm, now: Instant) -> serde_json::Map<String, Value> {
+    let maxdisk: u64 = vm.disks().iter().map(|d| d.3).sum();
+    let v = json!({
+        "uptime": vm.started.map(|s| now.duration_since(s).as_secs()).unwrap_or(0),
+        "name": vm.name().unwrap_or_default(),
+        "status": if vm.running { "running" } else { "stopped" },
+        "template": vm.is_template() as u8,
+        "maxcpu": vm.cores(), "cpu": if vm.running { 0.02 } else { 0.0 },
+        "maxmem": vm.memory_mib() << 20,
+        "mem": if vm.running { (vm.memory_mib() << 20) / 3 } else { 0 },
+        "maxdisk": maxdisk, "disk": 0,
+        "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
     }
 }
 
@@ -209,6 +257,12 @@ pub(crate) struct State {
     pub roles: BTreeMap<String, BTreeSet<String>>,
     pub pools: BTreeMap<String, Pool>,
     pub tasks: HashMap<String, Task>,
+    /// Volumes left behind by destroys, until freed with `DELETE .../content/{volume}`.
+    pub loose: Vec<LooseVolume>,
+    /// Volumes freed while a VM config still names them: (storage key, volume name).
+    pub freed: BTreeSet<(String, String)>,
+    /// Per node: tasks that ended but are still in the node's active list.
+    pub unarchived: HashMap<String, Vec<String>>,
     pub task_order: Vec<String>,
     pub next_pid: u32,
     pub faults: FaultState,
@@ -226,12 +280,18 @@ pub(crate) struct Shared {
     pub version: String,
     pub ticket_lifetime: i64,
     pub flocks: Flocks,
-    pub storage_locks: StorageLocks,
+    pub storage_locks: Arc<StorageLocks>,
     pub copy_pools: Mutex<HashMap<String, Arc<CopyPool>>>,
     pub clock_offset: AtomicI64,
     pub secret: [u8; 32],
     pub fingerprint: Option<String>,
     pub started: Instant,
+    /// Per node: pvedaemon's API workers (absent when `workers_per_node` is 0).
+    pub api_workers: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Scaled: how long pveproxy waits for a protected call's answer.
+    pub proxy_timeout: Duration,
+    /// Scaled pvestatd interval; zero = no RRD lag (also in zero-cost mode).
+    pub rrd_interval: Duration,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -245,6 +305,44 @@ impl Shared {
     /// Scaled wall-clock duration of `nominal` simulated seconds.
     pub fn wall(&self, nominal: f64) -> Duration {
         Duration::from_secs_f64((nominal * self.scale).max(0.0))
+    }
+
+    /// Takes the cluster-wide `user.cfg` lock (pmxcfs `cfs_lock_file`, polled like a shared
+    /// storage lock, 10 s wait) and spends one write's time holding it. On timeout the
+    /// error is PVE's, prefixed with `errmsg` as `lock_user_config` does. No lock in
+    /// zero-cost mode.
+    pub async fn user_cfg_lock(&self, errmsg: &str) -> Result<Option<StorageLockGuard>, String> {
+        if self.zero_cost() {
+            return Ok(None);
+        }
+        let wait = self.wall(self.costs.user_cfg_lock_timeout_seconds);
+        let timeout =
+            || format!("{errmsg}: cfs-lock 'file-user_cfg' error: got lock request timeout");
+        if self.state.lock().faults.user_cfg_lock_timeout() {
+            tokio::time::sleep(wait).await;
+            return Err(timeout());
+        }
+        let g = self
+            .storage_locks
+            .lock("file-user_cfg", true, wait, self.wall(0.1))
+            .await
+            .ok_or_else(timeout)?;
+        tokio::time::sleep(self.wall(self.costs.user_cfg_write_seconds)).await;
+        Ok(Some(g))
+    }
+
+    /// Whether `/cluster/resources` reads VM stats live instead of from the RRD samples.
+    pub fn rrd_live(&self) -> bool {
+        self.rrd_interval.is_zero()
+    }
+
+    /// Simulated seconds of a wall-clock duration (0 in zero-cost mode).
+    pub fn sim_seconds(&self, wall: Duration) -> f64 {
+        if self.scale > 0.0 {
+            wall.as_secs_f64() / self.scale
+        } else {
+            0.0
+        }
     }
 
     pub fn zero_cost(&self) -> bool {
@@ -325,6 +423,7 @@ impl State {
                     rootfs: n.rootfs_gib << 30,
                     online: !n.offline,
                     offline_until: None,
+                    net_live: net.keys().cloned().collect(),
                     net_applied: net,
                     net_pending: None,
                     pstart: rng.random_range(0x0010_0000..0x0800_0000),
@@ -409,6 +508,7 @@ impl State {
                     started: (v.running && !v.template).then(Instant::now),
                     pool: v.pool.clone(),
                     linked_from: None,
+                    rrd: None,
                 },
             );
         }
@@ -479,11 +579,47 @@ impl State {
             roles: builtin_roles(),
             pools,
             tasks: HashMap::new(),
+            unarchived: HashMap::new(),
+            loose: Vec::new(),
+            freed: BTreeSet::new(),
             task_order: Vec::new(),
             next_pid: 0x0010_0000 + (seed as u32 & 0xffff),
             faults: FaultState::new(faults, seed),
             stats: Stats::default(),
             rng,
+        }
+    }
+
+    /// One pvestatd round: every VM on an online node gets a fresh RRD sample.
+    pub fn sample_rrd(&mut self, now: Instant) {
+        let online: BTreeSet<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.is_online(now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for vm in self.vms.values_mut() {
+            if online.contains(&vm.node) {
+                vm.rrd = Some(rrd_sample(vm, now));
+            }
+        }
+    }
+
+    /// What the node's `active_workers` bookkeeping does when a task starts or ends there:
+    /// tasks that ended before (all but `except`) move from the active list to the index.
+    /// `ended` (the task that just ended, if any) stays in the active list until then.
+    pub fn archive_ended(&mut self, node: &str, ended: Option<&str>) {
+        let list = std::mem::take(self.unarchived.entry(node.to_string()).or_default());
+        for u in list {
+            if let Some(t) = self.tasks.get_mut(&u) {
+                t.saved = true;
+            }
+        }
+        if let Some(u) = ended {
+            self.unarchived
+                .entry(node.to_string())
+                .or_default()
+                .push(u.to_string());
         }
     }
 
@@ -560,14 +696,42 @@ impl State {
 
     /// Bytes used on a storage (key as `storage_key`). Linked clones count 0 (copy on write).
     pub fn storage_used(&self, id: &str, node: &str) -> u64 {
-        let shared = self.storages.get(id).is_some_and(|s| s.shared);
-        self.vms
-            .values()
-            .filter(|vm| shared || vm.node == node)
-            .flat_map(|vm| vm.disks())
-            .filter(|(_, s, vol, _)| s == id && !vol.contains('/'))
-            .map(|(_, _, _, size)| size)
+        self.volumes(id, node)
+            .iter()
+            .filter(|v| !v.volname.contains('/'))
+            .map(|v| v.size)
             .sum()
+    }
+
+    /// Every volume on storage `id` as seen from `node`: VM disks (of VMs on `node` for a
+    /// local storage) and loose volumes, minus freed ones.
+    pub fn volumes(&self, id: &str, node: &str) -> Vec<LooseVolume> {
+        let key = self.storage_key(id, node);
+        let mut out: Vec<LooseVolume> = self
+            .vms
+            .values()
+            .filter(|vm| self.storage_key(id, &vm.node) == key)
+            .flat_map(|vm| {
+                vm.disks().into_iter().filter(|(_, s, _, _)| s == id).map(
+                    |(_, s, volname, size)| LooseVolume {
+                        storage: s,
+                        node: vm.node.clone(),
+                        volname,
+                        size,
+                    },
+                )
+            })
+            .filter(|v| !self.freed.contains(&(key.clone(), v.volname.clone())))
+            .collect();
+        out.extend(
+            self.loose
+                .iter()
+                .filter(|v| v.storage == id && self.storage_key(id, &v.node) == key)
+                .cloned(),
+        );
+        out.sort_by(|a, b| a.volname.cmp(&b.volname));
+        out.dedup_by(|a, b| a.volname == b.volname);
+        out
     }
 
     pub fn node_mem_used(&self, node: &str) -> u64 {

@@ -39,6 +39,17 @@ pub(crate) struct Stats {
     copy: BTreeMap<String, f64>,
     chains: BTreeMap<u32, f64>,
     longest_clone: f64,
+    api: ApiWorkerStats,
+}
+
+/// Protected calls and their wait for an API worker, per node (simulated seconds).
+#[derive(Default)]
+struct ApiWorkerStats {
+    calls: BTreeMap<String, u64>,
+    queued: BTreeMap<String, u64>,
+    wait_seconds: BTreeMap<String, f64>,
+    max_wait_seconds: f64,
+    proxy_timeouts: u64,
 }
 
 /// Nominal work of one finished task, for the lower bound.
@@ -52,6 +63,22 @@ pub(crate) struct TaskWork {
 }
 
 impl Stats {
+    /// A protected call got an API worker on `node` after waiting `waited` simulated seconds.
+    pub fn api_call(&mut self, node: &str, waited: f64) {
+        *self.api.calls.entry(node.to_string()).or_default() += 1;
+        // Below a millisecond of simulated time the call did not queue.
+        if waited > 0.001 {
+            *self.api.queued.entry(node.to_string()).or_default() += 1;
+        }
+        *self.api.wait_seconds.entry(node.to_string()).or_default() += waited;
+        self.api.max_wait_seconds = self.api.max_wait_seconds.max(waited);
+    }
+
+    /// A protected call was answered 596 because it had no answer by the proxy timeout.
+    pub fn api_proxy_timeout(&mut self) {
+        self.api.proxy_timeouts += 1;
+    }
+
     pub fn request(&mut self, key: String) {
         *self.requests.entry(key).or_default() += 1;
     }
@@ -165,6 +192,14 @@ impl Stats {
             "lower_bound_seconds": storage_bound.max(chain_bound),
             "clone_lower_bound_seconds": storage_bound.max(self.longest_clone),
             "faults_injected": faults,
+            "api_workers": {
+                "calls": self.api.calls,
+                "queued_calls": self.api.queued,
+                "wait_seconds": self.api.wait_seconds,
+                "wait_seconds_total": self.api.wait_seconds.values().sum::<f64>(),
+                "max_wait_seconds": self.api.max_wait_seconds,
+                "proxy_timeouts": self.api.proxy_timeouts,
+            },
         })
     }
 }

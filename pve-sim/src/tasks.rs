@@ -26,13 +26,35 @@ pub(crate) struct Task {
     pub log: Vec<String>,
     pub exit: Option<String>,
     pub endtime: Option<u64>,
+    /// Moved from the node's `active` file to the task index (archived). A task that ended
+    /// stays in the active list, with its status, until the node's next task starts or ends.
+    pub saved: bool,
 }
 
 impl Task {
+    /// The user as the task endpoints report it: a token's tasks show the token's user, the
+    /// token id is a separate `tokenid` field (pve-manager `Tasks.pm`, `convert_token_task`).
+    pub fn owner(&self) -> &str {
+        match &self.tokenid {
+            Some(_) => self.user.split_once('!').map_or(&self.user, |(u, _)| u),
+            None => &self.user,
+        }
+    }
+
+    /// Whether `who` may read this task without `Sys.Audit` on the node: a token sees its
+    /// own tasks, a user its own and its tokens' tasks.
+    pub fn visible_to_owner(&self, who: &Identity) -> bool {
+        let caller = who.full();
+        match &self.tokenid {
+            Some(_) => caller == self.user || caller == self.owner(),
+            None => caller == self.user,
+        }
+    }
+
     pub fn status_json(&self) -> Value {
         let mut v = json!({
             "upid": self.upid, "node": self.node, "pid": self.pid, "pstart": self.pstart,
-            "starttime": self.starttime, "type": self.ttype, "id": self.id, "user": self.user,
+            "starttime": self.starttime, "type": self.ttype, "id": self.id, "user": self.owner(),
             "status": if self.exit.is_some() { "stopped" } else { "running" },
         });
         if let Some(e) = &self.exit {
@@ -47,8 +69,11 @@ impl Task {
     pub fn list_json(&self) -> Value {
         let mut v = json!({
             "upid": self.upid, "node": self.node, "pid": self.pid, "pstart": self.pstart,
-            "starttime": self.starttime, "type": self.ttype, "id": self.id, "user": self.user,
+            "starttime": self.starttime, "type": self.ttype, "id": self.id, "user": self.owner(),
         });
+        if let Some(t) = &self.tokenid {
+            v["tokenid"] = json!(t);
+        }
         match &self.exit {
             Some(e) => {
                 v["status"] = json!(e);
@@ -112,10 +137,9 @@ pub(crate) fn parse_upid(upid: &str) -> Option<(String, String, String, String)>
     if f.len() != 9 || f[0] != "UPID" || !f[8].is_empty() {
         return None;
     }
+    // pve-common `PVE::UPID::decode` takes hex digits in either case.
     let hex = |s: &str, lens: &[usize]| {
-        lens.contains(&s.len())
-            && s.chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+        lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
     };
     if !hex(f[2], &[8])
         || !hex(f[3], &[8, 9])
@@ -172,8 +196,10 @@ where
                 log: Vec::new(),
                 exit: None,
                 endtime: None,
+                saved: false,
             },
         );
+        st.archive_ended(node, None);
         st.task_order.push(upid.clone());
         st.stats.task_started(ttype, Instant::now());
         (upid, factor)
@@ -212,6 +238,10 @@ where
             t.exit = Some(exit);
             t.endtime = Some(unix_now());
         }
+        let node = st.tasks.get(&ctx.upid).map(|t| t.node.clone());
+        if let Some(node) = node {
+            st.archive_ended(&node, Some(&ctx.upid));
+        }
         st.stats.task_ended(&ttype, key, Instant::now(), ctx.work);
     };
     if app.zero_cost() {
@@ -247,5 +277,6 @@ mod tests {
             ("pve1", "qmclone", "132", "root@pam!labfleet")
         );
         assert!(parse_upid("UPID:pve1:1:2:3:x:1:u:").is_none());
+        assert!(parse_upid(&u.to_lowercase().replace("upid:", "UPID:")).is_some());
     }
 }

@@ -249,6 +249,10 @@ pub(super) async fn create_user(
         .rsplit_once('@')
         .map(|x| x.1.to_string())
         .unwrap_or_default();
+    let _cfg = app
+        .user_cfg_lock("create user failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     st.check(
         &who,
@@ -320,6 +324,10 @@ pub(super) async fn update_user(
     let mut spec: Vec<P> = USER_FIELDS.iter().map(|x| P(x.0, x.1, x.2)).collect();
     spec.push(P("append", Ty::Bool, false));
     p.check(&spec, |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("update user failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     if !may_modify_user(&st, &who, &userid) {
         return Err(PveError::perm("/access/groups", "User.Modify"));
@@ -339,6 +347,10 @@ pub(super) async fn delete_user(
     p: Params,
 ) -> ApiResult {
     p.check(&[], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("delete user failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     let realm = userid
         .rsplit_once('@')
@@ -375,6 +387,10 @@ pub(super) async fn create_token(
         ],
         |_| false,
     )?;
+    let _cfg = app
+        .user_cfg_lock("generating token failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     if userid != who.user && !may_modify_user(&st, &who, &userid) {
         return Err(PveError::perm("/access/groups", "User.Modify"));
@@ -408,6 +424,10 @@ pub(super) async fn delete_token(
     p: Params,
 ) -> ApiResult {
     p.check(&[], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("deleting token failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     if userid != who.user && !may_modify_user(&st, &who, &userid) {
         return Err(PveError::perm("/access/groups", "User.Modify"));
@@ -485,6 +505,10 @@ pub(super) async fn put_acl(
             format!("invalid ACL path '{path}'"),
         ));
     }
+    let _cfg = app
+        .user_cfg_lock("ACL update failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     st.check(&who, &path, "Permissions.Modify")?;
     for r in &roles {

@@ -11,7 +11,7 @@ use super::{ApiResult, envelope, ok};
 use crate::auth::Auth;
 use crate::error::PveError;
 use crate::params::{P, Params, Ty};
-use crate::state::{Shared, State as St};
+use crate::state::{Shared, State as St, rrd_sample};
 
 pub(super) async fn version(State(app): State<Arc<Shared>>, _a: Auth, p: Params) -> ApiResult {
     p.check(&[], |_| false)?;
@@ -46,22 +46,30 @@ pub(super) async fn status(
     ok(Value::Array(out))
 }
 
-pub(super) fn vm_resource(st: &St, vmid: u32, now: Instant) -> Value {
+/// A VM's `/cluster/resources` entry. The VM list (id, node, type) and the config
+/// properties (`lock`, `tags`) and pool are current; everything else comes from pvestatd's
+/// last RRD sample, so a new clone first shows `status: unknown` and no name (with the
+/// RRD interval at 0, or in zero-cost mode, the sample is taken now).
+pub(super) fn vm_resource(st: &St, vmid: u32, now: Instant, rrd_live: bool) -> Value {
     let vm = &st.vms[&vmid];
     let node_online = st.nodes.get(&vm.node).is_some_and(|n| n.is_online(now));
-    let maxdisk: u64 = vm.disks().iter().map(|d| d.3).sum();
     let mut v = json!({
         "id": format!("qemu/{vmid}"), "vmid": vmid, "node": vm.node, "type": "qemu",
-        "status": if !node_online { "unknown" } else if vm.running { "running" } else { "stopped" },
-        "template": vm.is_template() as u8,
-        "maxcpu": vm.cores(), "cpu": if vm.running { 0.02 } else { 0.0 },
-        "maxmem": vm.memory_mib() << 20,
-        "mem": if vm.running { (vm.memory_mib() << 20) / 3 } else { 0 },
-        "maxdisk": maxdisk, "disk": 0,
-        "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
-        "uptime": vm.started.map(|s| now.duration_since(s).as_secs()).unwrap_or(0),
+        "status": "unknown",
     });
-    v["name"] = json!(vm.name().unwrap_or_else(|| format!("VM {vmid}")));
+    let sample = if rrd_live {
+        Some(rrd_sample(vm, now))
+    } else {
+        vm.rrd.clone()
+    };
+    if let Some(m) = sample {
+        for (k, x) in m {
+            v[k] = x;
+        }
+    }
+    if !node_online {
+        v["status"] = json!("unknown");
+    }
     if let Some(l) = vm.lock() {
         v["lock"] = json!(l);
     }
@@ -117,7 +125,7 @@ pub(super) async fn resources(
     if want("vm") {
         for id in st.vms.keys() {
             if st.has(&who, &format!("/vms/{id}"), "VM.Audit") {
-                out.push(vm_resource(&st, *id, now));
+                out.push(vm_resource(&st, *id, now, app.rrd_live()));
             }
         }
     }

@@ -26,6 +26,7 @@ mod network;
 mod nodes;
 mod pools;
 mod qemu;
+mod storage;
 
 pub(crate) type ApiResult = PveResult<Response>;
 
@@ -135,6 +136,14 @@ pub(crate) fn router(app: Arc<Shared>) -> Router {
         .route("/nodes", get(nodes::index))
         .route("/nodes/{node}/status", get(nodes::status))
         .route("/nodes/{node}/storage", get(nodes::storage))
+        .route(
+            "/nodes/{node}/storage/{storage}/content",
+            get(storage::index),
+        )
+        .route(
+            "/nodes/{node}/storage/{storage}/content/{volume}",
+            get(storage::info).delete(storage::delete),
+        )
         .route("/nodes/{node}/tasks", get(nodes::task_list))
         .route("/nodes/{node}/tasks/{upid}/status", get(nodes::task_status))
         .route("/nodes/{node}/tasks/{upid}/log", get(nodes::task_log))

@@ -1,6 +1,7 @@
 //! Host network: `/nodes/{node}/network[/{iface}]`. Writes go to the pending file
-//! (`interfaces.new`); `PUT /nodes/{node}/network` applies it in a `srvreload` task, after
-//! which new interfaces are `active`; `DELETE` reverts.
+//! (`interfaces.new`); `PUT /nodes/{node}/network` applies it in a `srvreload` task that
+//! renames the file at its start and brings the interfaces up (`active`) at its end;
+//! `DELETE` reverts.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,23 +17,44 @@ use crate::params::{P, Params, Ty};
 use crate::state::{Iface, Shared, State as St};
 use crate::tasks::{Outcome, TaskCtx, start_task};
 
+/// Interface types, in the order of pve-manager's schema.
 const TYPES: &[&str] = &[
     "bridge",
     "bond",
     "eth",
     "alias",
     "vlan",
+    "fabric",
     "OVSBridge",
     "OVSBond",
     "OVSPort",
     "OVSIntPort",
     "vnet",
-    "fabric",
+    "unknown",
 ];
 
+/// `GET /nodes/{node}/network?type=`: the types plus the bridge groups.
+const LIST_TYPES: &[&str] = &[
+    "bridge",
+    "bond",
+    "eth",
+    "alias",
+    "vlan",
+    "fabric",
+    "OVSBridge",
+    "OVSBond",
+    "OVSPort",
+    "OVSIntPort",
+    "vnet",
+    "any_bridge",
+    "any_local_bridge",
+    "include_sdn",
+];
+
+/// Interface parameters. IPv6, bonds and OVS are accepted and stored, not acted on.
 const IFACE_PARAMS: &[P] = &[
     P("iface", Ty::Str, true),
-    P("type", Ty::Str, true),
+    P("type", Ty::Enum(TYPES), true),
     P("autostart", Ty::Bool, false),
     P("bridge_ports", Ty::Str, false),
     P("bridge_vlan_aware", Ty::Bool, false),
@@ -46,6 +68,39 @@ const IFACE_PARAMS: &[P] = &[
     P("mtu", Ty::Int(1280, 65520), false),
     P("comments", Ty::Str, false),
     P("delete", Ty::Str, false),
+    P("address6", Ty::Str, false),
+    P("cidr6", Ty::Str, false),
+    P("gateway6", Ty::Str, false),
+    P("netmask6", Ty::Int(0, 128), false),
+    P("comments6", Ty::Str, false),
+    P("slaves", Ty::Str, false),
+    P("bond-primary", Ty::Str, false),
+    P(
+        "bond_mode",
+        Ty::Enum(&[
+            "balance-rr",
+            "active-backup",
+            "balance-xor",
+            "broadcast",
+            "802.3ad",
+            "balance-tlb",
+            "balance-alb",
+            "balance-slb",
+            "lacp-balance-slb",
+            "lacp-balance-tcp",
+        ]),
+        false,
+    ),
+    P(
+        "bond_xmit_hash_policy",
+        Ty::Enum(&["layer2", "layer2+3", "layer3+4"]),
+        false,
+    ),
+    P("ovs_bonds", Ty::Str, false),
+    P("ovs_bridge", Ty::Str, false),
+    P("ovs_options", Ty::Str, false),
+    P("ovs_ports", Ty::Str, false),
+    P("ovs_tag", Ty::Int(1, 4094), false),
 ];
 
 fn current(st: &St, node: &str) -> BTreeMap<String, Iface> {
@@ -98,7 +153,7 @@ fn visible(st: &St, node: &str) -> Vec<Value> {
     current(st, node)
         .into_iter()
         .map(|(k, mut v)| {
-            if n.net_applied.contains_key(&k) {
+            if n.net_live.contains(&k) {
                 v.insert("active".into(), json!(1));
             } else {
                 v.remove("active");
@@ -114,7 +169,7 @@ pub(super) async fn index(
     Path(node): Path<String>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("type", Ty::Str, false)], |_| false)?;
+    p.check(&[P("type", Ty::Enum(LIST_TYPES), false)], |_| false)?;
     let st = app.state.lock();
     st.proxy_to(&node, Instant::now())?;
     let ty = p.str("type");
@@ -355,24 +410,31 @@ pub(super) async fn apply(
         None,
         move |mut ctx: TaskCtx| async move {
             let app = ctx.app.clone();
+            // pve-manager `Network.pm`: the worker renames interfaces.new over interfaces
+            // first, then runs ifreload; the kernel has the new interfaces only at its end.
+            rename_pending(&app, &n2);
             ctx.log("ifreload -a");
             ctx.spend(app.costs.network_reload_seconds).await;
             let mut st = app.state.lock();
-            if let Some(n) = st.nodes.get_mut(&n2)
-                && let Some(p) = n.net_pending.take()
-            {
-                n.net_applied = p
-                    .into_iter()
-                    .map(|(k, mut v)| {
-                        v.insert("active".into(), json!(1));
-                        (k, v)
-                    })
-                    .collect();
+            if let Some(n) = st.nodes.get_mut(&n2) {
+                n.net_live = n.net_applied.keys().cloned().collect();
             }
             drop(st);
             (ctx, Outcome::Ok)
         },
     )
     .await?;
+    // The rename is the worker's first step; done here too so that a read right after the
+    // UPID sees it, whichever of the two runs first.
+    rename_pending(&app, &node);
     ok(json!(upid))
+}
+
+fn rename_pending(app: &Shared, node: &str) {
+    let mut st = app.state.lock();
+    if let Some(n) = st.nodes.get_mut(node)
+        && let Some(p) = n.net_pending.take()
+    {
+        n.net_applied = p;
+    }
 }

@@ -113,14 +113,24 @@ pub(super) async fn storage(
     ok(Value::Array(data))
 }
 
+/// Tasks.pm: the owner (see `Task::visible_to_owner`) or `Sys.Audit` on the node. A task
+/// that is not in the table (a UPID that parses but names no task) is judged by its UPID's
+/// user field, as Proxmox does before it opens the file.
 fn task_access(
     st: &crate::state::State,
     who: &crate::access::Identity,
     node: &str,
-    user: &str,
+    task: Option<&crate::tasks::Task>,
+    upid_user: &str,
 ) -> Result<(), PveError> {
-    if user == who.full() || user == who.user || st.has(who, &format!("/nodes/{node}"), "Sys.Audit")
-    {
+    let owner = match task {
+        Some(t) => t.visible_to_owner(who),
+        None => {
+            let full = who.full();
+            upid_user == full || upid_user.split_once('!').is_some_and(|(u, _)| u == full)
+        }
+    };
+    if owner || st.has(who, &format!("/nodes/{node}"), "Sys.Audit") {
         Ok(())
     } else {
         Err(PveError::perm(&format!("/nodes/{node}"), "Sys.Audit"))
@@ -136,15 +146,17 @@ pub(super) async fn task_status(
     p.check(&[], |_| false)?;
     let st = app.state.lock();
     st.proxy_to(&node, Instant::now())?;
-    let Some((unode, ..)) = parse_upid(&upid) else {
+    if parse_upid(&upid).is_none() {
         return Err(PveError::param("upid", "unable to parse worker upid"));
-    };
+    }
+    // The status is read from the task's log file on the node asked; a UPID of another
+    // node, or one spelled differently (lower-case hex), names no file there.
     let task = st
         .tasks
         .get(&upid)
-        .filter(|t| t.node == node && unode == node)
+        .filter(|t| t.node == node)
         .ok_or_else(|| PveError::param("upid", "no such task"))?;
-    task_access(&st, &who, &node, &task.user)?;
+    task_access(&st, &who, &node, Some(task), &task.user)?;
     ok(task.status_json())
 }
 
@@ -164,17 +176,24 @@ pub(super) async fn task_log(
     )?;
     let st = app.state.lock();
     st.proxy_to(&node, Instant::now())?;
-    if parse_upid(&upid).is_none() {
+    let Some((_, _, _, upid_user)) = parse_upid(&upid) else {
         return Err(PveError::param("upid", "unable to parse worker upid"));
-    }
-    let task = st
-        .tasks
-        .get(&upid)
-        .filter(|t| t.node == node)
-        .ok_or_else(|| PveError::param("upid", "no such task"))?;
-    task_access(&st, &who, &node, &task.user)?;
+    };
+    let task = st.tasks.get(&upid).filter(|t| t.node == node);
+    task_access(&st, &who, &node, task, &upid_user)?;
+    let Some(task) = task else {
+        // pve-common `dump_logfile`: a log that cannot be opened is one line, status 200.
+        return envelope(json!({
+            "data": [{"n": 1, "t": "unable to open file - No such file or directory"}],
+            "total": 1,
+        }));
+    };
     let start = p.int("start").unwrap_or(0) as usize;
-    let limit = p.int("limit").unwrap_or(50) as usize;
+    // `limit=0` reads to the end.
+    let limit = match p.int("limit").unwrap_or(50) as usize {
+        0 => usize::MAX,
+        n => n,
+    };
     let total = task.log.len();
     let data: Vec<Value> = if total == 0 {
         vec![json!({"n": 1, "t": "no content"})]
@@ -190,6 +209,26 @@ pub(super) async fn task_log(
     envelope(json!({"data": data, "total": total.max(1)}))
 }
 
+/// `upid_normalize_status_type`: ok, warning, error, or unknown (running, unexpected status).
+fn status_type(exit: Option<&str>) -> &'static str {
+    match exit {
+        None | Some("unexpected status") => "unknown",
+        Some("OK") => "ok",
+        Some(e)
+            if e.strip_prefix("WARNINGS: ")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            "warning"
+        }
+        Some(_) => "error",
+    }
+}
+
+/// `GET /nodes/{node}/tasks` as pve-manager's `Tasks.pm` serves it: the active list (tasks
+/// running, and ended ones not yet archived) for `source=active|all`, then the archive
+/// newest first for `archive|all`; filters by user (substring, any case), type, vmid
+/// (the task's id), start time, status type; `start` skips and `limit` caps the matches,
+/// `total` counts every match.
 pub(super) async fn task_list(
     State(app): State<Arc<Shared>>,
     Auth(who): Auth,
@@ -204,10 +243,10 @@ pub(super) async fn task_list(
             P("typefilter", Ty::Str, false),
             P("vmid", Ty::Int(100, 999_999_999), false),
             P("errors", Ty::Bool, false),
-            P("since", Ty::Int(0, i64::MAX), false),
-            P("until", Ty::Int(0, i64::MAX), false),
+            P("since", Ty::Int(i64::MIN, i64::MAX), false),
+            P("until", Ty::Int(i64::MIN, i64::MAX), false),
             P("statusfilter", Ty::Str, false),
-            P("source", Ty::Str, false),
+            P("source", Ty::Enum(&["archive", "active", "all"]), false),
         ],
         |_| false,
     )?;
@@ -215,27 +254,58 @@ pub(super) async fn task_list(
     st.proxy_to(&node, Instant::now())?;
     let audit = st.has(&who, &format!("/nodes/{node}"), "Sys.Audit");
     let source = p.str("source").unwrap_or_else(|| "archive".into());
-    let me = who.full();
-    let list: Vec<Value> = st
-        .task_order
-        .iter()
-        .rev()
-        .filter_map(|u| st.tasks.get(u))
-        .filter(|t| t.node == node && (audit || t.user == me))
-        .filter(|t| match source.as_str() {
-            "active" => t.exit.is_none(),
-            "all" => true,
-            _ => t.exit.is_some(),
-        })
-        .filter(|t| p.str("typefilter").is_none_or(|f| t.ttype == f))
-        .filter(|t| p.str("userfilter").is_none_or(|f| t.user.contains(&f)))
-        .filter(|t| p.int("vmid").is_none_or(|v| t.id == v.to_string()))
-        .filter(|t| !p.flag("errors") || t.exit.as_deref().is_some_and(|e| e != "OK"))
-        .map(|t| t.list_json())
-        .collect();
-    let total = list.len();
+    let errors = p.flag("errors");
+    let wanted: Vec<String> = match p.str("statusfilter") {
+        Some(f) if !errors => f
+            .split([',', ';', ' ', '\0'])
+            .filter(|x| !x.is_empty())
+            .map(|x| x.to_lowercase())
+            .collect(),
+        _ if errors => vec!["warning".into(), "error".into(), "unknown".into()],
+        _ => vec![
+            "ok".into(),
+            "warning".into(),
+            "error".into(),
+            "unknown".into(),
+        ],
+    };
+    let userfilter = p.str("userfilter").map(|u| u.to_lowercase());
+    let typefilter = p.str("typefilter").filter(|t| !t.is_empty());
+    let vmid = p.int("vmid").map(|v| v.to_string());
+    let (since, until) = (p.int("since"), p.int("until"));
     let start = p.int("start").unwrap_or(0) as usize;
     let limit = p.int("limit").unwrap_or(50) as usize;
-    let data: Vec<Value> = list.into_iter().skip(start).take(limit).collect();
+    let matches = |t: &&crate::tasks::Task| {
+        userfilter
+            .as_ref()
+            .is_none_or(|f| t.owner().to_lowercase().contains(f.as_str()))
+            && (audit || t.visible_to_owner(&who))
+            && typefilter.as_ref().is_none_or(|f| t.ttype == *f)
+            && vmid.as_ref().is_none_or(|v| t.id == *v)
+            && since.is_none_or(|s| t.starttime as i64 >= s)
+            && until.is_none_or(|u| t.starttime as i64 <= u)
+            && wanted.iter().any(|w| w == status_type(t.exit.as_deref()))
+    };
+    let newest_first = || {
+        st.task_order
+            .iter()
+            .rev()
+            .filter_map(|u| st.tasks.get(u))
+            .filter(|t| t.node == node)
+    };
+    let active = newest_first().filter(|t| !t.saved);
+    let archived = newest_first().filter(|t| t.saved);
+    let chosen: Vec<&crate::tasks::Task> = match source.as_str() {
+        "active" => active.filter(matches).collect(),
+        "all" => active.chain(archived).filter(matches).collect(),
+        _ => archived.filter(matches).collect(),
+    };
+    let total = chosen.len();
+    let data: Vec<Value> = chosen
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(|t| t.list_json())
+        .collect();
     envelope(json!({"data": data, "total": total}))
 }

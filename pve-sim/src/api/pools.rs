@@ -25,12 +25,12 @@ fn valid_poolid(s: &str) -> bool {
         })
 }
 
-fn members(st: &St, id: &str, pool: &Pool, ty: Option<&str>) -> Vec<Value> {
+fn members(st: &St, pool: &Pool, ty: Option<&str>, rrd_live: bool) -> Vec<Value> {
     let now = Instant::now();
     let mut out = Vec::new();
     if ty.is_none_or(|t| t == "qemu") {
         for vmid in pool.vms.iter().filter(|v| st.vms.contains_key(v)) {
-            out.push(vm_resource(st, *vmid, now));
+            out.push(vm_resource(st, *vmid, now, rrd_live));
         }
     }
     if ty.is_none_or(|t| t == "storage") {
@@ -40,17 +40,22 @@ fn members(st: &St, id: &str, pool: &Pool, ty: Option<&str>) -> Vec<Value> {
             }
         }
     }
-    let _ = id;
     out
 }
 
-fn pool_info(st: &St, who: &Identity, id: &str, ty: Option<&str>) -> Result<Value, PveError> {
+fn pool_info(
+    app: &Shared,
+    st: &St,
+    who: &Identity,
+    id: &str,
+    ty: Option<&str>,
+) -> Result<Value, PveError> {
     let pool = st
         .pools
         .get(id)
         .ok_or_else(|| PveError::internal(format!("pool '{id}' does not exist")))?;
     st.check(who, &format!("/pool/{id}"), "Pool.Audit")?;
-    let mut v = json!({"poolid": id, "members": members(st, id, pool, ty)});
+    let mut v = json!({"poolid": id, "members": members(st, pool, ty, app.rrd_live())});
     if let Some(c) = &pool.comment {
         v["comment"] = json!(c);
     }
@@ -59,12 +64,16 @@ fn pool_info(st: &St, who: &Identity, id: &str, ty: Option<&str>) -> Result<Valu
 
 pub(super) async fn index(State(app): State<Arc<Shared>>, Auth(who): Auth, p: Params) -> ApiResult {
     p.check(
-        &[P("poolid", Ty::Str, false), P("type", Ty::Str, false)],
+        &[
+            P("poolid", Ty::Str, false),
+            P("type", Ty::Enum(&["qemu", "lxc", "storage"]), false),
+        ],
         |_| false,
     )?;
     let st = app.state.lock();
     if let Some(id) = p.str("poolid") {
         return ok(json!([pool_info(
+            &app,
             &st,
             &who,
             &id,
@@ -92,13 +101,13 @@ pub(super) async fn get_p(
     Path(id): Path<String>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("type", Ty::Str, false)], |_| false)?;
+    p.check(
+        &[P("type", Ty::Enum(&["qemu", "lxc", "storage"]), false)],
+        |_| false,
+    )?;
     let st = app.state.lock();
-    let mut v = pool_info(&st, &who, &id, p.str("type").as_deref())?;
-    if let Some(o) = v.as_object_mut() {
-        o.remove("poolid");
-    }
-    ok(v)
+    // pve-manager `Pool.pm` answers with `index()[0]`, `poolid` included.
+    ok(pool_info(&app, &st, &who, &id, p.str("type").as_deref())?)
 }
 
 pub(super) async fn create(
@@ -119,6 +128,10 @@ pub(super) async fn create(
             ),
         ));
     }
+    let _cfg = app
+        .user_cfg_lock("create pool failed")
+        .await
+        .map_err(PveError::internal)?;
     let mut st = app.state.lock();
     st.check(&who, &format!("/pool/{id}"), "Pool.Allocate")?;
     if st.pools.contains_key(&id) {
@@ -253,6 +266,10 @@ pub(super) async fn update_q(
     let mut spec: Vec<P> = UPDATE.iter().map(|x| P(x.0, x.1, x.2)).collect();
     spec.push(P("poolid", Ty::Str, true));
     p.check(&spec, |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("update pools failed")
+        .await
+        .map_err(PveError::internal)?;
     update(&app, &who, &p.str("poolid").unwrap_or_default(), &p)
 }
 
@@ -263,6 +280,10 @@ pub(super) async fn update_p(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE, |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("update pools failed")
+        .await
+        .map_err(PveError::internal)?;
     update(&app, &who, &id, &p)
 }
 
@@ -296,6 +317,10 @@ pub(super) async fn delete_q(
     p: Params,
 ) -> ApiResult {
     p.check(&[P("poolid", Ty::Str, true)], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("delete pool failed")
+        .await
+        .map_err(PveError::internal)?;
     delete(&app, &who, &p.str("poolid").unwrap_or_default())
 }
 
@@ -306,5 +331,9 @@ pub(super) async fn delete_p(
     p: Params,
 ) -> ApiResult {
     p.check(&[], |_| false)?;
+    let _cfg = app
+        .user_cfg_lock("delete pool failed")
+        .await
+        .map_err(PveError::internal)?;
     delete(&app, &who, &id)
 }

@@ -14,9 +14,9 @@ use super::{ApiResult, ok};
 use crate::access::Identity;
 use crate::auth::Auth;
 use crate::error::{PveError, PveResult};
-use crate::locks::{FlockGuard, storage_timeout_msg};
+use crate::locks::{FlockGuard, StorageLockGuard, storage_timeout_msg};
 use crate::params::{P, Params, Ty, path_vmid, valid_dns_name};
-use crate::state::{Shared, Vm, canonical_net, format_size, is_disk_key};
+use crate::state::{LooseVolume, Shared, Vm, canonical_net, format_size, is_disk_key};
 use crate::tasks::{Outcome, TaskCtx, start_task};
 
 fn vm_path(vmid: u32) -> String {
@@ -53,6 +53,23 @@ pub(crate) fn config_digest(c: &BTreeMap<String, Value>) -> String {
         .take(20)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Takes a storage's allocation lock (or times out, after the full wait, when a
+/// lock-timeout fault fires). Never called in zero-cost mode.
+pub(crate) async fn storage_lock(
+    app: &Shared,
+    key: &str,
+    shared: bool,
+) -> Option<StorageLockGuard> {
+    let wait = app.wall(app.costs.storage_lock_timeout_seconds);
+    if app.state.lock().faults.lock_timeout() {
+        tokio::time::sleep(wait).await;
+        return None;
+    }
+    app.storage_locks
+        .lock(key, shared, wait, app.wall(0.1))
+        .await
 }
 
 async fn flock(
@@ -432,6 +449,33 @@ fn apply_change(app: &Shared, node: &str, vmid: u32, ch: &Change) -> PveResult<(
     Ok(())
 }
 
+/// Schema types of the config keys that are plain integers or booleans: Proxmox checks
+/// them with the other parameters (400), before it looks at the VM.
+fn check_config_types(p: &Params) -> PveResult<()> {
+    let ints: &[(&str, i64, i64)] = &[
+        ("cores", 1, 1024),
+        ("sockets", 1, 16),
+        ("vcpus", 1, 1024),
+        ("cpuunits", 1, 262_144),
+        ("balloon", 0, i64::MAX),
+    ];
+    let bools = [
+        "onboot",
+        "protection",
+        "template",
+        "kvm",
+        "acpi",
+        "tablet",
+        "localtime",
+    ];
+    let mut spec: Vec<P> = ints
+        .iter()
+        .map(|(k, lo, hi)| P(k, Ty::Int(*lo, *hi), false))
+        .collect();
+    spec.extend(bools.iter().map(|k| P(k, Ty::Bool, false)));
+    p.check(&spec, |_| true)
+}
+
 pub(super) async fn put_config(
     State(app): State<Arc<Shared>>,
     Auth(who): Auth,
@@ -439,6 +483,7 @@ pub(super) async fn put_config(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE_PARAMS, is_config_key)?;
+    check_config_types(&p)?;
     let vmid = path_vmid(&vmid)?;
     let ch = prepare_update(&app, &who, &node, vmid, &p)?;
     let _g = flock(&app, &node, vmid, true, app.costs.vm_lock_timeout_seconds)
@@ -455,6 +500,7 @@ pub(super) async fn post_config(
     p: Params,
 ) -> ApiResult {
     p.check(UPDATE_PARAMS_ASYNC, is_config_key)?;
+    check_config_types(&p)?;
     let vmid = path_vmid(&vmid)?;
     let ch = prepare_update(&app, &who, &node, vmid, &p)?;
     let n2 = node.clone();
@@ -564,6 +610,15 @@ async fn power(
                 Ok(r) => r,
                 Err(e) => return (ctx, Outcome::Error(e)),
             };
+            if action == "start"
+                && let Some(missing) = missing_bridge(&app, &n2, vmid)
+            {
+                ctx.log(format!("starting VM {vmid}"));
+                return (
+                    ctx,
+                    Outcome::Error(format!("bridge '{missing}' does not exist")),
+                );
+            }
             let secs = match action {
                 "start" => app.costs.start_seconds,
                 "stop" => app.costs.stop_seconds,
@@ -589,11 +644,43 @@ async fn power(
     ok(json!(upid))
 }
 
+/// The first NIC bridge of the VM that does not exist on the node (qemu-server plugs each
+/// tap into its bridge at start; pve-common `read_bridge_mtu` dies for a missing one).
+fn missing_bridge(app: &Shared, node: &str, vmid: u32) -> Option<String> {
+    let st = app.state.lock();
+    let live = &st.nodes.get(node)?.net_live;
+    let vm = st.vms.get(&vmid)?;
+    vm.config
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix("net")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|(_, v)| {
+            v.as_str()?
+                .split(',')
+                .find_map(|p| p.strip_prefix("bridge="))
+                .map(String::from)
+        })
+        .find(|b| !live.contains(b))
+}
+
+/// Start parameters; the migration ones are accepted and ignored (no migration here).
 const START_PARAMS: &[P] = &[
     P("skiplock", Ty::Bool, false),
-    P("timeout", Ty::Int(0, 86400), false),
+    P("timeout", Ty::Int(0, i64::MAX), false),
+    P("force-cpu", Ty::Str, false),
+    P("machine", Ty::Str, false),
+    P("migratedfrom", Ty::Node, false),
+    P("migration_network", Ty::Str, false),
+    P("migration_type", Ty::Enum(&["secure", "insecure"]), false),
+    P("nets-host-mtu", Ty::Str, false),
+    P("stateuri", Ty::Str, false),
+    P("targetstorage", Ty::Str, false),
+    P("with-conntrack-state", Ty::Bool, false),
 ];
 const STOP_PARAMS: &[P] = &[
+    P("migratedfrom", Ty::Node, false),
     P("skiplock", Ty::Bool, false),
     P("timeout", Ty::Int(0, 86400), false),
     P("keepActive", Ty::Bool, false),
@@ -688,7 +775,12 @@ pub(super) async fn destroy(
             };
             let disks = {
                 let mut st = app.state.lock();
-                let in_use = st.vms.values().any(|v| v.linked_from == Some(vmid));
+                let base = format!("base-{vmid}-");
+                let in_use = st.vms.values().any(|v| v.linked_from == Some(vmid))
+                    || st
+                        .loose
+                        .iter()
+                        .any(|l| l.volname.contains('/') && l.volname.starts_with(&base));
                 match st.vm_on_mut(&n2, vmid) {
                     Err(e) => return (ctx, Outcome::Error(e.message)),
                     Ok(vm) => {
@@ -715,10 +807,41 @@ pub(super) async fn destroy(
                     }
                 }
             };
-            for (_, s, vol, _) in &disks {
-                let vol = vol.rsplit('/').next().unwrap_or(vol);
-                ctx.log(format!("  Logical volume \"{vol}\" successfully removed."));
-                let _ = s;
+            // qemu-server `destroy_vm`: each disk is freed under its storage lock; a disk
+            // that cannot be freed is only a warning and stays on the storage.
+            let mut leaked = Vec::new();
+            for (_, s, vol, size) in &disks {
+                let volid = format!("{s}:{vol}");
+                let (key, shared) = {
+                    let st = app.state.lock();
+                    let shared = st.storages.get(s).is_some_and(|x| x.shared);
+                    (st.storage_key(s, &n2), shared)
+                };
+                if !app.zero_cost() {
+                    let Some(g) = storage_lock(&app, &key, shared).await else {
+                        ctx.log(format!(
+                            "Could not remove disk '{volid}', check manually: {}",
+                            storage_timeout_msg(s, shared)
+                        ));
+                        leaked.push(LooseVolume {
+                            storage: s.clone(),
+                            node: n2.clone(),
+                            volname: vol.clone(),
+                            size: *size,
+                        });
+                        continue;
+                    };
+                    let hold = app.costs.volume_free_seconds;
+                    app.state.lock().stats.busy_enter(&key, Instant::now());
+                    ctx.spend(hold).await;
+                    app.state.lock().stats.busy_exit(&key, Instant::now());
+                    ctx.work.storage.push((key.clone(), hold, 0.0));
+                    drop(g);
+                }
+                let short = vol.rsplit('/').next().unwrap_or(vol);
+                ctx.log(format!(
+                    "  Logical volume \"{short}\" successfully removed."
+                ));
             }
             ctx.spend(app.costs.destroy_seconds).await;
             let mut st = app.state.lock();
@@ -730,7 +853,15 @@ pub(super) async fn destroy(
             }
             let path = vm_path(vmid);
             st.acls.retain(|a| a.path != path);
+            let warnings = leaked.len() as u32;
+            for _ in &leaked {
+                st.faults.count("destroy_leaked_volume");
+            }
+            st.loose.extend(leaked);
             drop(st);
+            if warnings > 0 {
+                return (ctx, Outcome::Warnings(warnings));
+            }
             (ctx, Outcome::Ok)
         },
     )
@@ -744,7 +875,7 @@ pub(super) async fn template(
     Path((node, vmid)): Path<(String, String)>,
     p: Params,
 ) -> ApiResult {
-    p.check(&[P("disk", Ty::Str, false)], |_| false)?;
+    p.check(&[P("disk", Ty::DiskKey, false)], |_| false)?;
     let vmid = path_vmid(&vmid)?;
     let check = |st: &crate::state::State| -> PveResult<()> {
         let vm = st.vm_on(&node, vmid)?;
@@ -823,7 +954,7 @@ const CLONE_PARAMS: &[P] = &[
     P("target", Ty::Node, false),
     P("full", Ty::Bool, false),
     P("storage", Ty::StorageId, false),
-    P("format", Ty::Str, false),
+    P("format", Ty::Enum(&["raw", "qcow2", "vmdk"]), false),
     P("snapname", Ty::Str, false),
     P("bwlimit", Ty::Int(0, i64::MAX), false),
 ];
@@ -1115,6 +1246,7 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
                 started: None,
                 pool: None,
                 linked_from: None,
+                rrd: None,
             },
         );
         st.stats.clone_begin(&node, &stat_storage);
@@ -1142,19 +1274,7 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
         }
         let hold = app.costs.storage_lock_hold_seconds;
         if !app.zero_cost() {
-            let forced = app.state.lock().faults.lock_timeout();
-            let permit = if forced {
-                tokio::time::sleep(app.wall(app.costs.storage_lock_timeout_seconds)).await;
-                None
-            } else {
-                app.storage_locks
-                    .lock(
-                        &d.lock_key,
-                        app.wall(app.costs.storage_lock_timeout_seconds),
-                    )
-                    .await
-            };
-            let Some(permit) = permit else {
+            let Some(permit) = storage_lock(&app, &d.lock_key, d.shared).await else {
                 return fail(ctx, storage_timeout_msg(&d.storage, d.shared));
             };
             app.state
@@ -1231,6 +1351,18 @@ async fn run_clone(mut ctx: TaskCtx, plan: ClonePlan) -> (TaskCtx, Outcome) {
         app.costs.linked_clone_seconds
     };
     ctx.spend(fixed).await;
+    // The pool add runs under the cluster-wide `user.cfg` lock, inside the clone's eval:
+    // when it fails the new VM is removed again (qemu-server `clone_vm`).
+    let _cfg = match &plan.pool {
+        Some(pl) => match app
+            .user_cfg_lock(&format!("can't add VM {newid} to pool '{pl}'"))
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => return fail(ctx, e),
+        },
+        None => None,
+    };
     let mut st = app.state.lock();
     let mut warnings = 0;
     let mut pool_ok = None;

@@ -35,6 +35,7 @@ use super::error::{MAX_RESPONSE_BYTES, ParamErrors, PveError};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
+use super::watch::TaskWatcher;
 use crate::secret::Secret;
 
 const CSRF_HEADER: &str = "csrfpreventiontoken";
@@ -46,6 +47,8 @@ const TICKET_LIFETIME: Duration = Duration::from_secs(7200);
 pub(crate) enum RequestKind {
     Login,
     Poll,
+    /// The task watcher's `GET /nodes/{node}/tasks?source=active`: a poll too.
+    TaskList,
     Other,
 }
 
@@ -54,8 +57,11 @@ pub(crate) enum RequestKind {
 pub struct RequestCounts {
     /// `POST /access/ticket`: logins and renewals.
     pub logins: u64,
-    /// Task status/log requests made by `wait_task`.
+    /// Requests made by `wait_task`: task status and log reads, and the task watcher's
+    /// node task listings.
     pub polls: u64,
+    /// Of `polls`, the task watcher's listings (`GET /nodes/{node}/tasks?source=active`).
+    pub task_lists: u64,
     /// Everything else.
     pub other: u64,
 }
@@ -64,6 +70,7 @@ pub struct RequestCounts {
 struct Counters {
     logins: AtomicU64,
     polls: AtomicU64,
+    task_lists: AtomicU64,
     other: AtomicU64,
     /// Request latency (send until the body is read, or the transport error), by kind.
     latency: [LatencyHistogram; 3],
@@ -191,6 +198,8 @@ struct Inner {
     limiter: Semaphore,
     counters: Counters,
     presented: PresentedCert,
+    /// Shared by every `wait_task` of this client and its clones.
+    pub(crate) watcher: TaskWatcher,
 }
 
 /// A client for one Proxmox VE cluster. Cheap to clone; clones share the connection pool,
@@ -251,10 +260,15 @@ impl PveClient {
                 auth,
                 limiter: Semaphore::new(config.max_concurrent_requests),
                 counters: Counters::default(),
+                watcher: TaskWatcher::default(),
                 presented,
                 config,
             }),
         })
+    }
+
+    pub(crate) fn watcher(&self) -> &TaskWatcher {
+        &self.inner.watcher
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -272,6 +286,7 @@ impl PveClient {
         RequestCounts {
             logins: c.logins.load(Ordering::Relaxed),
             polls: c.polls.load(Ordering::Relaxed),
+            task_lists: c.task_lists.load(Ordering::Relaxed),
             other: c.other.load(Ordering::Relaxed),
         }
     }
@@ -470,6 +485,13 @@ impl PveClient {
         let (counter, latency) = match kind {
             RequestKind::Login => (&self.inner.counters.logins, &self.inner.counters.latency[0]),
             RequestKind::Poll => (&self.inner.counters.polls, &self.inner.counters.latency[1]),
+            RequestKind::TaskList => {
+                self.inner
+                    .counters
+                    .task_lists
+                    .fetch_add(1, Ordering::Relaxed);
+                (&self.inner.counters.polls, &self.inner.counters.latency[1])
+            }
             RequestKind::Other => (&self.inner.counters.other, &self.inner.counters.latency[2]),
         };
         counter.fetch_add(1, Ordering::Relaxed);

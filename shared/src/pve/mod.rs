@@ -42,6 +42,7 @@ mod task;
 mod tls;
 mod upid;
 mod vm;
+mod watch;
 
 pub use access::{
     AclEntry, AclUpdate, PoolEntry, PoolInfo, PoolMember, PoolUpdate, RoleEntry, UserCreate,
@@ -72,3 +73,4 @@ pub use vm::{
     CloneParams, ConfigUpdate, DestroyParams, NetDevice, NetDeviceParseError, ShutdownParams,
     VmConfig, VmListEntry, VmStatus,
 };
+pub use watch::{TaskList, TaskListEntry, TaskQuery, TaskSource};

@@ -1,10 +1,12 @@
 //! Tasks: status, log, and [`PveClient::wait_task`].
 //!
 //! A mutating call returns a UPID; the work runs in a worker process on the UPID's node.
-//! `wait_task` polls `GET /nodes/{node}/tasks/{upid}/status` with backoff (short first,
-//! then half the task's age so far, up to a cap), honours a deadline and a cancellation token, and turns the exit
-//! status into [`TaskOutcome`] or [`PveError::TaskFailed`] with the log's last lines. Polls
-//! are counted separately ([`super::RequestCounts::polls`]).
+//! `wait_task` watches the node's active task list through the client's task watcher
+//! (`watch.rs`; one listing per node per interval for all waiters, the interval short
+//! first, then half the task's age so far, up to a cap) and reads the task's own status
+//! only when it has left the list; it honours a deadline and a cancellation token, and
+//! turns the exit status into [`TaskOutcome`] or [`PveError::TaskFailed`] with the log's
+//! last lines. Polls are counted separately ([`super::RequestCounts::polls`]).
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use super::client::{Params, PveClient, RequestKind, decode, seg};
 use super::error::{ErrorClass, PveError};
 use super::lenient;
 use super::upid::Upid;
+use super::watch::Verdict;
 
 /// Lines of the task log kept in [`PveError::TaskFailed`].
 pub const LOG_TAIL_LINES: u64 = 20;
@@ -183,11 +186,118 @@ impl PveClient {
     /// [`PveError::TaskFailed`] with the exit status and the last [`LOG_TAIL_LINES`] log
     /// lines. [`PveError::TaskTimeout`] past the deadline, [`PveError::Cancelled`] on
     /// cancellation; in both cases the task itself keeps running on the server.
+    ///
+    /// The wait goes through the client's task watcher (module `watch`): one listing of
+    /// the node's active tasks per interval, shared by all waiters on that node, and this
+    /// task's own status read only once it has left the list. A node that refuses the
+    /// listing is waited on by polling this task's status.
     pub async fn wait_task(
         &self,
         upid: &Upid,
         opts: &WaitOptions,
     ) -> Result<TaskOutcome, PveError> {
+        let watch = self.watcher().node(upid.node());
+        if watch.unsupported() {
+            return self.poll_task(upid, opts).await;
+        }
+        let first = opts.initial_poll.max(Duration::from_millis(10));
+        let started = Instant::now();
+        let mut status_reads = 0u32;
+        let mut transient_failures = 0u32;
+        let mut next_check = None;
+        loop {
+            if opts.cancel.is_cancelled() {
+                return Err(PveError::Cancelled);
+            }
+            if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(PveError::TaskTimeout {
+                    upid: Box::new(upid.clone()),
+                });
+            }
+            let mut reg = watch.register(self, upid, started, first, opts.max_poll, next_check);
+            let deadline = opts.deadline;
+            // The watcher answers every waiter at least every `max_poll`; past this, read
+            // the status anyway (a listing stuck in a slow request must not stall waits).
+            let stalled = opts.max_poll.max(first) * 3 + Duration::from_secs(10);
+            let verdict = tokio::select! {
+                biased;
+                _ = opts.cancel.cancelled() => return Err(PveError::Cancelled),
+                _ = tokio::time::sleep(stalled) => Verdict::CheckStatus,
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => continue,
+                v = &mut reg.rx => v.unwrap_or(Verdict::CheckStatus),
+            };
+            drop(reg);
+            let exit = match verdict {
+                Verdict::Ended(exit) => exit,
+                Verdict::CheckStatus => {
+                    if watch.unsupported() {
+                        return self.poll_task(upid, opts).await;
+                    }
+                    status_reads += 1;
+                    match self.task_status_as(upid, RequestKind::Poll).await {
+                        Ok(s) if !s.is_running() => s
+                            .exitstatus
+                            .unwrap_or_else(|| "unexpected status".to_owned()),
+                        Ok(_) => {
+                            // Running but not listed (a cut list, or listed a moment late).
+                            transient_failures = 0;
+                            let now = Instant::now();
+                            next_check = Some(
+                                now + super::watch::interval_for(
+                                    now - started,
+                                    first,
+                                    opts.max_poll,
+                                ),
+                            );
+                            continue;
+                        }
+                        Err(e)
+                            if status_reads <= UNKNOWN_TASK_POLLS
+                                && matches!(
+                                    e.class(),
+                                    ErrorClass::NotFound | ErrorClass::Param
+                                ) =>
+                        {
+                            next_check = Some(Instant::now() + first);
+                            continue;
+                        }
+                        Err(e)
+                            if e.is_transient() && transient_failures < TRANSIENT_POLL_FAILURES =>
+                        {
+                            transient_failures += 1;
+                            tracing::debug!(upid = %upid, error = %e, "task status read failed; retrying");
+                            next_check = Some(Instant::now() + first);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            return self.task_outcome(upid, &exit).await;
+        }
+    }
+
+    /// A stopped task's outcome from its exit status; a failure carries the log's tail.
+    async fn task_outcome(&self, upid: &Upid, exit: &str) -> Result<TaskOutcome, PveError> {
+        match parse_exitstatus(exit) {
+            Ok(outcome) => Ok(outcome),
+            Err(text) => {
+                let log_tail = self
+                    .task_log_tail(upid, LOG_TAIL_LINES)
+                    .await
+                    .unwrap_or_default();
+                Err(PveError::task_failed(upid, text, log_tail))
+            }
+        }
+    }
+
+    /// Waits by polling this task's status alone (for nodes that refuse the task listing).
+    async fn poll_task(&self, upid: &Upid, opts: &WaitOptions) -> Result<TaskOutcome, PveError> {
         let first = opts.initial_poll.max(Duration::from_millis(10));
         let started = Instant::now();
         let mut polls = 0u32;
@@ -207,16 +317,7 @@ impl PveClient {
                     let exit = s
                         .exitstatus
                         .unwrap_or_else(|| "unexpected status".to_owned());
-                    return match parse_exitstatus(&exit) {
-                        Ok(outcome) => Ok(outcome),
-                        Err(text) => {
-                            let log_tail = self
-                                .task_log_tail(upid, LOG_TAIL_LINES)
-                                .await
-                                .unwrap_or_default();
-                            Err(PveError::task_failed(upid, text, log_tail))
-                        }
-                    };
+                    return self.task_outcome(upid, &exit).await;
                 }
                 Ok(_) => transient_failures = 0,
                 // Right after the start the task may not be visible yet (bpg retries too).
@@ -232,10 +333,8 @@ impl PveClient {
             let now = Instant::now();
             // The next poll comes after half the time the task has run so far, within
             // [initial_poll, max_poll]: an ended task is seen at most half its run time
-            // late. Doubling intervals saw a 400 ms task at 700 ms, and a job
-            // holds its node and storage slots until it sees its task end.
-            let interval = (now.duration_since(started) / 2).clamp(first, opts.max_poll.max(first));
-            let mut wake = now + interval;
+            // late. A job holds its node and storage slots until it sees its task end.
+            let mut wake = now + super::watch::interval_for(now - started, first, opts.max_poll);
             if let Some(deadline) = opts.deadline {
                 if now >= deadline {
                     return Err(PveError::TaskTimeout {

@@ -941,3 +941,118 @@ async fn migrate_vm_moves_a_vm_and_reports_proxmox_refusals() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn task_watcher_lists_each_node_once_per_interval_for_all_waiters() {
+    // Linked clones of 9000 take 2.5 s x 0.05 = 125 ms each, serialised on the storage lock.
+    let h = sim_with(0.05, TlsMode::SelfSigned).await;
+    let pve = client(&h, root_token());
+    let mut upids = Vec::new();
+    for newid in 300..308 {
+        let p = CloneParams {
+            newid,
+            name: Some(format!("w{newid}")),
+            ..Default::default()
+        };
+        upids.push(pve.clone_vm("pve1", 9000, &p).await.unwrap());
+    }
+    let before = pve.request_counts();
+    let t = tokio::time::Instant::now();
+    let waits = upids.iter().map(|u| {
+        let (pve, u) = (pve.clone(), u.clone());
+        tokio::spawn(async move { pve.wait_task(&u, &wait_opts()).await })
+    });
+    for w in futures::future::join_all(waits).await {
+        assert_eq!(w.unwrap().unwrap(), TaskOutcome::Ok);
+    }
+    let elapsed = t.elapsed();
+    let c = pve.request_counts();
+    let (lists, polls) = (c.task_lists - before.task_lists, c.polls - before.polls);
+    let status_reads = polls - lists;
+    // One listing per interval (20 ms at first) whatever the number of waiters, plus at
+    // most one status read per task (for those archived before a listing saw them end).
+    let intervals = (elapsed.as_millis() / 20) as u64 + 2;
+    assert!(
+        lists >= 1 && lists <= intervals,
+        "{lists} lists in {elapsed:?}"
+    );
+    assert!(
+        status_reads <= upids.len() as u64,
+        "{status_reads} status reads"
+    );
+    let stats = h.stats();
+    assert_eq!(stats["requests"]["GET /nodes/{node}/tasks"], lists);
+    // Polling each task alone asks at least once per task per interval while they run.
+    assert!(polls < 2 * upids.len() as u64 + intervals, "{c:?}");
+}
+
+#[tokio::test]
+async fn lost_clone_reply_is_found_again_in_the_node_task_list() {
+    let h = sim_with(0.02, TlsMode::SelfSigned).await;
+    let pve = client(&h, root_token());
+    // The simulator runs on this host: its clock is ours.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 5;
+    h.inject(Fault::Requests {
+        kind: RequestFault::Proxy596AfterCommit,
+        count: 1,
+    });
+    let p = CloneParams {
+        newid: 321,
+        name: Some("lost".into()),
+        ..Default::default()
+    };
+    let err = pve.clone_vm("pve1", 9000, &p).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Proxy, "{err:?}");
+    // Another clone from the same template runs too; only ours names vm-321-disk-0.
+    let other = pve
+        .clone_vm(
+            "pve1",
+            9000,
+            &CloneParams {
+                newid: 322,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let found = pve
+        .find_clone_task("pve1", 9000, 321, since)
+        .await
+        .unwrap()
+        .expect("the clone's task is in the list");
+    assert_ne!(found, other);
+    assert_eq!(found.task_type(), "qmclone");
+    assert_eq!(
+        pve.wait_task(&found, &wait_opts()).await.unwrap(),
+        TaskOutcome::Ok
+    );
+    assert!(
+        pve.find_clone_task("pve1", 9000, 399, since)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let list = pve
+        .node_tasks(
+            "pve1",
+            &TaskQuery {
+                source: TaskSource::All,
+                vmid: Some(9000),
+                typefilter: Some("qmclone".into()),
+                ..TaskQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(list.total, Some(2));
+    assert!(
+        list.tasks
+            .iter()
+            .all(|t| t.user.as_deref() == Some("root@pam")
+                && t.tokenid.as_deref() == Some("labfleet"))
+    );
+}
