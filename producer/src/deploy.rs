@@ -606,7 +606,7 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
 }
 
 /// The deployment's state in one word, from its phase, the VM counts and its jobs.
-fn overall_state(
+pub fn overall_state(
     rec: &DeploymentRecord,
     total: usize,
     counts: &BTreeMap<String, usize>,

@@ -63,6 +63,36 @@ pub async fn write(
     dir: &Path,
     _out: &mut Out,
 ) -> Result<Handout, Failure> {
+    let Tables { markdown: md, csv } = tables(store, id, key).await?;
+    let safe = id.replace(['/', '@'], "_");
+    let base = dir.join(format!("handout-{safe}"));
+    for (ext, body) in [("md", &md), ("csv", &csv)] {
+        let p = base.with_extension(ext);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        f.write_all(body.as_bytes())?;
+    }
+    Ok(Handout {
+        markdown: base.with_extension("md"),
+        csv: base.with_extension("csv"),
+        mode: "0600",
+    })
+}
+
+/// A handout's two tables, in memory (the dashboard serves them as downloads).
+pub struct Tables {
+    pub markdown: String,
+    pub csv: String,
+}
+
+/// Builds the handout of deployment `id`: every VM with its student, VMID, node and the
+/// student's initial password (derived with `key`) for users labfleet created.
+pub async fn tables(store: &Store, id: &str, key: &SecretKey) -> Result<Tables, Failure> {
     let plan: Plan = store
         .plan_json(id)
         .await
@@ -93,24 +123,7 @@ pub async fn write(
             csv.push('\n');
         }
     }
-    let safe = id.replace(['/', '@'], "_");
-    let base = dir.join(format!("handout-{safe}"));
-    for (ext, body) in [("md", &md), ("csv", &csv)] {
-        let p = base.with_extension(ext);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&p)
-            .with_context(|| format!("writing {}", p.display()))?;
-        f.write_all(body.as_bytes())?;
-    }
-    Ok(Handout {
-        markdown: base.with_extension("md"),
-        csv: base.with_extension("csv"),
-        mode: "0600",
-    })
+    Ok(Tables { markdown: md, csv })
 }
 
 /// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.

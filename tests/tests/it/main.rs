@@ -11,3 +11,4 @@ mod redis_tls;
 mod reliability;
 mod sim;
 mod ui;
+mod web;
