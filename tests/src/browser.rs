@@ -3,12 +3,11 @@
 //! with its own empty profile. The client is the handful of WebDriver calls the dashboard
 //! tests need, spoken with `reqwest` (JSON over HTTP; no extra crate).
 //!
-//! A missing `chromium` or `chromedriver` fails the test with how to install them. The
-//! driver runs in a process group of its own and the whole group (browsers included) is
-//! killed when the [`Driver`] is dropped.
+//! A missing `chromium` or `chromedriver` fails the test with how to install them. When the
+//! [`Driver`] is dropped it asks chromedriver to shut down, which closes every browser it
+//! started (a panicking test closes no session itself).
 
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -71,13 +70,14 @@ impl Driver {
         let driver = find(&["/usr/bin/chromedriver", "chromedriver"]).expect(
             "chromedriver is missing: install it with `apt-get install chromium-driver` (.ci/run does)",
         );
+        // reqwest is built without a default TLS provider (the workspace picks ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let port = free_port();
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
             .spawn()
             .expect("starting chromedriver");
         let d = Driver {
@@ -146,10 +146,30 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // The whole group: chromedriver and every Chromium it started.
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.child.id())])
-            .status();
+        // chromedriver's own shutdown closes every session's browser and exits. Asked over
+        // a plain socket (Drop cannot await); the driver is killed by its pid if it lingers.
+        // Never a signal to a process group by a negative pid: `kill` parses those
+        // inconsistently (a negative number can read as a signal), so a typo-sized mistake
+        // there reaches far more than this test's processes.
+        if let Some(addr) = self.base.strip_prefix("http://")
+            && let Ok(mut s) = std::net::TcpStream::connect(addr)
+        {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = write!(
+                s,
+                "GET /shutdown HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.read(&mut [0u8; 256]);
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

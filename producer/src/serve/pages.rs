@@ -258,23 +258,6 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
         o.push_str("</p>");
     }
 
-    // Failed VMs with Proxmox's message.
-    o.push_str("<h2>Failed VMs</h2><table class=\"list\" id=\"failures\"><thead><tr><th>VM</th><th>student</th><th>VMID</th><th>node</th><th>error</th></tr></thead><tbody>");
-    for c in v.cells.iter().filter(|c| c.state == "failed") {
-        let vm = &v.plan.vms[c.i];
-        let _ = write!(
-            o,
-            "<tr id=\"f-{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
-            c.i,
-            esc(&vm.name),
-            esc(&vm.user),
-            c.vmid.map(|x| x.to_string()).unwrap_or_default(),
-            esc(&c.node),
-            esc(c.error.as_deref().unwrap_or(""))
-        );
-    }
-    o.push_str("</tbody></table>");
-
     // The grid: students x machines.
     o.push_str(
         "<h2>Students × machines</h2><table class=\"grid\" id=\"grid\"><thead><tr><th>student</th>",
@@ -323,7 +306,25 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
         }
         o.push_str("</tr>");
     }
-    o.push_str("</tbody></table></section>");
+    o.push_str("</tbody></table>");
+    // Failed VMs with Proxmox's message.
+    o.push_str("<h2>Failed VMs</h2><table class=\"list\" id=\"failures\"><thead><tr><th>VM</th><th>student</th><th>VMID</th><th>node</th><th>error</th></tr></thead><tbody>");
+    for c in v.cells.iter().filter(|c| c.state == "failed") {
+        let vm = &v.plan.vms[c.i];
+        let _ = write!(
+            o,
+            "<tr id=\"f-{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
+            c.i,
+            esc(&vm.name),
+            esc(&vm.user),
+            c.vmid.map(|x| x.to_string()).unwrap_or_default(),
+            esc(&c.node),
+            esc(c.error.as_deref().unwrap_or(""))
+        );
+    }
+    o.push_str("</tbody></table>");
+
+    o.push_str("</section>");
     o
 }
 

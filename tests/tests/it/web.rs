@@ -364,6 +364,7 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     );
     let state = admin.text(&admin.get("#state").await).await;
     assert_eq!(state, "failed");
+    admin.resize(1360, 1000).await;
     save_png(&screenshot_path(), &admin.screenshot().await);
 
     // CSRF: a POST without the token, or with a wrong one, is refused and changes nothing.
@@ -622,6 +623,7 @@ async fn fifty_live_viewers_share_one_redis_reader() {
     let lab = Lab::new(&["student1@pve", "student2@pve"], 0.05).await;
     let (id, _) = lab.submit().await;
     let serve = Serve::start(&lab, false);
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let url = serve.url(&format!("{}/events", page(&id)));
 
