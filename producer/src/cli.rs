@@ -166,7 +166,7 @@ pub enum Command {
     },
     /// Run a full demo deployment against the embedded simulator (needs only Redis).
     #[command(
-        after_help = "Examples:\n  producer demo\n  producer demo --time-scale 0.05 --redis redis://127.0.0.1:6380"
+        after_help = "Examples:\n  producer demo\n  producer demo --time-scale 0.05 --redis redis://127.0.0.1:6380\n  producer demo --serve              # then keep it and its dashboard (http://127.0.0.1:8080) up until Ctrl-C"
     )]
     Demo {
         /// Simulated time scale (1.0 = real Proxmox durations).

@@ -366,3 +366,28 @@ pub fn events(hub: Arc<Hub>, id: String) -> Sse<impl Stream<Item = Result<Event,
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fifty_viewers_are_one_topic_and_each_gets_every_update() {
+        let hub = Hub::default();
+        let mut rx: Vec<_> = (0..50).map(|_| hub.subscribe("d@lab")).collect();
+        let watched = hub.watched();
+        assert_eq!(
+            watched,
+            vec![("d@lab".to_owned(), true)],
+            "one topic, wanting a full update"
+        );
+        assert!(!hub.watched()[0].1, "the request is taken once");
+        assert_eq!(hub.viewers("d@lab"), 50);
+        hub.publish("d@lab", Arc::from("{\"full\":true}"));
+        for r in &mut rx {
+            assert_eq!(&*r.recv().await.unwrap(), "{\"full\":true}");
+        }
+        drop(rx);
+        assert!(hub.watched().is_empty(), "nobody watches: the topic goes");
+    }
+}

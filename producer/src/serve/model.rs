@@ -158,12 +158,12 @@ pub async fn cells(
         .iter()
         .filter_map(|f| f.rsplit_once('|').map(|(s, _)| s))
         .collect();
+    let asked: HashSet<&str> = keys.iter().copied().collect();
     let wanted_errors: Vec<&String> = failed
         .iter()
         .filter(|f| {
-            f.rsplit_once('|').is_some_and(|(s, _)| {
-                s.starts_with("student:") || keys.contains(&s) && failed_vm.contains(s)
-            })
+            f.rsplit_once('|')
+                .is_some_and(|(s, _)| s.starts_with("student:") || asked.contains(s))
         })
         .collect();
     let errors: HashMap<String, StepRecord> = if wanted_errors.is_empty() {
@@ -397,4 +397,38 @@ pub async fn queue(store: &Store) -> Result<QueueView, QueueError> {
         slots,
         workers: shared::heartbeat::list(q).await?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(i: usize, state: &str, node: &str) -> Cell {
+        Cell {
+            i,
+            state: state.into(),
+            vmid: Some(100 + i as u32),
+            node: node.into(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn counts_per_state_and_node() {
+        let cells = [
+            cell(0, "done", "pve1"),
+            cell(1, "failed", "pve1"),
+            cell(2, "done", "pve2"),
+            cell(3, "cloning", "pve2"),
+        ];
+        let (all, per_node) = counts(&cells);
+        assert_eq!(all["done"], 2);
+        assert_eq!(all["failed"], 1);
+        assert_eq!(per_node["pve2"]["cloning"], 1);
+        assert_eq!(
+            finished(&all),
+            3,
+            "done and failed are finished, cloning is not"
+        );
+    }
 }
