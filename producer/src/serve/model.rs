@@ -173,6 +173,16 @@ pub async fn cells(
         store.some_steps(id, &fields).await?
     };
     let order = shared::plan::vm_steps(plan);
+    // Failed student set-ups by user, looked up once per user rather than per VM.
+    let student_failed: HashMap<&str, &StepRecord> = errors
+        .iter()
+        .filter(|(_, r)| r.state == StepState::Failed)
+        .filter_map(|(k, r)| {
+            k.strip_prefix("student:")
+                .and_then(|k| k.strip_suffix("|student"))
+                .map(|u| (u, r))
+        })
+        .collect();
     let mut out = Vec::with_capacity(idx.len());
     for (n, i) in idx.iter().enumerate() {
         let v = &plan.vms[*i];
@@ -191,9 +201,7 @@ pub async fn cells(
                 .find(|r| r.state == StepState::Failed)
                 .and_then(|r| r.error.clone())
         };
-        let student = errors
-            .get(&step_field(&format!("student:{}", v.user), "student"))
-            .filter(|r| r.state == StepState::Failed);
+        let student = student_failed.get(v.user.as_str());
         let destroy: Option<StepRecord> = destroys
             .get(n)
             .and_then(|d| d.as_deref())

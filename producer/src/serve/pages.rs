@@ -14,6 +14,14 @@ use super::model::{Counts, DeploymentRow, DeploymentView, Layout, QueueView, fin
 
 /// Appends `s` HTML-escaped (text and attribute values alike).
 pub fn esc_into(out: &mut String, s: &str) {
+    // Most values (names, states, nodes) need no escaping: copy them whole.
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''))
+    {
+        out.push_str(s);
+        return;
+    }
     for ch in s.chars() {
         match ch {
             '&' => out.push_str("&amp;"),
