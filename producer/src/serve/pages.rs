@@ -143,7 +143,7 @@ pub fn deployments(rows: &[DeploymentRow]) -> String {
         let end = r.rec.finished.unwrap_or(now);
         let _ = write!(
             o,
-            "<tr><td><a href=\"/d/{}\">{}</a></td><td>{}</td><td>{}</td><td class=\"s-{3}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"/d/{}\">{}</a></td><td>{}</td><td>{}</td><td class=\"s-{4}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             seg(&r.rec.id),
             esc(&r.rec.name),
             esc(&r.rec.cluster),
