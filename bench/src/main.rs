@@ -9,10 +9,12 @@
 //! - `overhead`: the data/ example scaled to 2,000 VMs in zero-cost mode, VMs/s end to end.
 //! - `scale`: 10,000 VMs loaded, planned and enqueued; `status` of them; peak RSS.
 //! - `api`: Proxmox requests per VM by kind on the class, task polls per task.
+//! - `dashboard`: server-side render time of `producer serve`'s page of a 10,000-VM class.
 //!
 //! Each scenario starts its own `redis-server` on a free port and the simulator in-process.
 
 mod baseline;
+mod dashboard;
 mod lab;
 mod plot;
 mod scenarios;
@@ -137,6 +139,14 @@ enum Scenario {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// The dashboard's deployment page for 10,000 VMs: server-side render time.
+    Dashboard {
+        #[arg(long, default_value_t = 5000)]
+        students: usize,
+        /// Renders per state (the first parses the plan).
+        #[arg(long, default_value_t = 11)]
+        renders: usize,
+    },
     /// Item 5: Proxmox requests per VM by kind on the class.
     Api {
         #[command(flatten)]
@@ -196,5 +206,6 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
         } => scenarios::scale(students, workers, concurrency).await,
         Scenario::Api { class, workers } => scenarios::api(&class, workers).await,
+        Scenario::Dashboard { students, renders } => dashboard::run(students, renders).await,
     }
 }

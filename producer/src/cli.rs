@@ -23,6 +23,7 @@ plans it, and submits one job per VM and step to Redis, where workers pick them 
         "  producer teardown demo-lab@lab --wait\n",
         "  producer secret encrypt            # reads the secret from stdin, prints enc:...\n",
         "  producer completions bash          # shell completions (bash, zsh, fish)\n",
+        "  producer serve                     # the live web dashboard on http://127.0.0.1:8080\n",
         "  producer                           # in a terminal: an interactive menu of these\n",
         "\n",
     ),
@@ -169,13 +170,30 @@ pub enum Command {
     },
     /// Run a full demo deployment against the embedded simulator (needs only Redis).
     #[command(
-        after_help = "Examples:\n  producer demo\n  producer demo --time-scale 0.05 --redis redis://127.0.0.1:6380"
+        after_help = "Examples:\n  producer demo\n  producer demo --time-scale 0.05 --redis redis://127.0.0.1:6380\n  producer demo --serve              # then keep it and its dashboard (http://127.0.0.1:8080) up until Ctrl-C"
     )]
     Demo {
         /// Simulated time scale (1.0 = real Proxmox durations).
         #[arg(long, default_value_t = 0.25)]
         time_scale: f64,
+        /// Also serve the dashboard, and keep the deployment and the dashboard up until
+        /// Ctrl-C (the demo's Redis namespace is removed then).
+        #[arg(long)]
+        serve: bool,
+        /// Where the demo's dashboard listens (with --serve; loopback only, no tokens).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
     },
+    /// Serve the live web dashboard (reads Redis and the data folder; never talks to Proxmox).
+    #[command(
+        after_help = "Without tokens it listens on loopback only and every visitor is an admin; with tokens, a login\nsets an HttpOnly, SameSite=Strict cookie. A token file holds one line.\n\nEnvironment: LABFLEET_WEB_ADMIN_TOKEN, LABFLEET_WEB_VIEWER_TOKEN (instead of the files),\nLABFLEET_SECRET_KEY (only to serve handouts).\n\nExamples:\n  producer serve                                   # http://127.0.0.1:8080, local use\n  producer serve --listen 0.0.0.0:8080 --admin-token-file /etc/labfleet/web-admin --viewer-token-file /etc/labfleet/web-viewer\n  LABFLEET_SECRET_KEY=... producer serve --redis redis://queue.lab:6379"
+    )]
+    Serve(ServeArgs),
+    /// List the workers whose heartbeat is fresh: name, host, version, start, last seen, jobs in flight.
+    #[command(
+        after_help = "Examples:\n  producer workers\n  producer workers --json | jq '.[] | {name, in_flight}'"
+    )]
+    Workers,
     /// Manage `enc:` secrets for connections.yml.
     #[command(
         subcommand,
@@ -190,6 +208,20 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// `producer serve`'s flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (IP:PORT). Off loopback an admin token is required.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the admin token (retry, teardown, handouts); or LABFLEET_WEB_ADMIN_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding the viewer token (pages only); or LABFLEET_WEB_VIEWER_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub viewer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Subcommand)]

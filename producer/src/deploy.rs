@@ -853,7 +853,7 @@ async fn prior_teardowns(store: &Store, rec: &DeploymentRecord) -> Result<GroupS
 
 /// The deployment's state in one word, from its phase, the VM counts and its jobs (and, for
 /// an epoch that waits for an earlier teardown, that teardown's jobs).
-fn overall_state(
+pub fn overall_state(
     rec: &DeploymentRecord,
     total: usize,
     counts: &BTreeMap<String, usize>,

@@ -6,6 +6,7 @@ pub mod cmd;
 pub mod deploy;
 pub mod exit;
 pub mod output;
+pub mod serve;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -87,7 +88,16 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
         Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,
         Command::List => cmd::list::run(g, out).await,
         Command::Handout { id } => cmd::handout::run(g, id, out).await,
-        Command::Demo { time_scale } => cmd::demo::run(g, *time_scale, out).await,
+        Command::Demo {
+            time_scale,
+            serve,
+            listen,
+        } => {
+            let serve = serve.then_some(*listen);
+            cmd::demo::run(g, *time_scale, serve, out).await
+        }
+        Command::Serve(args) => cmd::serve::run(g, args, out).await,
+        Command::Workers => cmd::workers::run(g, out).await,
         Command::Validate | Command::Secret(_) | Command::Completions { .. } => {
             unreachable!("handled above")
         }

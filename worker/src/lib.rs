@@ -5,7 +5,8 @@
 //! job, fenced settle, a reaper, retries by kind. Any number of worker processes on any
 //! number of hosts may run at once; each has a unique identity. The binary (`main.rs`) and
 //! the producer's demo both call [`run`]. With `WorkerConfig::metrics` set, it also serves
-//! Prometheus metrics (`metrics`).
+//! Prometheus metrics (`metrics`). Every worker writes a heartbeat record
+//! (`shared::heartbeat`) while it runs and deletes it when it stops.
 
 pub mod metrics;
 
@@ -18,6 +19,7 @@ use anyhow::Context;
 use apalis::prelude::*;
 use shared::clusters::Clusters;
 use shared::config;
+use shared::heartbeat::{self, Beat, BeatTiming};
 use shared::jobs::{self, Env, Job, Timing};
 use shared::queue::{
     JobError, Lease, LeaseBackend, Queue, QueueConfig, RetryPolicy, WorkerOptions,
@@ -42,6 +44,8 @@ pub struct WorkerConfig {
     pub metrics: Option<SocketAddr>,
     /// Set to the metrics server's bound address once it listens (useful with port 0).
     pub metrics_bound: Arc<OnceLock<SocketAddr>>,
+    /// How often the worker's heartbeat record is written and how long it outlives it.
+    pub heartbeat: BeatTiming,
 }
 
 impl WorkerConfig {
@@ -56,6 +60,7 @@ impl WorkerConfig {
             secret_key: SecretKey::from_env().ok(),
             metrics: None,
             metrics_bound: Arc::default(),
+            heartbeat: BeatTiming::default(),
         }
     }
 }
@@ -125,21 +130,34 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         opts.worker_id = n.clone();
     }
     tracing::info!(worker = %opts.worker_id, concurrency = cfg.concurrency, "worker started");
+    let beat = Beat::new(&opts.worker_id, env!("CARGO_PKG_VERSION"), cfg.concurrency);
+    let beat_stop = CancellationToken::new();
+    let beating = tokio::spawn(heartbeat::run(
+        queue.clone(),
+        beat.clone(),
+        cfg.heartbeat,
+        beat_stop.clone(),
+    ));
     let backend = LeaseBackend::<Job>::new(queue, opts);
     let worker = WorkerBuilder::new("labfleet")
         .backend(backend)
         .data(env.clone())
+        .data(beat)
         .catch_panic()
         .build(handle);
     let stop = shutdown.clone();
-    worker
+    let worker = worker
         .run_until(async move {
             stop.cancelled().await;
             env.shutdown.cancel();
             Ok::<(), std::io::Error>(())
         })
         .await
-        .map_err(|e| anyhow::anyhow!("worker: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("worker: {e}"));
+    // The record goes when the last job has been handed back, not before.
+    beat_stop.cancel();
+    let _ = beating.await;
+    worker?;
     if let Some(task) = metrics {
         let _ = task.await;
     }
@@ -147,8 +165,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     Ok(())
 }
 
-async fn handle(job: Job, lease: Lease, env: Data<Arc<Env>>) -> Result<(), JobError> {
+async fn handle(
+    job: Job,
+    lease: Lease,
+    env: Data<Arc<Env>>,
+    beat: Data<Arc<Beat>>,
+) -> Result<(), JobError> {
     let env: Arc<Env> = (*env).clone();
+    let _running = beat.job();
     jobs::run(job, lease, env).await
 }
 

@@ -2,6 +2,8 @@
 //! on 127.0.0.1:8006 with the demo certificate (the shipped connections.yml pins it), two
 //! workers in-process, submits the `data/` example, shows live progress and a final table.
 //! Needs only Redis; its state goes under a namespace of its own, removed at the end.
+//! With `--serve` the dashboard runs beside it from the start, and the deployment, the
+//! workers and the dashboard stay up after the table until Ctrl-C; the namespace goes then.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,13 +16,33 @@ use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Global;
-use crate::cmd::{common, handout, status};
+use crate::cmd::{common, handout, serve as serve_cmd, status};
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
-pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Failure> {
+pub async fn run(
+    g: &Global,
+    time_scale: f64,
+    serve: Option<SocketAddr>,
+    out: &mut Out,
+) -> Result<Exit, Failure> {
     let cfg = common::load_config(g, out)?;
+    // Bound first, so a taken port fails before anything starts.
+    let listener = match serve {
+        Some(addr) => {
+            if !addr.ip().is_loopback() {
+                return Err(Failure::new(
+                    Exit::Usage,
+                    anyhow::anyhow!(
+                        "the demo's dashboard has no tokens and listens on loopback only, not on {addr}; for more, run `producer serve` with tokens"
+                    ),
+                ));
+            }
+            Some(serve_cmd::bind(addr).await?)
+        }
+        None => None,
+    };
     let ns = format!("lf-demo-{}", std::process::id());
     let mut qcfg = worker::queue_config();
     qcfg.namespace = ns.clone();
@@ -68,6 +90,23 @@ pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Fai
     // The workers run in this task beside the submit-and-watch flow (apalis worker futures
     // are not `Send`-general enough for `tokio::spawn`).
     let workers = futures::future::join_all(workers);
+    let serve_stop = CancellationToken::new();
+    let keep_serving = listener.is_some();
+    if let Some(l) = &listener {
+        serve_cmd::announce(l, out);
+    }
+    let dashboard = async {
+        match listener {
+            Some(l) => {
+                let cfg = crate::serve::ServeConfig {
+                    secret_key: Some(key.clone()),
+                    ..crate::serve::ServeConfig::default()
+                };
+                crate::serve::run(store.clone(), cfg, l, serve_stop.clone()).await
+            }
+            None => Ok(()),
+        }
+    };
     let flow = async {
         let pve = deploy::connect_pve(&cfg, Some(&key))?;
         let started = std::time::Instant::now();
@@ -97,10 +136,20 @@ pub async fn run(g: &Global, time_scale: f64, out: &mut Out) -> Result<Exit, Fai
     };
     let flow = async {
         let r = flow.await;
+        if keep_serving && r.is_ok() {
+            eprintln!(
+                "the demo deployment and its dashboard stay up; Ctrl-C stops them and removes the demo's Redis keys"
+            );
+            serve_cmd::wait_for_signal().await;
+        }
+        serve_stop.cancel();
         shutdown.cancel();
         r
     };
-    let (result, _) = tokio::join!(flow, workers);
+    let (result, _, served) = tokio::join!(flow, workers, dashboard);
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "the demo's dashboard stopped with an error");
+    }
     sim.shutdown().await;
     cleanup(&queue, &ns).await;
     result

@@ -118,21 +118,76 @@ pub async fn write(
     key: &SecretKey,
     dir: &Path,
 ) -> Result<Handout, Failure> {
-    let (_, plan) = deploy::load(store, id).await?;
-    let st = deploy::status(store, id).await?;
-    let users: BTreeMap<String, Option<String>> = pve
+    let accounts = accounts_on_cluster(pve).await?;
+    let Tables { markdown: md, csv } = tables(store, id, key, &accounts).await?;
+    let base = stem(id);
+    let markdown = dir.join(format!("{base}.md"));
+    let csv_path = dir.join(format!("{base}.csv"));
+    write_private(&markdown, md.as_bytes())?;
+    write_private(&csv_path, csv.as_bytes())?;
+    Ok(Handout {
+        markdown,
+        csv: csv_path,
+        mode: "0600",
+    })
+}
+
+/// Every account on the cluster with its comment (who made it): what Proxmox says.
+pub async fn accounts_on_cluster(pve: &PveClient) -> Result<Accounts, Failure> {
+    Ok(pve
         .users()
         .await
         .map_err(|e| deploy::pve_failure(e, "reading the students' accounts"))?
         .into_iter()
         .map(|u| (u.userid, u.comment))
-        .collect();
+        .collect())
+}
+
+/// The accounts of a deployment's students as Redis recorded them when labfleet made them
+/// (for the dashboard, which never talks to Proxmox): a student whose creator is recorded
+/// is labfleet's; any other is reported as existing before labfleet.
+pub async fn accounts_in_redis(store: &Store, id: &str) -> Result<Accounts, Failure> {
+    let (_, plan) = deploy::load(store, id).await?;
+    let users: Vec<&str> = plan.students.iter().map(|s| s.user.as_str()).collect();
+    let made = store
+        .creators(&plan.cluster, &users)
+        .await
+        .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;
+    Ok(users
+        .into_iter()
+        .map(|u| {
+            let comment = made.get(u).map(|by| shared::jobs::deployment_marker(by));
+            (u.to_owned(), comment)
+        })
+        .collect())
+}
+
+/// Account -> its comment, for [`Account::of`].
+pub type Accounts = BTreeMap<String, Option<String>>;
+
+/// A handout's two tables, in memory (the dashboard serves them as downloads).
+pub struct Tables {
+    pub markdown: String,
+    pub csv: String,
+}
+
+/// Builds the handout of deployment `id`: every VM with its student, VMID, node, account and
+/// the initial password of every account labfleet made (derived with `key` for the
+/// deployment that made it), from `accounts`.
+pub async fn tables(
+    store: &Store,
+    id: &str,
+    key: &SecretKey,
+    accounts: &Accounts,
+) -> Result<Tables, Failure> {
+    let (_, plan) = deploy::load(store, id).await?;
+    let st = deploy::status(store, id).await?;
     let mut md = format!(
         "# Handout: {id}\n\n| student | password | account | VM | VMID | node |\n|---|---|---|---|---|---|\n"
     );
     let mut csv = String::from("student,password,account,vm,vmid,node\n");
     for s in &plan.students {
-        let account = Account::of(users.get(&s.user).map(Option::as_deref));
+        let account = Account::of(accounts.get(&s.user).map(Option::as_deref));
         let pw = match &account {
             Account::Created { by } => deploy::student_password(key, by, &s.user)
                 .expose()
@@ -152,16 +207,7 @@ pub async fn write(
             csv.push('\n');
         }
     }
-    let base = stem(id);
-    let markdown = dir.join(format!("{base}.md"));
-    let csv_path = dir.join(format!("{base}.csv"));
-    write_private(&markdown, md.as_bytes())?;
-    write_private(&csv_path, csv.as_bytes())?;
-    Ok(Handout {
-        markdown,
-        csv: csv_path,
-        mode: "0600",
-    })
+    Ok(Tables { markdown: md, csv })
 }
 
 /// Writes `body` to `path` with mode 0600 whatever was there before: into a new temp file

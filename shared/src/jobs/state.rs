@@ -27,6 +27,8 @@
 //!   (kept [`TOMBSTONE_RETENTION`]: which deployment last used a VMID).
 //! - `su:<cluster>:<user>`: SET of the deployments that list the user; a user labfleet
 //!   created is deleted only when no deployment lists it any more.
+//! - `creators:<cluster>`: HASH user -> the deployment that made the account (while it
+//!   exists), for a handout read without Proxmox (the dashboard's).
 //! - `removals:<cluster>`: the number of users, pools and bridges teardowns removed (kept):
 //!   a worker's cached "it exists" is dropped when it moves (`jobs::cache`).
 //!
@@ -449,6 +451,52 @@ impl Store {
         let mut c = self.queue.connection();
         let _: u64 = c.incr(self.key_removals(cluster), 1).await?;
         Ok(())
+    }
+
+    pub fn key_creators(&self, cluster: &str) -> String {
+        self.queue.key(&format!("creators:{cluster}"))
+    }
+
+    /// Records that `deployment` made account `user` (what the dashboard's handout reads;
+    /// the user's comment on Proxmox says the same).
+    pub async fn note_creator(
+        &self,
+        cluster: &str,
+        user: &str,
+        deployment: &str,
+    ) -> Result<(), QueueError> {
+        let mut c = self.queue.connection();
+        let _: () = c.hset(self.key_creators(cluster), user, deployment).await?;
+        Ok(())
+    }
+
+    /// Forgets a deleted account's creator.
+    pub async fn forget_creator(&self, cluster: &str, user: &str) -> Result<(), QueueError> {
+        let mut c = self.queue.connection();
+        let _: () = c.hdel(self.key_creators(cluster), user).await?;
+        Ok(())
+    }
+
+    /// The recorded creators of some accounts.
+    pub async fn creators(
+        &self,
+        cluster: &str,
+        users: &[&str],
+    ) -> Result<HashMap<String, String>, QueueError> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut c = self.queue.connection();
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.key_creators(cluster))
+            .arg(users)
+            .query_async(&mut c)
+            .await?;
+        Ok(users
+            .iter()
+            .zip(v)
+            .filter_map(|(u, d)| Some(((*u).to_owned(), d?)))
+            .collect())
     }
 
     pub fn key_student_users(&self, cluster: &str, user: &str) -> String {

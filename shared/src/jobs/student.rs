@@ -50,9 +50,16 @@ pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobErro
             ..UserCreate::default()
         };
         match pve.create_user(&create).await {
-            Ok(()) | Err(PveError::AlreadyExists { .. }) => {}
+            Ok(()) => {}
+            // Made by a previous attempt of this job, or raced by another deployment's: the
+            // comment on Proxmox says which; the record below is the common case's.
+            Err(PveError::AlreadyExists { .. }) => {}
             Err(e) => return Err(pve_error(e)),
         }
+        env.store
+            .note_creator(&j.cluster, &j.user, &j.deployment)
+            .await
+            .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
         env.cache.note(&Cache::users_key(&j.cluster), &j.user);
     }
     let pools = env.cache.pools(&j.cluster, &pve).await.map_err(pve_error)?;

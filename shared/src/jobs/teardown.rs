@@ -50,6 +50,10 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
                 Err(e) => return Err(pve_error(e)),
             }
             env.cache.forget(&Cache::users_key(&j.cluster), &j.user);
+            env.store
+                .forget_creator(&j.cluster, &j.user)
+                .await
+                .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
             count_removal(env, &j.cluster).await?;
         }
         Ok(_) | Err(PveError::NotFound { .. }) => {}

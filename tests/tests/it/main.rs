@@ -13,3 +13,4 @@ mod redis_tls;
 mod reliability;
 mod sim;
 mod ui;
+mod web;

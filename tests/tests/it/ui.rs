@@ -76,6 +76,8 @@ fn every_subcommand_help_has_an_example() {
         "demo",
         "secret",
         "completions",
+        "serve",
+        "workers",
     ];
     for sub in subs {
         let o = producer(&[sub, "--help"], Duration::from_secs(20));
