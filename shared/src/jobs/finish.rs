@@ -52,6 +52,16 @@ async fn finish_teardown(
         let finished: Option<Plan> = plans
             .get(&vm_epoch)
             .and_then(|p| serde_json::from_str(p).ok());
+        if let Some(p) = &finished {
+            sweep(
+                j,
+                p,
+                p.students.iter().chain(&p.retired_students),
+                lease,
+                env,
+            )
+            .await?;
+        }
         let others: Vec<Plan> = plans
             .iter()
             .filter(|(e, _)| **e != vm_epoch)
@@ -219,6 +229,45 @@ async fn finish_prune(
     let mut rec = v.rec.clone();
     rec.updated = Utc::now();
     store.finish(lease, v, &rec, &ops).await
+}
+
+/// Runs the students' and nodes' cleanup once more, now that every job of the torn-down
+/// epoch has stopped: a student or bridge job fenced by the teardown may have made its user,
+/// pool or bridge after the cleanup job looked. Both cleanups converge (what is gone stays
+/// gone; a user another deployment lists is kept).
+async fn sweep<'a>(
+    j: &TeardownFinishJob,
+    plan: &Plan,
+    students: impl Iterator<Item = &'a crate::plan::StudentPlan>,
+    lease: &Lease,
+    env: &Env,
+) -> Result<(), JobError> {
+    let mut nodes = BTreeSet::new();
+    for s in students {
+        let sj = crate::jobs::StudentJob {
+            deployment: plan.id.clone(),
+            cluster: plan.cluster.clone(),
+            user: s.user.clone(),
+            pool: s.pool.clone(),
+            sealed_password: None,
+        };
+        crate::jobs::teardown::student(&sj, lease, env).await?;
+        if !s.bridges.is_empty() {
+            nodes.insert(s.node.clone());
+        }
+    }
+    if j.prune.is_none() {
+        for node in nodes {
+            let nj = crate::jobs::NodeNetworkJob {
+                deployment: plan.id.clone(),
+                cluster: plan.cluster.clone(),
+                node,
+                bridges: vec![],
+            };
+            crate::jobs::teardown::node_network(&nj, lease, env).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes what is still on the cluster of `keys` (VMs of `epoch` by their facts), unless

@@ -18,6 +18,10 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
     let mine = deployment_marker(&j.deployment);
     match pve.pool(&j.pool).await {
         Ok(info) if info.comment.as_deref().map(str::trim) == Some(mine.as_str()) => {
+            // Our VMs still in the pool (a clone fenced by the teardown that ended after its
+            // destroy looked, one whose record was lost): removed by marker first, or the
+            // pool cannot go.
+            leftovers(j, &pve, &info.vmids(), lease, env).await?;
             lease.check().await?;
             match pve.delete_pool(&j.pool).await {
                 Ok(()) | Err(PveError::NotFound { .. }) => {}
@@ -60,6 +64,60 @@ pub async fn student(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), Job
         Err(e) => return Err(pve_error(e)),
     }
     Ok(())
+}
+
+/// Destroys the VMs among `vmids` that carry a marker of this deployment (any epoch: the
+/// pool is this deployment's, and its student's pool goes only after the VMs of every epoch
+/// it tears down).
+async fn leftovers(
+    j: &StudentJob,
+    pve: &crate::pve::PveClient,
+    vmids: &[u32],
+    lease: &Lease,
+    env: &Env,
+) -> Result<(), JobError> {
+    for vmid in vmids {
+        let Some(node) = crate::jobs::locate(pve, *vmid).await? else {
+            continue;
+        };
+        let cfg = match pve.vm_config(&node, *vmid).await {
+            Ok(c) => c,
+            Err(PveError::NotFound { .. }) => continue,
+            Err(e) => return Err(pve_error(e)),
+        };
+        let desc = cfg.description().unwrap_or_default();
+        let Some((key, epoch)) = marked(&desc, &j.deployment) else {
+            continue;
+        };
+        tracing::warn!(vmid, vm = %key, "a VM of ours is still in the pool at its student's teardown; removing it");
+        let facts = crate::jobs::state::VmFacts {
+            vmid: *vmid,
+            node,
+            ..Default::default()
+        };
+        let t = crate::jobs::destroy::Target {
+            cluster: &j.cluster,
+            deployment: &j.deployment,
+            key: &key,
+            epoch,
+            facts: &facts,
+        };
+        crate::jobs::destroy::remove(&t, lease, env).await?;
+    }
+    Ok(())
+}
+
+/// The VM key and epoch of a marker of `deployment` in a description (epoch 0 for a marker
+/// of the version before epochs, which `MarkerMatch::is_ours` accepts for any epoch).
+fn marked(description: &str, deployment: &str) -> Option<(String, u32)> {
+    let prefix = format!("labfleet deployment={deployment} vm=");
+    description.lines().map(str::trim).find_map(|l| {
+        let rest = l.strip_prefix(&prefix)?;
+        match rest.rsplit_once(" epoch=") {
+            Some((key, e)) => Some((key.to_owned(), e.parse().ok()?)),
+            None => Some((rest.to_owned(), 0)),
+        }
+    })
 }
 
 /// The deployment a user's comment names as its creator, if labfleet created it.

@@ -383,7 +383,10 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
         .fetch("GET", &format!("{}/handout.csv", page(&id)), None)
         .await;
     assert_eq!(status, 200, "{csv}");
-    assert!(csv.starts_with("student,password,vm,vmid,node\n"), "{csv}");
+    assert!(
+        csv.starts_with("student,password,account,vm,vmid,node\n"),
+        "{csv}"
+    );
     assert_eq!(csv.lines().count(), 7, "{csv}");
     let (status, md) = admin
         .fetch("GET", &format!("{}/handout.md", page(&id)), None)
