@@ -928,7 +928,12 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
     if rec.phase == Phase::TornDown {
         return Ok(torn_down(&rec));
     }
-    let (rec, plan) = load(store, id).await?;
+    let plan = plan_of(store, &rec, rec.vm_epoch()).await?.ok_or_else(|| {
+        Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!("deployment {id:?} has no plan ({})", rec.phase),
+        )
+    })?;
     let steps = store.steps(&rec.vm_scope()).await.map_err(redis)?;
     let facts = store.vm_facts(&rec.vm_scope()).await.map_err(redis)?;
     let names = plan::vm_steps(&plan);

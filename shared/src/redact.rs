@@ -44,8 +44,8 @@ mod tests {
         );
         assert!(!redact_url("redis://:s3cret@[bad").contains("s3cret"));
         assert_eq!(
-            redact_url("redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/lf"),
-            "redis+sentinel://:***@10.0.0.1:26379,10.0.0.2:26379/lf/0"
+            redact_url("redis+sentinel://:s3cret@127.0.0.2:26379,127.0.0.3:26379/lf"),
+            "redis+sentinel://:***@127.0.0.2:26379,127.0.0.3:26379/lf/0"
         );
         assert_eq!(
             redact_url("rediss+sentinel://:s3cret@h:1/lf/x"),

@@ -348,7 +348,7 @@ mod tests {
             ("localhost:1", true),
             ("[::1]:8080", true),
             ("evil.example:8080", false),
-            ("10.0.0.1", false),
+            ("192.168.1.100", false),
         ] {
             let mut m = HeaderMap::new();
             m.insert(header::HOST, HeaderValue::from_static(h));

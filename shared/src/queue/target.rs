@@ -225,11 +225,11 @@ mod tests {
 
     #[test]
     fn sentinel_urls() {
-        let s = sentinel("redis+sentinel://:s%40cret@10.0.0.1:26379,[::1]:26380,s3/lf/3");
+        let s = sentinel("redis+sentinel://:s%40cret@127.0.0.2:26379,[::1]:26380,s3/lf/3");
         assert_eq!(
             s.sentinels,
             vec![
-                ("10.0.0.1".to_owned(), 26379),
+                ("127.0.0.2".to_owned(), 26379),
                 ("::1".to_owned(), 26380),
                 ("s3".to_owned(), 26379)
             ]
