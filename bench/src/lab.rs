@@ -101,7 +101,7 @@ impl Lab {
         std::fs::write(data.path().join("users.yml"), users_yml(spec.students))?;
         let cfg =
             load(&DataPaths::in_dir(data.path()), None).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let qcfg = worker::queue_config();
+        let qcfg = shared::jobs::queue_config();
         let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone()).await?;
         Ok(Lab {
             redis,
@@ -115,27 +115,21 @@ impl Lab {
     }
 
     pub fn pve(&self) -> anyhow::Result<PveClient> {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).map_err(|f| f.error)
+        Ok(producer::deploy::connect_pve(&self.cfg, Some(&self.key))?)
     }
 
     pub async fn submit(&self) -> anyhow::Result<(String, shared::plan::Plan)> {
-        producer::deploy::submit(&self.cfg, &self.pve()?, &self.store, Some(&self.key))
-            .await
-            .map_err(|f| f.error)
+        Ok(producer::deploy::submit(&self.cfg, &self.pve()?, &self.store, Some(&self.key)).await?)
     }
 
     /// The counter-based status, as `producer status` and its polling read it.
     pub async fn status(&self, id: &str) -> anyhow::Result<producer::deploy::Status> {
-        producer::deploy::summary(&self.store, id)
-            .await
-            .map_err(|f| f.error)
+        Ok(producer::deploy::summary(&self.store, id).await?)
     }
 
     /// Every VM's status (`producer status --vms`).
     pub async fn status_all(&self, id: &str) -> anyhow::Result<producer::deploy::Status> {
-        producer::deploy::status(&self.store, id)
-            .await
-            .map_err(|f| f.error)
+        Ok(producer::deploy::status(&self.store, id).await?)
     }
 
     /// Waits until the deployment is done (or failed); the instant it was seen. Polls the

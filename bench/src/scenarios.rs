@@ -492,9 +492,13 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
     let t_facts = t.elapsed().as_secs_f64();
     // Placement + VMID/bridge reservation + plan, as `submit` does (allocating in Redis).
     let t = Instant::now();
-    let plan = producer::deploy::make_plan(&cfg, &mut facts, &lab.store, true)
-        .await
-        .map_err(|f| f.error)?;
+    let plan = producer::deploy::make_plan(
+        &cfg,
+        &mut facts,
+        &lab.store,
+        producer::deploy::AllocMode::Reserve,
+    )
+    .await?;
     let t_plan = t.elapsed().as_secs_f64();
     anyhow::ensure!(plan.vms.len() == vms, "planned {} VMs", plan.vms.len());
     // Where a submit's time goes: the plan's jobs built, then enqueued into a scratch
@@ -583,7 +587,7 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
                     st.counts,
                     full.counts
                 );
-                state = st.state;
+                state = st.state.to_string();
             }
             let median = |mut v: Vec<f64>| {
                 v.sort_by(f64::total_cmp);

@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+use shared::pve::PveError;
+use shared::queue::QueueError;
+
+use crate::deploy::DeployError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     Ok = 0,
@@ -45,8 +50,30 @@ impl Failure {
     }
 }
 
+/// Any error becomes a failure whose exit code its cause decides ([`exit_of`]).
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure::new(Exit::Usage, e)
+        let error = e.into();
+        Failure {
+            exit: exit_of(&error),
+            error,
+        }
     }
+}
+
+/// The exit code of an error: that of the first typed cause in its chain that has one
+/// (a [`DeployError`]'s variant, a Redis or Proxmox error), else a usage error.
+pub fn exit_of(error: &anyhow::Error) -> Exit {
+    for cause in error.chain() {
+        if let Some(d) = cause.downcast_ref::<DeployError>() {
+            return d.exit();
+        }
+        if cause.downcast_ref::<QueueError>().is_some() {
+            return Exit::RedisUnreachable;
+        }
+        if let Some(p) = cause.downcast_ref::<PveError>() {
+            return crate::deploy::pve_exit(p);
+        }
+    }
+    Exit::Usage
 }

@@ -88,6 +88,7 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
         Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,
         Command::List => cmd::list::run(g, out).await,
         Command::Handout { id } => cmd::handout::run(g, id, out).await,
+        #[cfg(feature = "demo")]
         Command::Demo {
             time_scale,
             serve,
@@ -96,6 +97,13 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
             let serve = serve.then_some(*listen);
             cmd::demo::run(g, *time_scale, serve, out).await
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => Err(Failure::new(
+            Exit::Usage,
+            anyhow::anyhow!(
+                "this producer was built without the demo (cargo feature `demo`); build it with default features to run `producer demo`"
+            ),
+        )),
         Command::Serve(args) => cmd::serve::run(g, args, out).await,
         Command::Workers => cmd::workers::run(g, out).await,
         Command::Validate | Command::Secret(_) | Command::Completions { .. } => {

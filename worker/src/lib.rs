@@ -13,7 +13,6 @@ pub mod metrics;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use anyhow::Context;
 use apalis::prelude::*;
@@ -21,9 +20,7 @@ use shared::clusters::Clusters;
 use shared::config;
 use shared::heartbeat::{self, Beat, BeatTiming};
 use shared::jobs::{self, Env, Job, Timing};
-use shared::queue::{
-    JobError, Lease, LeaseBackend, Queue, QueueConfig, RetryPolicy, WorkerOptions,
-};
+use shared::queue::{JobError, Lease, LeaseBackend, Queue, QueueConfig, WorkerOptions};
 use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +52,7 @@ impl WorkerConfig {
             data_dir: data_dir.into(),
             concurrency: 16,
             name: None,
-            queue: queue_config(),
+            queue: jobs::queue_config(),
             timing: Timing::default(),
             secret_key: SecretKey::from_env().ok(),
             metrics: None,
@@ -63,35 +60,6 @@ impl WorkerConfig {
             heartbeat: BeatTiming::default(),
         }
     }
-}
-
-/// The queue settings labfleet's jobs use: retry policies per kind.
-pub fn queue_config() -> QueueConfig {
-    let mut q = QueueConfig::with_namespace("lf");
-    // Attempts are spent only on errors (a lost lease or a hand-back spends none), and only
-    // transient ones are retried. The budgets are sized for a flaky cluster: with 20% of
-    // all Proxmox requests failing plus lock timeouts and clones dying half way (the
-    // reliability test's rates), a clone attempt succeeds about half the time, and 10
-    // attempts left about 1 clone in 800 dead (seen once in the 300-VM run); 20 leave
-    // about 1 in 700,000. In time: ~5 min of backoff for quick kinds, ~14 min for clones,
-    // during which `status` shows the VM retrying with its last error.
-    let quick = RetryPolicy {
-        max_attempts: 16,
-        base: Duration::from_millis(500),
-        cap: Duration::from_secs(30),
-    };
-    // Clones meet lock timeouts under load: longer backoff.
-    let clone = RetryPolicy {
-        max_attempts: 20,
-        base: Duration::from_secs(1),
-        cap: Duration::from_secs(60),
-    };
-    for k in jobs::KINDS {
-        q.retry_by_kind.insert((*k).to_owned(), quick.clone());
-    }
-    q.retry_by_kind.insert("clone".into(), clone.clone());
-    q.retry_by_kind.insert("destroy".into(), clone);
-    q
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains gracefully.

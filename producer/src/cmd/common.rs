@@ -22,7 +22,7 @@ pub fn load_config(g: &Global, out: &mut Out) -> Result<Config, Failure> {
 
 pub async fn store(g: &Global) -> Result<Store, Failure> {
     Ok(Store::new(
-        deploy::connect_queue(&g.redis, worker::queue_config()).await?,
+        deploy::connect_queue(&g.redis, shared::jobs::queue_config()).await?,
     ))
 }
 

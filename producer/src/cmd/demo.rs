@@ -2,6 +2,8 @@
 //! on 127.0.0.1:8006 with the demo certificate (the shipped connections.yml pins it), two
 //! workers in-process, submits the `data/` example, shows live progress and a final table.
 //! Needs only Redis; its state goes under a namespace of its own, removed at the end.
+//! Built only with the `demo` feature (on by default), the one user of `worker` and
+//! `pve-sim` in the producer.
 //! With `--serve` the dashboard runs beside it from the start, and the deployment, the
 //! workers and the dashboard stay up after the table until Ctrl-C; the namespace goes then.
 
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use pve_sim::{Sim, SimConfig, TlsMode};
+use pve_sim::{Sim, SimConfig, SimHandle, TlsMode};
 use shared::jobs::state::Store;
 use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
@@ -43,49 +45,28 @@ pub async fn run(
         }
         None => None,
     };
-    let ns = format!("lf-demo-{}", std::process::id());
-    let mut qcfg = worker::queue_config();
-    qcfg.namespace = ns.clone();
+    let mut qcfg = shared::jobs::queue_config();
+    qcfg.namespace = format!("lf-demo-{}", std::process::id());
     let queue = deploy::connect_queue(&g.redis, qcfg.clone()).await?;
     let store = Store::new(queue.clone());
 
-    let sim_dir = g.data_dir.join("sim");
-    let mut sc = SimConfig::from_cluster_file(&sim_dir.join("cluster.yml"))
-        .map_err(|e| Failure::new(Exit::Usage, e))?;
-    sc.listen = SocketAddr::from(([127, 0, 0, 1], cfg.connection().host.port));
-    sc.tls = TlsMode::Pem {
-        cert: sim_dir.join("demo-cert.pem"),
-        key: sim_dir.join("demo-key.pem"),
-    };
-    sc.time_scale = time_scale;
-    let sim = Sim::start(sc)
-        .await
-        .with_context(|| {
-            format!(
-                "starting the simulator on {} (is another one running?)",
-                cfg.connection().host.authority()
-            )
-        })
-        .map_err(|e| Failure::new(Exit::ProxmoxUnreachable, e))?;
-    out.err_line(format!(
-        "simulated Proxmox VE cluster on {} (time scale {time_scale})",
-        sim.base_url()
-    ));
+    let sim = start_sim(g, &cfg, time_scale, out).await?;
 
     let key = match common::secret_key()? {
         Some(k) => k,
         None => SecretKey::generate(),
     };
     let shutdown = CancellationToken::new();
-    let mut workers = Vec::new();
-    for i in 1..=2u32 {
-        let mut wc = worker::WorkerConfig::new(g.redis.clone(), g.data_dir.clone());
-        wc.queue = qcfg.clone();
-        wc.name = Some(format!("demo-worker-{i}"));
-        wc.secret_key = Some(key.clone());
-        wc.concurrency = 16;
-        workers.push(worker::run(wc, shutdown.child_token()));
-    }
+    let workers: Vec<_> = (1..=2u32)
+        .map(|i| {
+            let mut wc = worker::WorkerConfig::new(g.redis.clone(), g.data_dir.clone());
+            wc.queue = qcfg.clone();
+            wc.name = Some(format!("demo-worker-{i}"));
+            wc.secret_key = Some(key.clone());
+            wc.concurrency = 16;
+            worker::run(wc, shutdown.child_token())
+        })
+        .collect();
 
     // The workers run in this task beside the submit-and-watch flow (apalis worker futures
     // are not `Send`-general enough for `tokio::spawn`).
@@ -151,31 +132,46 @@ pub async fn run(
         tracing::warn!(error = %e, "the demo's dashboard stopped with an error");
     }
     sim.shutdown().await;
-    cleanup(&queue, &ns).await;
+    cleanup(&queue).await;
     result
 }
 
 /// Removes the demo's namespace from Redis.
-async fn cleanup(queue: &shared::queue::Queue, ns: &str) {
-    let mut c = queue.connection();
-    let pattern = format!("{{{ns}}}*");
-    let mut cursor: u64 = 0;
-    loop {
-        let r: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut c)
-            .await;
-        let Ok((next, keys)) = r else { return };
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
+async fn cleanup(queue: &shared::queue::Queue) {
+    if let Err(e) = queue.delete_namespace().await {
+        tracing::warn!(error = %e, "could not remove the demo's Redis keys");
     }
+}
+
+/// Starts the simulator on the address the shipped connections.yml names, with the demo
+/// certificate it pins.
+async fn start_sim(
+    g: &Global,
+    cfg: &shared::config::Config,
+    time_scale: f64,
+    out: &mut Out,
+) -> Result<SimHandle, Failure> {
+    let sim_dir = g.data_dir.join("sim");
+    let mut sc = SimConfig::from_cluster_file(&sim_dir.join("cluster.yml"))
+        .map_err(|e| Failure::new(Exit::Usage, e))?;
+    sc.listen = SocketAddr::from(([127, 0, 0, 1], cfg.connection().host.port));
+    sc.tls = TlsMode::Pem {
+        cert: sim_dir.join("demo-cert.pem"),
+        key: sim_dir.join("demo-key.pem"),
+    };
+    sc.time_scale = time_scale;
+    let sim = Sim::start(sc)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the simulator on {} (is another one running?)",
+                cfg.connection().host.authority()
+            )
+        })
+        .map_err(|e| Failure::new(Exit::ProxmoxUnreachable, e))?;
+    out.err_line(format!(
+        "simulated Proxmox VE cluster on {} (time scale {time_scale})",
+        sim.base_url()
+    ));
+    Ok(sim)
 }

@@ -137,7 +137,7 @@ pub async fn accounts_on_cluster(pve: &PveClient) -> Result<Accounts, Failure> {
     Ok(pve
         .users()
         .await
-        .map_err(|e| deploy::pve_failure(e, "reading the students' accounts"))?
+        .map_err(|e| deploy::DeployError::proxmox("reading the students' accounts", e))?
         .into_iter()
         .map(|u| (u.userid, u.comment))
         .collect())

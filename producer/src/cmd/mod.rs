@@ -3,6 +3,7 @@
 pub mod check;
 pub mod common;
 pub mod completions;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod handout;
 pub mod interactive;

@@ -14,8 +14,8 @@ pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
     let pve = deploy::connect_pve(&cfg, key.as_ref())?;
     let mut facts = deploy::gather_facts(&pve, &cfg)
         .await
-        .map_err(|e| deploy::pve_failure(e, "reading the cluster"))?;
-    let plan = deploy::make_plan(&cfg, &mut facts, &store, false).await?;
+        .map_err(|e| deploy::DeployError::proxmox("reading the cluster", e))?;
+    let plan = deploy::make_plan(&cfg, &mut facts, &store, deploy::AllocMode::Preview).await?;
     if g.json {
         out.json(&serde_json::to_value(&plan).expect("serializes"));
         return Ok(Exit::Ok);

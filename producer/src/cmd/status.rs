@@ -53,7 +53,7 @@ pub async fn with_table(
     if st.listing == Listing::All || (!all_vms && st.total > TABLE_MAX_VMS) {
         return Ok(st);
     }
-    deploy::status(store, id).await
+    Ok(deploy::status(store, id).await?)
 }
 
 pub fn exit_for(st: &Status) -> Exit {
@@ -111,16 +111,16 @@ pub async fn wait_until_finished(
                 outage_since = None;
                 st
             }
-            Err(f) if matches!(f.exit, Exit::RedisUnreachable) => {
+            Err(f) if f.exit() == Exit::RedisUnreachable => {
                 let since = *outage_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= REDIS_OUTAGE_TOLERATED {
-                    return Err(f);
+                    return Err(f.into());
                 }
-                tracing::warn!(error = %format!("{:#}", f.error), "Redis did not answer; still watching");
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(f)), "Redis did not answer; still watching");
                 tokio::time::sleep(every.min(Duration::from_millis(500))).await;
                 continue;
             }
-            Err(f) => return Err(f),
+            Err(f) => return Err(f.into()),
         };
         let line = summary(&st);
         if bar.is_shown() {

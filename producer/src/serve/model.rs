@@ -312,6 +312,7 @@ pub async fn state_word(
             &g,
             &shared::queue::GroupStats::default(),
         )
+        .as_str()
         .to_owned(),
         g.dead,
     ))
@@ -385,7 +386,7 @@ pub async fn deployments(store: &Store) -> Result<Vec<DeploymentRow>, QueueError
     let mut rows = Vec::new();
     for rec in store.deployments().await? {
         let (state, total, counts) = match crate::deploy::summary(store, &rec.id).await {
-            Ok(st) => (st.state, st.total, st.counts),
+            Ok(st) => (st.state.as_str().to_owned(), st.total, st.counts),
             Err(_) => (rec.phase.as_str().to_owned(), 0, BTreeMap::new()),
         };
         rows.push(DeploymentRow {

@@ -374,7 +374,7 @@ async fn teardown(
             &s,
             StatusCode::CONFLICT,
             "Teardown not started",
-            &format!("{:#}", f.error),
+            &format!("{:#}", anyhow::Error::new(f)),
         ),
     }
 }

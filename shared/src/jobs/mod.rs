@@ -21,6 +21,7 @@ pub mod network;
 pub mod node_network;
 pub mod payload;
 pub mod permission;
+mod retry;
 pub mod start;
 pub mod state;
 pub mod student;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub use payload::*;
+pub use retry::queue_config;
 
 use crate::clusters::{Clusters, ConnectError};
 use crate::pve::{PveClient, PveError, Upid, WaitOptions};

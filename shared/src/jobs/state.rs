@@ -289,18 +289,7 @@ pub struct FinishOps {
     pub forget_matching: Vec<(String, String)>,
 }
 
-/// A glob matching `prefix` literally, then anything.
-pub fn glob_prefix(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('*');
-    out
-}
+pub use crate::queue::glob_prefix;
 
 /// What the clone job learned about its VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,21 @@ pub fn teardown(
     )
 }
 
+/// The teardown of an epoch that has no plan (nothing was ever planned for it): only its
+/// finish job, which moves the record.
+pub fn finish_only(deployment: &str, cluster: &str, epoch: u32) -> JobSpec {
+    let scope = crate::jobs::scope(deployment, epoch);
+    let job = Job::TeardownFinish(TeardownFinishJob {
+        deployment: deployment.to_owned(),
+        cluster: cluster.to_owned(),
+        epoch,
+        prune: None,
+    });
+    JobSpec::new(keys::teardown_finish(&scope), job.kind(), job.to_value())
+        .group(scope)
+        .forget_when_done()
+}
+
 /// The jobs that remove `vms` and `students` (the `retired` parts of the active plan
 /// `prior` that the files no longer list) from the active epoch `epoch` (scope `scope`).
 /// Empty when there is nothing to remove.
@@ -196,6 +211,17 @@ mod tests {
 
     fn plan() -> Plan {
         crate::plan::example_plan()
+    }
+
+    #[test]
+    fn a_teardown_without_a_plan_is_its_finish_job_alone() {
+        let spec = finish_only("netlab@lab", "lab", 3);
+        assert_eq!(spec.kind, "teardown-finish");
+        assert_eq!(spec.key, keys::teardown_finish("netlab@lab#3"));
+        assert_eq!(spec.group.as_deref(), Some("netlab@lab#3"));
+        let job: Job = serde_json::from_value(spec.payload.clone()).unwrap();
+        assert!(spec.forget_when_done);
+        assert!(matches!(job, Job::TeardownFinish(f) if f.epoch == 3 && f.prune.is_none()));
     }
 
     #[test]

@@ -46,6 +46,6 @@ pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
 pub use store::{
     AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
-    ReapReport, ReaperHandle, Settled, SlotStats,
+    ReapReport, ReaperHandle, Settled, SlotStats, glob_prefix,
 };
 pub use target::{RedisTarget, SentinelTarget, TargetError};

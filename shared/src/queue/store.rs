@@ -190,6 +190,30 @@ pub struct GroupStats {
     pub cancelled: u64,
 }
 
+impl GroupStats {
+    /// Jobs that may still run: due, delayed, parked on a slot or running.
+    pub fn runnable(&self) -> u64 {
+        self.ready + self.scheduled + self.in_flight + self.waiting_for_slot
+    }
+
+    /// Jobs not finished yet: the runnable ones and those waiting for predecessors.
+    pub fn open(&self) -> u64 {
+        self.runnable() + self.gated
+    }
+
+    /// Adds another group's counts (the teardowns an epoch waits for, summed).
+    pub fn add(&mut self, o: &GroupStats) {
+        self.ready += o.ready;
+        self.scheduled += o.scheduled;
+        self.gated += o.gated;
+        self.waiting_for_slot += o.waiting_for_slot;
+        self.in_flight += o.in_flight;
+        self.dead += o.dead;
+        self.done += o.done;
+        self.cancelled += o.cancelled;
+    }
+}
+
 /// One attempt in a job's history (newest first, `history_len` kept).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct AttemptRecord {
@@ -263,6 +287,34 @@ impl Queue {
     /// with `Lease::hset_fenced` or in its own scripts.
     pub fn key(&self, suffix: &str) -> String {
         self.keys.key(suffix)
+    }
+
+    /// Deletes every key of this queue's namespace, labfleet's records in it included (the
+    /// demo's throwaway namespace at its end). Returns how many keys went.
+    pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
+        let mut c = self.connection();
+        // Every key of the namespace starts with its hash tag (`{ns}`).
+        let pattern = glob_prefix(&self.key(""));
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut c).await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// The shared connection, for the caller's own reads.
@@ -846,4 +898,17 @@ impl Drop for ReaperHandle {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// A SCAN MATCH pattern for every key starting with `prefix` (its glob characters escaped).
+pub fn glob_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('*');
+    out
 }

@@ -885,7 +885,7 @@ async fn randomized_lifecycle_of_two_courses_sharing_students() {
 async fn deployment_records_move_only_by_compare_and_set() {
     use shared::jobs::state::{DeploymentRecord, Phase, Store};
     let redis = labfleet_tests::redis_server::RedisServer::start();
-    let q = shared::queue::Queue::connect(&redis.url(), worker::queue_config())
+    let q = shared::queue::Queue::connect(&redis.url(), shared::jobs::queue_config())
         .await
         .unwrap();
     let store = Store::new(q);

@@ -102,7 +102,7 @@ async fn metrics_count_a_known_deployment() {
     std::fs::write(data.path().join("users.yml"), format!("users:\n{users}")).unwrap();
     let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
     let key = shared::secret::SecretKey::generate();
-    let mut qcfg = worker::queue_config();
+    let mut qcfg = shared::jobs::queue_config();
     qcfg.idle_poll = Duration::from_millis(100);
     labfleet_tests::retries::fast(&mut qcfg);
     let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
@@ -151,12 +151,9 @@ async fn metrics_count_a_known_deployment() {
         assert_eq!(get(&before, "labfleet_queue_up", &[]), 1.0);
         assert_eq!(sum(&before, "labfleet_queue_jobs", &[]), 0.0);
 
-        let pve = producer::deploy::connect_pve(&cfg, Some(&key))
-            .map_err(|f| f.error)
-            .unwrap();
+        let pve = producer::deploy::connect_pve(&cfg, Some(&key)).unwrap();
         let (id, plan) = producer::deploy::submit(&cfg, &pve, &store, Some(&key))
             .await
-            .map_err(|f| f.error)
             .unwrap();
         assert_eq!(plan.vms.len() as u64, VMS);
         wait_for(Duration::from_secs(90), "deployment done", || async {

@@ -51,7 +51,7 @@ impl Lab {
         let list: String = users.iter().map(|u| format!("  - \"{u}\"\n")).collect();
         std::fs::write(data.path().join("users.yml"), format!("users:\n{list}")).unwrap();
         let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let mut qcfg = worker::queue_config();
+        let mut qcfg = shared::jobs::queue_config();
         qcfg.lease = Duration::from_secs(5);
         qcfg.reap_every = Duration::from_millis(500);
         qcfg.idle_poll = Duration::from_millis(100);
@@ -75,15 +75,12 @@ impl Lab {
     }
 
     fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key))
-            .map_err(|f| f.error)
-            .unwrap()
+        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
     }
 
     async fn submit(&self) -> (String, shared::plan::Plan) {
         producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
             .await
-            .map_err(|f| f.error)
             .unwrap()
     }
 
@@ -91,21 +88,15 @@ impl Lab {
     async fn state(&self, id: &str) -> String {
         producer::deploy::summary(&self.store, id)
             .await
-            .map(|s| s.state)
+            .map(|s| s.state.to_string())
             .unwrap_or_default()
     }
 
     /// Reads the counter-based status and the per-VM one, asserts that they agree, and
     /// returns both (call it when nothing runs: the two reads are not one snapshot).
     async fn statuses(&self, id: &str) -> (Status, Status) {
-        let summary = producer::deploy::summary(&self.store, id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
-        let full = producer::deploy::status(&self.store, id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let summary = producer::deploy::summary(&self.store, id).await.unwrap();
+        let full = producer::deploy::status(&self.store, id).await.unwrap();
         assert_eq!(
             (
                 &summary.state,
@@ -122,14 +113,10 @@ impl Lab {
     /// Starts a teardown and waits until its finish job has verified it against the
     /// cluster; a failed teardown fails the test with its failures.
     async fn tear_down(&self, id: &str, deadline: Duration) {
-        let started = producer::deploy::teardown(&self.store, id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let started = producer::deploy::teardown(&self.store, id).await.unwrap();
         wait_for(deadline, "teardown finished", || async {
             let p = producer::deploy::teardown_progress(&self.store, id, started.epoch)
                 .await
-                .map_err(|f| f.error)
                 .unwrap();
             if p.dead > 0 && p.open <= 1 {
                 let q = self.store.queue();
@@ -360,8 +347,8 @@ async fn vmids_are_unique_across_four_workers_and_two_concurrent_deployments() {
             producer::deploy::submit(&lab.cfg, &pve, &lab.store, Some(&lab.key)),
             producer::deploy::submit(&cfg2, &pve, &lab.store, Some(&lab.key)),
         );
-        let (ida, pa) = a.map_err(|f| f.error).unwrap();
-        let (idb, pb) = b.map_err(|f| f.error).unwrap();
+        let (ida, pa) = a.unwrap();
+        let (idb, pb) = b.unwrap();
         let planned: BTreeSet<u32> = pa.vms.iter().chain(&pb.vms).map(|v| v.vmid).collect();
         assert_eq!(planned.len(), 200, "reserved VMIDs never collide");
         wait_for(Duration::from_secs(120), "both done", || async {
@@ -388,10 +375,7 @@ async fn half_made_clones_are_quarantined_and_cloned_again() {
             lab.state(&id).await == "done"
         })
         .await;
-        let st = producer::deploy::status(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let st = producer::deploy::status(&lab.store, &id).await.unwrap();
         // A token may not use skiplock, so each locked leftover is quarantined, listed with
         // the command that clears it, and the VM is cloned again under a new VMID.
         assert_eq!(st.quarantined.len(), 2, "{:?}", st.quarantined);
@@ -490,10 +474,7 @@ async fn a_permanent_error_fails_once_and_retry_fixes_only_that() {
             lab.state(&id).await == "failed"
         })
         .await;
-        let st = producer::deploy::status(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let st = producer::deploy::status(&lab.store, &id).await.unwrap();
         assert_eq!(st.counts.get("done"), Some(&2), "{:?}", st.counts);
         assert_eq!(st.counts.get("failed"), Some(&2), "{:?}", st.counts);
         let anna = st.vms.iter().find(|v| v.user == "anna@ldap").unwrap();
@@ -710,7 +691,6 @@ async fn resubmit_adds_new_students_and_reports_removed_ones() {
         let cfg = load(&DataPaths::in_dir(lab.data.path()), None).unwrap();
         let (_, plan) = producer::deploy::submit(&cfg, &lab.pve(), &lab.store, Some(&lab.key))
             .await
-            .map_err(|f| f.error)
             .unwrap();
         assert_eq!(
             plan.retired.len(),
@@ -721,10 +701,7 @@ async fn resubmit_adds_new_students_and_reports_removed_ones() {
             lab.state(&id).await == "done"
         })
         .await;
-        let st = producer::deploy::status(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let st = producer::deploy::status(&lab.store, &id).await.unwrap();
         assert_eq!(st.counts.get("done"), Some(&4));
         assert_eq!(st.counts.get("not-in-files"), Some(&2));
         let names: BTreeSet<String> = lab
@@ -1082,7 +1059,6 @@ async fn a_dropped_student_listed_again_keeps_their_node_and_vms() {
         async move {
             producer::deploy::submit(&cfg, &pve, &store, Some(&key))
                 .await
-                .map_err(|f| f.error)
                 .unwrap()
         }
     };
@@ -1118,10 +1094,7 @@ async fn a_dropped_student_listed_again_keeps_their_node_and_vms() {
             lab.state(&id).await == "done"
         })
         .await;
-        let st = producer::deploy::status(&lab.store, &id)
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let st = producer::deploy::status(&lab.store, &id).await.unwrap();
         let vms = lab.sim.vms();
         for v in &st.vms {
             let on = vms

@@ -194,7 +194,7 @@ impl Rig {
         std::fs::write(data.path().join("deployment_config.yml"), &o.deployment).unwrap();
         std::fs::write(data.path().join("users.yml"), users_yaml(o.users)).unwrap();
         let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let queue = Queue::connect(&redis_url, worker::queue_config())
+        let queue = Queue::connect(&redis_url, shared::jobs::queue_config())
             .await
             .unwrap();
         let key = o.key.unwrap_or_else(SecretKey::generate);
@@ -218,22 +218,19 @@ impl Rig {
     }
 
     pub(crate) fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key))
-            .map_err(|f| f.error)
-            .unwrap()
+        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
     }
 
     async fn submit(&self) -> (String, Plan) {
         producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
             .await
-            .map_err(|f| f.error)
             .unwrap()
     }
 
     pub(crate) async fn state(&self, id: &str) -> String {
         producer::deploy::status(&self.store, id)
             .await
-            .map(|s| s.state)
+            .map(|s| s.state.to_string())
             .unwrap_or_default()
     }
 
@@ -948,10 +945,7 @@ async fn p4_proxmox_faults_at_20_percent() {
             job.history
         );
     }
-    let st = producer::deploy::status(&rig.store, &id)
-        .await
-        .map_err(|f| f.error)
-        .unwrap();
+    let st = producer::deploy::status(&rig.store, &id).await.unwrap();
     let failed: Vec<_> = st
         .vms
         .iter()
@@ -1289,8 +1283,8 @@ async fn p7_bad_input_never_loses_or_corrupts_state() {
         producer::deploy::submit(&rig.cfg, &pve1, &rig.store, Some(&rig.key)),
         producer::deploy::submit(&rig.cfg, &pve2, &rig.store, Some(&rig.key)),
     );
-    let (ida, pa) = a.map_err(|f| f.error).unwrap();
-    let (idb, pb) = b.map_err(|f| f.error).unwrap();
+    let (ida, pa) = a.unwrap();
+    let (idb, pb) = b.unwrap();
     assert_eq!(ida, idb);
     assert_eq!(
         pa.vms

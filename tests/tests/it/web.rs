@@ -57,7 +57,7 @@ impl Lab {
         let list: String = users.iter().map(|u| format!("  - \"{u}\"\n")).collect();
         std::fs::write(data.path().join("users.yml"), format!("users:\n{list}")).unwrap();
         let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let queue = shared::queue::Queue::connect(&redis.url(), worker::queue_config())
+        let queue = shared::queue::Queue::connect(&redis.url(), shared::jobs::queue_config())
             .await
             .unwrap();
         Lab {
@@ -71,15 +71,12 @@ impl Lab {
     }
 
     fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key))
-            .map_err(|f| f.error)
-            .unwrap()
+        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
     }
 
     async fn submit(&self) -> (String, shared::plan::Plan) {
         producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
             .await
-            .map_err(|f| f.error)
             .unwrap()
     }
 

@@ -14,6 +14,9 @@ use crate::jobs::{
 use crate::placement::{NodeCapacity, Placement, StudentDemand};
 use crate::queue::JobSpec;
 
+mod draft;
+pub use draft::{BridgeRequest, Draft, VmidRequest, draft};
+
 /// A template (or replica) as the cluster reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Template {
@@ -617,6 +620,44 @@ mod tests {
             templates: vec![t(100, "pve1"), t(101, "pve2")],
             ..Facts::default()
         }
+    }
+
+    #[test]
+    fn a_draft_lists_every_reservation_and_skips_bridges_the_node_has() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/original-design");
+        let cfg = load(&DataPaths::in_dir(dir), None).unwrap();
+        let mut f = facts();
+        f.ifaces.insert(
+            "pve1".into(),
+            ["vmbr0", "vmbr1000"].map(String::from).into(),
+        );
+        let d = draft(&cfg, &f, &BTreeMap::new()).unwrap();
+        let id = deployment_id(&cfg);
+        let n_vms = cfg.users.users.len() * cfg.deployment.machines.len();
+        match &d.vmids {
+            VmidRequest::Range { owners, .. } => {
+                assert_eq!(owners.len(), n_vms);
+                assert!(owners.iter().all(|o| o.starts_with(&format!("{id}|"))));
+            }
+            VmidRequest::Fixed(v) => assert_eq!(v.len(), n_vms),
+        }
+        let bridge_owners: usize = d.bridges.iter().map(|b| b.owners.len()).sum();
+        assert_eq!(
+            bridge_owners,
+            cfg.users.users.len(),
+            "one private `hq` per student"
+        );
+        for b in &d.bridges {
+            let want: BTreeSet<u32> = if b.node == "pve1" {
+                [0, 1000].into()
+            } else {
+                BTreeSet::new()
+            };
+            assert_eq!(b.taken, want, "{}", b.node);
+        }
+        // The same placement as the plan built from it.
+        assert_eq!(d.placement, example().placement);
     }
 
     #[test]
