@@ -8,22 +8,28 @@
 //! [`resolve_secret`] when a connection is made. How the files are read is fixed by
 //! `config-semantics` (see data/README.md).
 
+mod connections;
+mod convert;
+mod deployment;
 mod ids;
 mod issue;
 mod model;
+mod parse;
 mod raw;
 mod read;
+mod users;
 
 use std::path::{Path, PathBuf};
 
+pub use connections::parse_fingerprint;
 pub use ids::{DEFAULT_PVE_PORT, DnsLabel, HostPort, NodeName, UserId, VMID_MAX, VMID_MIN, VmId};
 pub use issue::{ConfigError, Issue};
 pub use model::{
     BridgeTarget, Caps, CloneMode, Connection, Connections, Credential, DEFAULT_BRIDGE_RANGE,
     DEFAULT_MAX_REQUESTS, DEFAULT_POOL_PATTERN, DEFAULT_ROLE, Deployment, DeviceType, Machine,
-    NetSpec, SecretSource, TlsSetting, Users, VmidPolicy, parse_deployment_name, parse_fingerprint,
-    slug_from_dir,
+    NetSpec, SecretSource, TlsSetting, Users, VmidPolicy,
 };
+pub use parse::{parse_deployment_name, slug_from_dir};
 pub use read::MAX_FILE_BYTES;
 
 use crate::secret::{Secret, SecretError, SecretKey, is_sealed, read_secret_file};
@@ -76,7 +82,7 @@ pub fn parse_connections(text: &str, file: &Path) -> Result<Connections, Vec<Iss
         "a map of cluster names to connections",
     )
     .map_err(|i| vec![i])?;
-    model::connections_from_raw(raw, file)
+    connections::connections_from_raw(raw, file)
 }
 
 /// Parses `deployment_config.yml` text; `default_name` names a deployment without `name:`.
@@ -92,7 +98,7 @@ pub fn parse_deployment(
         "`machines:` and optional deployment keys",
     )
     .map_err(|i| vec![i])?;
-    model::deployment_from_raw(raw, file, default_name)
+    deployment::deployment_from_raw(raw, file, default_name)
 }
 
 /// Parses `users.yml` text.
@@ -104,7 +110,7 @@ pub fn parse_users(text: &str, file: &Path) -> Result<Users, Vec<Issue>> {
         "`users:` with a list of user@realm ids",
     )
     .map_err(|i| vec![i])?;
-    model::users_from_raw(raw, file)
+    users::users_from_raw(raw, file)
 }
 
 /// Reads and validates `connections.yml` alone (what a worker needs).
@@ -134,7 +140,12 @@ pub fn load(paths: &DataPaths, cluster_override: Option<&str>) -> Result<Config,
         .map_err(|e| issues.extend(e))
         .ok();
     if let (Some(d), Some(u)) = (&deployment, &users) {
-        issues.extend(model::cross_check(d, u, &paths.deployment, &paths.users));
+        issues.extend(deployment::cross_check(
+            d,
+            u,
+            &paths.deployment,
+            &paths.users,
+        ));
     }
     let cluster = match (&connections, &deployment) {
         (Some(c), Some(d)) => match resolve_cluster(c, d, cluster_override, paths) {

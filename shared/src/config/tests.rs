@@ -279,7 +279,7 @@ fn empty_lists_and_files() {
 fn vm_names_collide_across_machines_and_users() {
     let d = depl("machines:\n  - {device_type: linux, name: pc-a, template_node: pve1, template_vmid: 100}\n  - {device_type: linux, name: pc, template_node: pve1, template_vmid: 100}\n").unwrap();
     let u = users("users:\n  - b@pve\n  - a-b@pve\n").unwrap();
-    let issues = model::cross_check(&d, &u, p("d.yml"), p("u.yml"));
+    let issues = deployment::cross_check(&d, &u, p("d.yml"), p("u.yml"));
     assert!(
         issues.iter().any(|i| i.message.contains("\"pc-a-b\"")),
         "{issues:#?}"
@@ -290,7 +290,7 @@ fn vm_names_collide_across_machines_and_users() {
 fn long_vm_names_are_refused() {
     let d = depl(&format!("machines:\n  - {{device_type: linux, name: {}, template_node: pve1, template_vmid: 100}}\n", "a".repeat(60))).unwrap();
     let u = users("users:\n  - student1@pve\n").unwrap();
-    let issues = model::cross_check(&d, &u, p("d.yml"), p("u.yml"));
+    let issues = deployment::cross_check(&d, &u, p("d.yml"), p("u.yml"));
     assert!(
         issues.iter().any(|i| i.message.contains("longer than 63")),
         "{issues:#?}"
@@ -309,7 +309,7 @@ fn vmid_policies() {
     );
     let range = depl("vmid_range: 5000-5001\nmachines:\n  - {device_type: linux, name: pc, template_node: pve1, template_vmid: 100}\n").unwrap();
     let u = users("users: [a@pve, b@pve, c@pve]\n").unwrap();
-    let issues = model::cross_check(&range, &u, p("d.yml"), p("u.yml"));
+    let issues = deployment::cross_check(&range, &u, p("d.yml"), p("u.yml"));
     assert!(
         issues.iter().any(|i| i.message.contains("do not fit")),
         "{issues:#?}"
