@@ -162,6 +162,8 @@ pub fn slug_from_dir(dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::connections::parse_fingerprint;
+    use super::super::model::DeviceType;
     use super::*;
 
     #[test]
