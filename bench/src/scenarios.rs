@@ -503,6 +503,59 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
     anyhow::ensure!(plan.vms.len() == vms, "planned {} VMs", plan.vms.len());
     // Where a submit's time goes: the plan's jobs built, then enqueued into a scratch
     // namespace of the same Redis (the real submit below enqueues them again, for real).
+    let (t_plan_json, t_jobs, t_enqueue, n_jobs) = submit_breakdown(&lab, &plan).await?;
+    // The whole submit (facts again, plan with the reservations already made, caps,
+    // record, enqueue of every job).
+    let t = Instant::now();
+    let (id, _) = lab.submit().await?;
+    let t_submit = t.elapsed().as_secs_f64();
+    println!(
+        "config load {:.3} s; facts {:.3} s; placement+allocation+plan {:.3} s; whole submit (facts+plan+enqueue) {:.3} s",
+        t_load, t_facts, t_plan, t_submit
+    );
+    println!(
+        "validated, planned and enqueued (load + submit - facts): {:.3} s",
+        t_load + t_submit - t_facts
+    );
+    // Both forms of status, median of n calls each: the counters (`producer status`) and
+    // every VM (`producer status --vms`).
+    let (st_pending, st_pending_all, state) = timed_status(&lab, &id, 5).await?;
+    println!(
+        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
+        st_pending * 1e3,
+        st_pending_all * 1e3
+    );
+    let (t_deploy, peaks) = deploy_with_rss(&lab, &id, vms, workers, conc).await?;
+    let (st_done, st_done_all, state) = timed_status(&lab, &id, 5).await?;
+    println!(
+        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
+        st_done * 1e3,
+        st_done_all * 1e3
+    );
+    let cli = cli_figures(&lab, &id)?;
+    write_json(
+        "scale.json",
+        &json!({
+            "vms": vms, "load_s": t_load, "facts_s": t_facts, "plan_s": t_plan, "submit_s": t_submit,
+            "plan_json_s": t_plan_json, "jobs": n_jobs, "jobs_build_s": t_jobs, "enqueue_scratch_s": t_enqueue,
+            "validated_planned_enqueued_s": t_load + t_submit - t_facts,
+            "status_pending_ms": st_pending * 1e3, "status_done_ms": st_done * 1e3,
+            "status_all_pending_ms": st_pending_all * 1e3, "status_all_done_ms": st_done_all * 1e3,
+            "cli_status_all_s": cli.status_all.0, "cli_status_all_peak_rss_kib": cli.status_all.1,
+            "deploy_s": t_deploy, "worker_peak_rss_kib": peaks,
+            "cli_status_s": cli.status.0, "cli_status_peak_rss_kib": cli.status.1,
+            "cli_plan_s": cli.plan.0, "cli_plan_peak_rss_kib": cli.plan.1,
+        }),
+    )
+}
+
+/// Where a submit's time goes: the plan's JSON, its jobs built, then enqueued into a
+/// scratch namespace of the same Redis (the real submit enqueues them again, for real).
+/// Returns (JSON s, jobs built s, enqueued s, jobs).
+async fn submit_breakdown(
+    lab: &Lab,
+    plan: &shared::plan::Plan,
+) -> anyhow::Result<(f64, f64, f64, usize)> {
     let t = Instant::now();
     let plan_json = serde_json::to_string(&plan)?;
     let t_plan_json = t.elapsed().as_secs_f64();
@@ -551,63 +604,50 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         t_jobs,
         t_enqueue
     );
-    // The whole submit (facts again, plan with the reservations already made, caps,
-    // record, enqueue of every job).
-    let t = Instant::now();
-    let (id, _) = lab.submit().await?;
-    let t_submit = t.elapsed().as_secs_f64();
-    println!(
-        "config load {:.3} s; facts {:.3} s; placement+allocation+plan {:.3} s; whole submit (facts+plan+enqueue) {:.3} s",
-        t_load, t_facts, t_plan, t_submit
-    );
-    println!(
-        "validated, planned and enqueued (load + submit - facts): {:.3} s",
-        t_load + t_submit - t_facts
-    );
-    // Both forms of status, median of n calls each: the counters (`producer status`) and
-    // every VM (`producer status --vms`).
-    let timed_status = |n: usize| {
-        let lab = &lab;
-        let id = id.clone();
-        async move {
-            let mut counters = Vec::new();
-            let mut all = Vec::new();
-            let mut state = String::new();
-            for _ in 0..n {
-                let t = Instant::now();
-                let st = lab.status(&id).await?;
-                counters.push(t.elapsed().as_secs_f64());
-                let t = Instant::now();
-                let full = lab.status_all(&id).await?;
-                all.push(t.elapsed().as_secs_f64());
-                anyhow::ensure!(
-                    (&st.state, &st.counts, &st.per_node)
-                        == (&full.state, &full.counts, &full.per_node),
-                    "the counters disagree with the per-VM status: {:?} vs {:?}",
-                    st.counts,
-                    full.counts
-                );
-                state = st.state.to_string();
-            }
-            let median = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            anyhow::Ok((median(counters), median(all), state))
-        }
+    Ok((t_plan_json, t_jobs, t_enqueue, specs.len()))
+}
+
+/// Both forms of status, median of `n` calls each: the counters (`producer status`) and
+/// every VM (`producer status --vms`), checked to agree. Returns (counters s, all s, state).
+async fn timed_status(lab: &Lab, id: &str, n: usize) -> anyhow::Result<(f64, f64, String)> {
+    let mut counters = Vec::new();
+    let mut all = Vec::new();
+    let mut state = String::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = lab.status(id).await?;
+        counters.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let full = lab.status_all(id).await?;
+        all.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            (&st.state, &st.counts, &st.per_node) == (&full.state, &full.counts, &full.per_node),
+            "the counters disagree with the per-VM status: {:?} vs {:?}",
+            st.counts,
+            full.counts
+        );
+        state = st.state.to_string();
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
-    let (st_pending, st_pending_all, state) = timed_status(5).await?;
-    println!(
-        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
-        st_pending * 1e3,
-        st_pending_all * 1e3
-    );
-    // Deploy it, sampling the workers' peak RSS.
+    anyhow::Ok((median(counters), median(all), state))
+}
+
+/// Deploys with `workers` processes, sampling their peak RSS. Returns (seconds, peaks KiB).
+async fn deploy_with_rss(
+    lab: &Lab,
+    id: &str,
+    vms: usize,
+    workers: usize,
+    conc: usize,
+) -> anyhow::Result<(f64, Vec<u64>)> {
     let mut children = lab.spawn_workers(workers, conc)?;
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     let t = Instant::now();
     let mut peaks = vec![0u64; pids.len()];
-    let done = lab.wait_done(&id, DEADLINE);
+    let done = lab.wait_done(id, DEADLINE);
     tokio::pin!(done);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let end = loop {
@@ -630,13 +670,18 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         vms as f64 / t_deploy,
         peaks.iter().map(|k| k / 1024).collect::<Vec<_>>()
     );
-    let (st_done, st_done_all, state) = timed_status(5).await?;
-    println!(
-        "status (in-process, {state}): median {:.1} ms from the counters, {:.1} ms listing every VM",
-        st_done * 1e3,
-        st_done_all * 1e3
-    );
-    // The producer binary: `status` and `plan` of the same deployment, with their RSS.
+    Ok((t_deploy, peaks))
+}
+
+/// (wall seconds, peak RSS KiB) of the producer binary's commands.
+struct CliFigures {
+    status: (f64, u64),
+    status_all: (f64, u64),
+    plan: (f64, u64),
+}
+
+/// The producer binary: `status` and `plan` of the same deployment, with their RSS.
+fn cli_figures(lab: &Lab, id: &str) -> anyhow::Result<CliFigures> {
     let bin = lab::release_bin("producer")?;
     let base = |c: &mut std::process::Command| {
         c.arg("--data-dir")
@@ -646,7 +691,7 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
     };
     let mut c = std::process::Command::new(&bin);
     base(&mut c);
-    c.args(["status", &id, "--json"]);
+    c.args(["status", id, "--json"]);
     let (t_cli_status, rss_status, out) = run_measured(&mut c)?;
     println!(
         "`producer status ID --json` (process, {} bytes of JSON): {:.3} s wall, peak RSS {} MiB",
@@ -656,7 +701,7 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
     );
     let mut c = std::process::Command::new(&bin);
     base(&mut c);
-    c.args(["status", &id, "--vms", "--json"]);
+    c.args(["status", id, "--vms", "--json"]);
     let (t_cli_status_all, rss_status_all, out) = run_measured(&mut c)?;
     println!(
         "`producer status ID --vms --json` (process, {} bytes of JSON): {:.3} s wall, peak RSS {} MiB",
@@ -673,20 +718,11 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
         t_cli_plan,
         rss_plan / 1024
     );
-    write_json(
-        "scale.json",
-        &json!({
-            "vms": vms, "load_s": t_load, "facts_s": t_facts, "plan_s": t_plan, "submit_s": t_submit,
-            "plan_json_s": t_plan_json, "jobs": specs.len(), "jobs_build_s": t_jobs, "enqueue_scratch_s": t_enqueue,
-            "validated_planned_enqueued_s": t_load + t_submit - t_facts,
-            "status_pending_ms": st_pending * 1e3, "status_done_ms": st_done * 1e3,
-            "status_all_pending_ms": st_pending_all * 1e3, "status_all_done_ms": st_done_all * 1e3,
-            "cli_status_all_s": t_cli_status_all, "cli_status_all_peak_rss_kib": rss_status_all,
-            "deploy_s": t_deploy, "worker_peak_rss_kib": peaks,
-            "cli_status_s": t_cli_status, "cli_status_peak_rss_kib": rss_status,
-            "cli_plan_s": t_cli_plan, "cli_plan_peak_rss_kib": rss_plan,
-        }),
-    )
+    Ok(CliFigures {
+        status: (t_cli_status, rss_status),
+        status_all: (t_cli_status_all, rss_status_all),
+        plan: (t_cli_plan, rss_plan),
+    })
 }
 
 /// What a request template is for.

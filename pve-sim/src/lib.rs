@@ -21,6 +21,7 @@ mod error;
 mod faults;
 mod locks;
 mod params;
+mod seed;
 mod server;
 mod state;
 mod stats;

@@ -8,15 +8,15 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
+use rand::Rng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::access::{AclEntry, Identity, builtin_roles, effective_privs};
-use crate::cluster::{ClusterSpec, CostSpec, StorageSpec};
+use crate::access::{AclEntry, Identity, effective_privs};
+use crate::cluster::{CostSpec, StorageSpec};
 use crate::error::{PveError, PveResult};
-use crate::faults::{FaultPlan, FaultState};
+use crate::faults::FaultState;
 use crate::locks::{CopyPool, Flocks, StorageLockGuard, StorageLocks};
 use crate::stats::Stats;
 use crate::tasks::Task;
@@ -98,8 +98,8 @@ impl Vm {
         };
         g("cores").unwrap_or(1) * g("sockets").unwrap_or(1)
     }
-    /// Disks: (key, storage, volume name, size in bytes).
-    pub fn disks(&self) -> Vec<(String, String, String, u64)> {
+    /// The VM's disks (CD-ROMs excluded), in config key order.
+    pub fn disks(&self) -> Vec<VmDisk> {
         self.config
             .iter()
             .filter(|(k, _)| is_disk_key(k))
@@ -115,9 +115,33 @@ impl Vm {
                     .find_map(|p| p.strip_prefix("size="))
                     .map(parse_size)
                     .unwrap_or(0);
-                Some((k.clone(), storage.to_string(), volname.to_string(), size))
+                Some(VmDisk {
+                    key: k.clone(),
+                    storage: storage.to_string(),
+                    volname: volname.to_string(),
+                    size,
+                })
             })
             .collect()
+    }
+}
+
+/// One disk of a VM's config (`scsi0: local-lvm:vm-100-disk-0,size=32G`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDisk {
+    /// The config key (`scsi0`).
+    pub key: String,
+    pub storage: String,
+    /// The volume name on the storage (`vm-100-disk-0`, `base-100-disk-0/vm-101-disk-0`).
+    pub volname: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl VmDisk {
+    /// `storage:volname`.
+    pub fn volid(&self) -> String {
+        format!("{}:{}", self.storage, self.volname)
     }
 }
 
@@ -144,7 +168,7 @@ pub(crate) fn volume_owner(volname: &str) -> Option<u32> {
 /// The RRD-derived fields of a VM's `/cluster/resources` entry (pve-manager
 /// `API2Tools::extract_vm_stats`), as of `now`.
 pub(crate) fn rrd_sample(vm: &Vm, now: Instant) -> serde_json::Map<String, Value> {
-    let maxdisk: u64 = vm.disks().iter().map(|d| d.3).sum();
+    let maxdisk: u64 = vm.disks().iter().map(|d| d.size).sum();
     let v = json!({
         "uptime": vm.started.map(|s| now.duration_since(s).as_secs()).unwrap_or(0),
         "name": vm.name().unwrap_or_default(),
@@ -369,227 +393,6 @@ impl Shared {
 }
 
 impl State {
-    pub fn new(spec: &ClusterSpec, faults: FaultPlan, seed: u64) -> State {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_cafe);
-        let mut nodes = BTreeMap::new();
-        for (i, n) in spec.nodes.iter().enumerate() {
-            let mut net = BTreeMap::new();
-            let phys = "eno1".to_string();
-            net.insert(
-                phys.clone(),
-                iface_obj(
-                    &[
-                        ("iface", json!(phys)),
-                        ("type", json!("eth")),
-                        ("method", json!("manual")),
-                    ],
-                    true,
-                ),
-            );
-            let bridges = if spec.bridges.is_empty() {
-                vec!["vmbr0".to_string()]
-            } else {
-                spec.bridges.clone()
-            };
-            let ip = n.ip.clone().unwrap_or_else(|| format!("10.0.0.{}", i + 1));
-            for (bi, b) in bridges.iter().enumerate() {
-                let mut fields = vec![
-                    ("iface", json!(b)),
-                    ("type", json!("bridge")),
-                    ("bridge_stp", json!("off")),
-                    ("bridge_fd", json!("0")),
-                    ("autostart", json!(1)),
-                ];
-                if bi == 0 {
-                    fields.push(("bridge_ports", json!(phys)));
-                    fields.push(("method", json!("static")));
-                    fields.push(("cidr", json!(format!("{ip}/24"))));
-                    fields.push(("address", json!(ip)));
-                    fields.push(("netmask", json!("24")));
-                    fields.push(("gateway", json!("10.0.0.254")));
-                } else {
-                    fields.push(("method", json!("manual")));
-                }
-                net.insert(b.clone(), iface_obj(&fields, true));
-            }
-            nodes.insert(
-                n.name.clone(),
-                NodeState {
-                    name: n.name.clone(),
-                    ip,
-                    cpus: n.cpus,
-                    memory: n.memory_gib << 30,
-                    base_used: (n.base_memory_used_gib * (1u64 << 30) as f64) as u64,
-                    rootfs: n.rootfs_gib << 30,
-                    online: !n.offline,
-                    offline_until: None,
-                    net_live: net.keys().cloned().collect(),
-                    net_applied: net,
-                    net_pending: None,
-                    pstart: rng.random_range(0x0010_0000..0x0800_0000),
-                },
-            );
-        }
-        let storages = spec
-            .storages
-            .iter()
-            .map(|s| (s.id.clone(), s.clone()))
-            .collect();
-        let mut pools: BTreeMap<String, Pool> = spec
-            .pools
-            .iter()
-            .map(|p| {
-                (
-                    p.poolid.clone(),
-                    Pool {
-                        comment: p.comment.clone(),
-                        ..Pool::default()
-                    },
-                )
-            })
-            .collect();
-        let mut vms = BTreeMap::new();
-        for v in &spec.vms {
-            let mut c = BTreeMap::new();
-            c.insert("name".into(), json!(v.name));
-            c.insert("cores".into(), json!(v.cores));
-            c.insert("sockets".into(), json!(1));
-            c.insert("memory".into(), json!(v.memory_mib.to_string()));
-            c.insert(
-                "ostype".into(),
-                json!(v.ostype.clone().unwrap_or_else(|| "l26".into())),
-            );
-            c.insert("scsihw".into(), json!("virtio-scsi-single"));
-            c.insert(
-                "smbios1".into(),
-                json!(format!("uuid={}", random_uuid(&mut rng))),
-            );
-            c.insert("vmgenid".into(), json!(random_uuid(&mut rng)));
-            c.insert("meta".into(), json!("creation-qemu=9.2.0,ctime=1735689600"));
-            if let Some(d) = &v.description {
-                c.insert("description".into(), json!(d));
-            }
-            if let Some(t) = &v.tags {
-                c.insert("tags".into(), json!(t));
-            }
-            let prefix = if v.template { "base" } else { "vm" };
-            for (i, d) in v.disks.iter().enumerate() {
-                let bytes = (d.size_gib * (1u64 << 30) as f64) as u64;
-                c.insert(
-                    d.key.clone(),
-                    json!(format!(
-                        "{}:{prefix}-{}-disk-{i},size={}",
-                        d.storage,
-                        v.vmid,
-                        format_size(bytes)
-                    )),
-                );
-            }
-            if let Some(first) = v.disks.first() {
-                c.insert("boot".into(), json!(format!("order={}", first.key)));
-            }
-            for (i, n) in v.nets.iter().enumerate() {
-                c.insert(format!("net{i}"), json!(with_mac(n, &random_mac(&mut rng))));
-            }
-            if v.template {
-                c.insert("template".into(), json!(1));
-            }
-            if let Some(p) = &v.pool
-                && let Some(pool) = pools.get_mut(p)
-            {
-                pool.vms.insert(v.vmid);
-            }
-            vms.insert(
-                v.vmid,
-                Vm {
-                    node: v.node.clone(),
-                    config: c,
-                    running: v.running && !v.template,
-                    started: (v.running && !v.template).then(Instant::now),
-                    pool: v.pool.clone(),
-                    linked_from: None,
-                    rrd: None,
-                },
-            );
-        }
-        let mut users = BTreeMap::new();
-        let mut tokens = BTreeMap::new();
-        for u in &spec.users {
-            users.insert(
-                u.userid.clone(),
-                User {
-                    password: u.password.clone(),
-                    enable: true,
-                    expire: 0,
-                    comment: u.comment.clone(),
-                    email: None,
-                    firstname: None,
-                    lastname: None,
-                },
-            );
-            for t in &u.tokens {
-                tokens.insert(
-                    format!("{}!{}", u.userid, t.id),
-                    Token {
-                        secret: t.secret.clone(),
-                        privsep: t.privsep,
-                        comment: None,
-                    },
-                );
-            }
-        }
-        if !users.contains_key("root@pam") {
-            users.insert(
-                "root@pam".into(),
-                User {
-                    password: None,
-                    enable: true,
-                    expire: 0,
-                    comment: None,
-                    email: None,
-                    firstname: None,
-                    lastname: None,
-                },
-            );
-        }
-        let acls = spec
-            .acl
-            .iter()
-            .map(|a| AclEntry {
-                path: a.path.clone(),
-                kind: if a.ugid.contains('!') {
-                    "token"
-                } else {
-                    "user"
-                }
-                .into(),
-                ugid: a.ugid.clone(),
-                roleid: a.role.clone(),
-                propagate: a.propagate as u8,
-            })
-            .collect();
-        State {
-            cluster_name: spec.name.clone(),
-            nodes,
-            storages,
-            vms,
-            users,
-            tokens,
-            acls,
-            roles: builtin_roles(),
-            pools,
-            tasks: HashMap::new(),
-            unarchived: HashMap::new(),
-            loose: Vec::new(),
-            freed: BTreeSet::new(),
-            task_order: Vec::new(),
-            next_pid: 0x0010_0000 + (seed as u32 & 0xffff),
-            faults: FaultState::new(faults, seed),
-            stats: Stats::default(),
-            rng,
-        }
-    }
-
     /// One pvestatd round: every VM on an online node gets a fresh RRD sample.
     pub fn sample_rrd(&mut self, now: Instant) {
         let online: BTreeSet<String> = self
@@ -712,14 +515,15 @@ impl State {
             .values()
             .filter(|vm| self.storage_key(id, &vm.node) == key)
             .flat_map(|vm| {
-                vm.disks().into_iter().filter(|(_, s, _, _)| s == id).map(
-                    |(_, s, volname, size)| LooseVolume {
-                        storage: s,
+                vm.disks()
+                    .into_iter()
+                    .filter(|d| d.storage == id)
+                    .map(|d| LooseVolume {
+                        storage: d.storage,
                         node: vm.node.clone(),
-                        volname,
-                        size,
-                    },
-                )
+                        volname: d.volname,
+                        size: d.size,
+                    })
             })
             .filter(|v| !self.freed.contains(&(key.clone(), v.volname.clone())))
             .collect();
@@ -830,7 +634,7 @@ impl State {
     }
 }
 
-fn iface_obj(fields: &[(&str, Value)], active: bool) -> Iface {
+pub(crate) fn iface_obj(fields: &[(&str, Value)], active: bool) -> Iface {
     let mut m: Iface = fields
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
@@ -849,7 +653,7 @@ pub(crate) fn random_mac(rng: &mut StdRng) -> String {
     format!("BC:24:11:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2])
 }
 
-fn random_uuid(rng: &mut StdRng) -> String {
+pub(crate) fn random_uuid(rng: &mut StdRng) -> String {
     let b: [u8; 16] = rng.random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!(

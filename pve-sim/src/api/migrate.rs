@@ -29,7 +29,7 @@ use crate::auth::Auth;
 use crate::error::{PveError, PveResult};
 use crate::locks::FlockGuard;
 use crate::params::{P, Params, Ty, path_vmid, valid_storage_id};
-use crate::state::{Shared, Vm, unix_now};
+use crate::state::{Shared, Vm, VmDisk, unix_now};
 use crate::tasks::{Outcome, TaskCtx, start_task};
 
 const MIGRATE_PARAMS: &[P] = &[
@@ -164,7 +164,7 @@ fn synchronous_checks(
     };
     // check_storage_availability: every disk's storage (or where the map sends a local
     // one) must be enabled on the target.
-    for (_, storage, _, _) in vm.disks() {
+    for storage in vm.disks().into_iter().map(|d| d.storage) {
         let shared = st.storages.get(&storage).is_some_and(|s| s.shared);
         let dst = if shared {
             storage.clone()
@@ -403,7 +403,13 @@ fn prepare(ctx: &TaskCtx, plan: &Plan) -> Result<Vec<Disk>, String> {
     Ok(vm
         .disks()
         .into_iter()
-        .map(|(key, storage, volname, size)| {
+        .map(|d| {
+            let VmDisk {
+                key,
+                storage,
+                volname,
+                size,
+            } = d;
             let spec = st.storages.get(&storage);
             let shared = spec.is_some_and(|s| s.shared);
             Disk {

@@ -19,6 +19,7 @@ use crate::error::{ErrorMarker, JSON_CT, PveError, PveResult};
 use crate::state::Shared;
 
 mod access;
+mod clone;
 mod cluster;
 mod config_lock;
 mod migrate;
@@ -27,6 +28,7 @@ mod nodes;
 mod pools;
 mod qemu;
 mod storage;
+mod vm_config;
 
 pub(crate) type ApiResult = PveResult<Response>;
 
@@ -165,12 +167,12 @@ pub(crate) fn router(app: Arc<Shared>) -> Router {
             "/nodes/{node}/qemu/{vmid}",
             get(qemu::index).delete(qemu::destroy),
         )
-        .route("/nodes/{node}/qemu/{vmid}/clone", post(qemu::clone))
+        .route("/nodes/{node}/qemu/{vmid}/clone", post(clone::clone))
         .route(
             "/nodes/{node}/qemu/{vmid}/config",
-            get(qemu::get_config)
-                .post(qemu::post_config)
-                .put(qemu::put_config),
+            get(vm_config::get_config)
+                .post(vm_config::post_config)
+                .put(vm_config::put_config),
         )
         .route(
             "/nodes/{node}/qemu/{vmid}/status/current",
