@@ -219,23 +219,14 @@ pub async fn cells(
             .get(n)
             .and_then(|d| d.as_deref())
             .and_then(|s| serde_json::from_str(s).ok());
-        let (state, error) = if rec.phase == Phase::TornDown {
-            ("removed".to_owned(), None)
-        } else if let Some(d) = destroy.filter(|_| tearing) {
-            match d.state {
-                StepState::Done => ("removed".to_owned(), None),
-                StepState::Failed => ("failed".to_owned(), d.error),
-                StepState::Running | StepState::Retrying => ("destroying".to_owned(), d.error),
-            }
-        } else if tearing {
-            ("destroying".to_owned(), None)
-        } else if failed_vm.contains(v.key.as_str()) && derived == "failed" {
-            ("failed".to_owned(), step_error())
-        } else if let Some(s) = student {
-            ("failed".to_owned(), s.error.clone())
-        } else {
-            (derived, None)
-        };
+        let (state, error) = cell_state(
+            rec.phase,
+            destroy,
+            failed_vm.contains(v.key.as_str()),
+            derived,
+            student.copied(),
+            step_error,
+        );
         let removed = state == "removed";
         out.push(Cell {
             i: *i,
@@ -253,6 +244,37 @@ pub async fn cells(
         });
     }
     Ok(out)
+}
+
+/// A cell's state and error: removed or destroying during a teardown (from the destroy
+/// record), failed with the first failed step's (or the student set-up's) error, else the
+/// state the workers derived.
+fn cell_state(
+    phase: Phase,
+    destroy: Option<StepRecord>,
+    vm_failed: bool,
+    derived: String,
+    student: Option<&StepRecord>,
+    step_error: impl FnOnce() -> Option<String>,
+) -> (String, Option<String>) {
+    let tearing = phase != Phase::Active;
+    if phase == Phase::TornDown {
+        ("removed".to_owned(), None)
+    } else if let Some(d) = destroy.filter(|_| tearing) {
+        match d.state {
+            StepState::Done => ("removed".to_owned(), None),
+            StepState::Failed => ("failed".to_owned(), d.error),
+            StepState::Running | StepState::Retrying => ("destroying".to_owned(), d.error),
+        }
+    } else if tearing {
+        ("destroying".to_owned(), None)
+    } else if vm_failed && derived == "failed" {
+        ("failed".to_owned(), step_error())
+    } else if let Some(s) = student {
+        ("failed".to_owned(), s.error.clone())
+    } else {
+        (derived, None)
+    }
 }
 
 /// VMs per state, and per node and state, of a grid.

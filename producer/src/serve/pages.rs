@@ -217,7 +217,39 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
     );
     counts_table(&mut o, "per-node", &v.per_node);
 
-    // Actions.
+    actions(&mut o, v, session, offers);
+
+    for f in &v.setup_failures {
+        o.push_str("<p class=\"error setup\">set-up failed: ");
+        esc_into(&mut o, f);
+        o.push_str("</p>");
+    }
+
+    grid_table(&mut o, v, grid);
+    // Failed VMs with Proxmox's message.
+    o.push_str("<h2>Failed VMs</h2><table class=\"list\" id=\"failures\"><thead><tr><th>VM</th><th>student</th><th>VMID</th><th>node</th><th>error</th></tr></thead><tbody>");
+    for c in v.cells.iter().filter(|c| c.state == "failed") {
+        let vm = &v.plan.vms[c.i];
+        let _ = write!(
+            o,
+            "<tr id=\"f-{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
+            c.i,
+            esc(&vm.name),
+            esc(&vm.user),
+            c.vmid.map(|x| x.to_string()).unwrap_or_default(),
+            esc(&c.node),
+            esc(c.error.as_deref().unwrap_or(""))
+        );
+    }
+    o.push_str("</tbody></table>");
+
+    o.push_str("</section>");
+    o
+}
+
+/// The retry, teardown and handout actions an admin is offered (a note for viewers).
+fn actions(o: &mut String, v: &DeploymentView, session: &Session, offers: &Offers) {
+    let id = &v.rec.id;
     o.push_str("<div class=\"actions\">");
     if offers.admin {
         let csrf = esc(&session.csrf);
@@ -259,26 +291,22 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
         o.push_str("<span class=\"muted\" id=\"viewer-note\">Viewers see the progress; an admin token is needed to retry, tear down or download the handout.</span>");
     }
     o.push_str("</div>");
+}
 
-    for f in &v.setup_failures {
-        o.push_str("<p class=\"error setup\">set-up failed: ");
-        esc_into(&mut o, f);
-        o.push_str("</p>");
-    }
-
-    // The grid: students x machines.
+/// The grid: a row per student, a cell per machine with its state, VMID and node.
+fn grid_table(o: &mut String, v: &DeploymentView, grid: &Layout) {
     o.push_str(
         "<h2>Students × machines</h2><table class=\"grid\" id=\"grid\"><thead><tr><th>student</th>",
     );
     for m in &grid.machines {
         o.push_str("<th>");
-        esc_into(&mut o, m);
+        esc_into(o, m);
         o.push_str("</th>");
     }
     o.push_str("</tr></thead><tbody>");
     for (r, user) in grid.students.iter().enumerate() {
         o.push_str("<tr><th>");
-        esc_into(&mut o, user);
+        esc_into(o, user);
         o.push_str("</th>");
         for c in 0..grid.machines.len() {
             let Some(i) = grid.at.get(&(r, c)) else {
@@ -293,11 +321,11 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
                 i,
                 esc(&cell.state)
             );
-            esc_into(&mut o, &vm.name);
+            esc_into(o, &vm.name);
             o.push_str("\" data-user=\"");
-            esc_into(&mut o, &vm.user);
+            esc_into(o, &vm.user);
             o.push_str("\" title=\"");
-            esc_into(&mut o, cell.error.as_deref().unwrap_or(&vm.name));
+            esc_into(o, cell.error.as_deref().unwrap_or(&vm.name));
             let _ = write!(
                 o,
                 "\"><b class=\"st\">{}</b> <span class=\"id\">",
@@ -308,32 +336,13 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
             }
             o.push_str("</span> <span class=\"nd\">");
             if cell.state != "removed" {
-                esc_into(&mut o, &cell.node);
+                esc_into(o, &cell.node);
             }
             o.push_str("</span></td>");
         }
         o.push_str("</tr>");
     }
     o.push_str("</tbody></table>");
-    // Failed VMs with Proxmox's message.
-    o.push_str("<h2>Failed VMs</h2><table class=\"list\" id=\"failures\"><thead><tr><th>VM</th><th>student</th><th>VMID</th><th>node</th><th>error</th></tr></thead><tbody>");
-    for c in v.cells.iter().filter(|c| c.state == "failed") {
-        let vm = &v.plan.vms[c.i];
-        let _ = write!(
-            o,
-            "<tr id=\"f-{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
-            c.i,
-            esc(&vm.name),
-            esc(&vm.user),
-            c.vmid.map(|x| x.to_string()).unwrap_or_default(),
-            esc(&c.node),
-            esc(c.error.as_deref().unwrap_or(""))
-        );
-    }
-    o.push_str("</tbody></table>");
-
-    o.push_str("</section>");
-    o
 }
 
 pub fn teardown_confirm(id: &str, vms: usize, csrf: &str, error: Option<&str>) -> String {

@@ -497,32 +497,7 @@ impl PveClient {
         counter.fetch_add(1, Ordering::Relaxed);
 
         let url = format!("{}{}", self.inner.base_url, path);
-        let mut headers = HeaderMap::new();
-        match creds {
-            Credentials::None => {}
-            Credentials::Token(h) => {
-                headers.insert(reqwest::header::AUTHORIZATION, h.clone());
-            }
-            Credentials::Ticket(t) => {
-                let mut cookie =
-                    HeaderValue::from_str(&format!("PVEAuthCookie={}", t.ticket.expose()))
-                        .map_err(|_| PveError::Decode {
-                            path: "/access/ticket".into(),
-                            message: "ticket is not a valid header value".into(),
-                        })?;
-                cookie.set_sensitive(true);
-                headers.insert(COOKIE, cookie);
-                if method != Method::GET {
-                    let mut csrf =
-                        HeaderValue::from_str(t.csrf.expose()).map_err(|_| PveError::Decode {
-                            path: "/access/ticket".into(),
-                            message: "CSRF token is not a valid header value".into(),
-                        })?;
-                    csrf.set_sensitive(true);
-                    headers.insert(HeaderName::from_static(CSRF_HEADER), csrf);
-                }
-            }
-        }
+        let headers = auth_headers(&method, creds)?;
         let mut req = self
             .inner
             .http
@@ -580,36 +555,7 @@ impl PveClient {
             latency_ms = started.elapsed().as_millis() as u64,
             "pve request"
         );
-        if status.is_success() {
-            if body.iter().all(u8::is_ascii_whitespace) {
-                return Ok(Envelope::default());
-            }
-            let raw: RawEnvelope =
-                serde_json::from_slice(&body).map_err(|e| PveError::decode(path, e))?;
-            return Ok(Envelope {
-                data: raw.data,
-                total: raw.total.as_ref().and_then(super::lenient::value_to_u64),
-                changes: raw.changes.as_ref().and_then(value_to_string),
-            });
-        }
-        let parsed: ErrorBody = serde_json::from_slice(&body).unwrap_or_default();
-        let message = parsed
-            .message
-            .as_ref()
-            .and_then(value_to_string)
-            .map(|m| m.trim_end().to_owned())
-            .filter(|m| !m.is_empty())
-            .or(reason)
-            .or_else(|| status.canonical_reason().map(str::to_owned))
-            .unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
-        let mut errors = ParamErrors::new();
-        if let Some(Value::Object(map)) = parsed.errors {
-            for (k, v) in map {
-                let text = value_to_string(&v).unwrap_or_else(|| v.to_string());
-                errors.insert(k, text.trim_end().to_owned());
-            }
-        }
-        Err(PveError::from_response(status.as_u16(), &message, errors))
+        decode_reply(status, reason, &body, path)
     }
 
     // ----- helpers for the typed calls -----
@@ -690,6 +636,77 @@ pub(crate) fn property_pairs(s: &str) -> BTreeMap<String, String> {
             None => (p.trim().to_owned(), String::new()),
         })
         .collect()
+}
+
+/// The headers that authenticate a request: the token, or the ticket cookie (and, on
+/// writes, its CSRF token).
+fn auth_headers(method: &Method, creds: &Credentials) -> Result<HeaderMap, PveError> {
+    let mut headers = HeaderMap::new();
+    match creds {
+        Credentials::None => {}
+        Credentials::Token(h) => {
+            headers.insert(reqwest::header::AUTHORIZATION, h.clone());
+        }
+        Credentials::Ticket(t) => {
+            let mut cookie = HeaderValue::from_str(&format!("PVEAuthCookie={}", t.ticket.expose()))
+                .map_err(|_| PveError::Decode {
+                    path: "/access/ticket".into(),
+                    message: "ticket is not a valid header value".into(),
+                })?;
+            cookie.set_sensitive(true);
+            headers.insert(COOKIE, cookie);
+            if *method != Method::GET {
+                let mut csrf =
+                    HeaderValue::from_str(t.csrf.expose()).map_err(|_| PveError::Decode {
+                        path: "/access/ticket".into(),
+                        message: "CSRF token is not a valid header value".into(),
+                    })?;
+                csrf.set_sensitive(true);
+                headers.insert(HeaderName::from_static(CSRF_HEADER), csrf);
+            }
+        }
+    }
+    Ok(headers)
+}
+
+/// A reply's envelope, or the error its status and body describe (Proxmox's message, the
+/// reason phrase, or the status; per-parameter errors of a 400).
+fn decode_reply(
+    status: reqwest::StatusCode,
+    reason: Option<String>,
+    body: &[u8],
+    path: &str,
+) -> Result<Envelope, PveError> {
+    if status.is_success() {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Envelope::default());
+        }
+        let raw: RawEnvelope =
+            serde_json::from_slice(body).map_err(|e| PveError::decode(path, e))?;
+        return Ok(Envelope {
+            data: raw.data,
+            total: raw.total.as_ref().and_then(super::lenient::value_to_u64),
+            changes: raw.changes.as_ref().and_then(value_to_string),
+        });
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let message = parsed
+        .message
+        .as_ref()
+        .and_then(value_to_string)
+        .map(|m| m.trim_end().to_owned())
+        .filter(|m| !m.is_empty())
+        .or(reason)
+        .or_else(|| status.canonical_reason().map(str::to_owned))
+        .unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
+    let mut errors = ParamErrors::new();
+    if let Some(Value::Object(map)) = parsed.errors {
+        for (k, v) in map {
+            let text = value_to_string(&v).unwrap_or_else(|| v.to_string());
+            errors.insert(k, text.trim_end().to_owned());
+        }
+    }
+    Err(PveError::from_response(status.as_u16(), &message, errors))
 }
 
 #[cfg(test)]
