@@ -1,57 +1,22 @@
-//! One benchmark lab: a `redis-server` on a free port, the simulator in-process with the
-//! pinned `data/sim/cluster.yml`, a temporary data folder aimed at it (a class from
-//! `bench/data/`, N generated students), and the producer's store. Runs labfleet on it
-//! with in-process workers or `worker` processes, and waits for the deployment.
+//! One benchmark lab: the tests' lab (`labfleet_tests::lab`: a `redis-server` on a free
+//! port, the simulator in-process with the pinned `data/sim/cluster.yml`, a temporary data
+//! folder aimed at it) with a class from `bench/data/` and N generated students. Runs
+//! labfleet on it with in-process workers or `worker` processes, and waits for the
+//! deployment.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use labfleet_tests::redis_server::{RedisOptions, RedisServer};
-use pve_sim::{Sim, SimConfig, SimHandle};
-use shared::config::{Config, DataPaths, load};
-use shared::jobs::state::Store;
+use labfleet_tests::lab::{LabOpts, LabRedis};
+use labfleet_tests::redis_server::RedisOptions;
 use shared::pve::PveClient;
-use shared::queue::QueueConfig;
-use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
+pub use labfleet_tests::bins::root;
 /// Caps written into the lab's `connections.yml` (`None`: labfleet's default).
-#[derive(Debug, Clone, Default)]
-pub struct Caps {
-    pub per_node: Option<u32>,
-    pub linked_per_storage: Option<u32>,
-    pub full_per_storage: Option<u32>,
-    pub max_requests: Option<u32>,
-}
-
-impl Caps {
-    fn yaml(&self) -> String {
-        let mut caps = Vec::new();
-        if let Some(v) = self.per_node {
-            caps.push(format!("per_node: {v}"));
-        }
-        if let Some(v) = self.linked_per_storage {
-            caps.push(format!("linked_per_storage: {v}"));
-        }
-        if let Some(v) = self.full_per_storage {
-            caps.push(format!("full_per_storage: {v}"));
-        }
-        let mut out = String::new();
-        if !caps.is_empty() {
-            out.push_str(&format!("  max_parallel_clones: {{{}}}\n", caps.join(", ")));
-        }
-        if let Some(v) = self.max_requests {
-            out.push_str(&format!("  max_requests: {v}\n"));
-        }
-        out
-    }
-}
+pub use labfleet_tests::lab::Caps;
 
 /// What a lab is made of.
 #[derive(Debug, Clone)]
@@ -63,55 +28,39 @@ pub struct LabSpec {
     pub caps: Caps,
 }
 
-pub struct Lab {
-    pub redis: RedisServer,
-    pub sim: SimHandle,
-    pub data: tempfile::TempDir,
-    pub cfg: Config,
-    pub key: SecretKey,
-    pub qcfg: QueueConfig,
-    pub store: Store,
-}
+/// The tests' lab (`labfleet_tests::lab`) with a class from `bench/data/` and the bench's
+/// students; Redis with the durability the README asks of production (AOF, fsync every
+/// second).
+pub struct Lab(labfleet_tests::lab::Lab);
 
-pub async fn start_sim(time_scale: f64) -> anyhow::Result<SimHandle> {
-    let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml"))?;
-    sc.time_scale = time_scale;
-    Sim::start(sc).await
+impl std::ops::Deref for Lab {
+    type Target = labfleet_tests::lab::Lab;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Lab {
     pub async fn new(spec: &LabSpec) -> anyhow::Result<Lab> {
-        // Durability as the README asks of production (AOF, fsync every second).
-        let redis = RedisServer::start_with(RedisOptions::default());
-        let sim = start_sim(spec.time_scale).await?;
-        let data = tempfile::tempdir()?;
-        let conn = std::fs::read_to_string(root().join("bench/data/connections.yml.in"))?
-            .replace("{port}", &sim.addr().port().to_string())
-            .replace("{fingerprint}", &sim.fingerprint().unwrap_or_default())
-            .replace("{caps}\n", &spec.caps.yaml());
-        std::fs::write(data.path().join("connections.yml"), conn)?;
-        std::fs::copy(
-            root()
-                .join("bench/data")
-                .join(&spec.class)
-                .join("deployment_config.yml"),
-            data.path().join("deployment_config.yml"),
-        )
-        .with_context(|| format!("class {}", spec.class))?;
-        std::fs::write(data.path().join("users.yml"), users_yml(spec.students))?;
-        let cfg =
-            load(&DataPaths::in_dir(data.path()), None).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let qcfg = shared::jobs::queue_config();
-        let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone()).await?;
-        Ok(Lab {
-            redis,
-            sim,
-            data,
-            cfg,
-            key: SecretKey::generate(),
-            qcfg,
-            store: Store::new(queue),
-        })
+        let class = root()
+            .join("bench/data")
+            .join(&spec.class)
+            .join("deployment_config.yml");
+        let deployment =
+            std::fs::read_to_string(&class).with_context(|| format!("class {}", spec.class))?;
+        let mut o = LabOpts::new(&deployment, 0);
+        o.users = (1..=spec.students)
+            .map(|i| format!("s{i:05}@pve"))
+            .collect();
+        o.time_scale = spec.time_scale;
+        o.caps = spec.caps;
+        o.redis = LabRedis::Single(RedisOptions::default());
+        Ok(Lab(labfleet_tests::lab::Lab::start(o).await?))
+    }
+
+    /// The port of the lab's `redis-server`.
+    pub fn redis_port(&self) -> u16 {
+        self.redis.as_ref().expect("a single server").port()
     }
 
     pub fn pve(&self) -> anyhow::Result<PveClient> {
@@ -119,7 +68,7 @@ impl Lab {
     }
 
     pub async fn submit(&self) -> anyhow::Result<(String, shared::plan::Plan)> {
-        Ok(producer::deploy::submit(&self.cfg, &self.pve()?, &self.store, Some(&self.key)).await?)
+        Ok(self.0.submit().await?)
     }
 
     /// The counter-based status, as `producer status` and its polling read it.
@@ -177,10 +126,7 @@ impl Lab {
         let shutdown = CancellationToken::new();
         let mut workers = Vec::new();
         for i in 0..n {
-            let mut wc = worker::WorkerConfig::new(self.redis.url(), self.data.path());
-            wc.queue = self.qcfg.clone();
-            wc.name = Some(format!("bench-w{i}"));
-            wc.secret_key = Some(self.key.clone());
+            let mut wc = self.worker_config(&format!("bench-w{i}"));
             wc.concurrency = conc;
             workers.push(worker::run(wc, shutdown.child_token()));
         }
@@ -204,7 +150,7 @@ impl Lab {
         let mut out = Vec::new();
         for i in 0..n {
             let c = Command::new(&bin)
-                .args(["--redis", &self.redis.url(), "--data-dir"])
+                .args(["--redis", &self.redis_url, "--data-dir"])
                 .arg(self.data.path())
                 .args([
                     "--concurrency",
@@ -235,15 +181,6 @@ pub fn stop_workers(children: &mut [Child]) {
     for c in children.iter_mut() {
         let _ = c.wait();
     }
-}
-
-/// `users.yml` with students `s0001@pve` ...
-pub fn users_yml(n: usize) -> String {
-    let mut s = String::from("users:\n");
-    for i in 1..=n {
-        s.push_str(&format!("  - \"s{i:05}@pve\"\n"));
-    }
-    s
 }
 
 /// The release build of a workspace binary; says how to build it when missing.

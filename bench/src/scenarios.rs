@@ -1,5 +1,8 @@
 //! The scenarios of `bench`: each prints its figures (and writes a JSON of them under
 //! `bench/results/`) for BENCHMARKS.md.
+//!
+//! One file (over 600 lines): each scenario is a few functions, and they share the lab set-up,
+//! the report writers and the figures BENCHMARKS.md is made from.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -383,7 +386,7 @@ pub async fn overhead(
         let mut children = lab.spawn_workers(workers, conc)?;
         // Let the workers connect before the clock starts.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let redis_pid = lab::redis_pid(lab.redis.port());
+        let redis_pid = lab::redis_pid(lab.redis_port());
         let pids: Vec<(String, Option<u32>)> = [
             (
                 "bench (simulator + producer)".to_owned(),
@@ -563,7 +566,7 @@ async fn submit_breakdown(
     let specs = shared::plan::jobs(&plan, &format!("{}#0", plan.id), &BTreeMap::new());
     let t_jobs = t.elapsed().as_secs_f64();
     let scratch = shared::queue::Queue::connect(
-        &lab.redis.url(),
+        &lab.redis_url,
         shared::queue::QueueConfig::with_namespace("bench-scratch"),
     )
     .await?;
@@ -686,7 +689,7 @@ fn cli_figures(lab: &Lab, id: &str) -> anyhow::Result<CliFigures> {
     let base = |c: &mut std::process::Command| {
         c.arg("--data-dir")
             .arg(lab.data.path())
-            .args(["--redis", &lab.redis.url()])
+            .args(["--redis", &lab.redis_url])
             .env("LABFLEET_SECRET_KEY", lab.key.to_base64().expose());
     };
     let mut c = std::process::Command::new(&bin);

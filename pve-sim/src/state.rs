@@ -1,6 +1,9 @@
 //! The simulated cluster's live state (pmxcfs-like VM registry, nodes, storages, network
 //! files, users, ACLs, pools, tasks) behind one mutex, plus the shared context every
 //! handler and task gets (`Shared`): locks, copy pools, clocks, secrets, fault state.
+//!
+//! One file (over 600 lines): every handler reads and writes this one state under one lock;
+//! its types and their small accessors belong together (the first state is built in `seed`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

@@ -4,14 +4,14 @@
 use shared::pve::{ClusterResource, PveError};
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
-    let cfg = common::load_config(g, out)?;
-    let key = common::secret_key()?;
+    let cfg = context::load_config(g, out)?;
+    let key = context::secret_key()?;
     let pve = deploy::connect_pve(&cfg, key.as_ref())?;
     let fail = |e: PveError| {
         let hint = match &e {

@@ -18,7 +18,7 @@ use shared::secret::SecretKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Global;
-use crate::cmd::{common, handout, serve as serve_cmd, status};
+use crate::cmd::{context, handout, serve as serve_cmd, status};
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
@@ -29,7 +29,7 @@ pub async fn run(
     serve: Option<SocketAddr>,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let cfg = common::load_config(g, out)?;
+    let cfg = context::load_config(g, out)?;
     // Bound first, so a taken port fails before anything starts.
     let listener = match serve {
         Some(addr) => {
@@ -52,7 +52,7 @@ pub async fn run(
 
     let sim = start_sim(g, &cfg, time_scale, out).await?;
 
-    let key = match common::secret_key()? {
+    let key = match context::secret_key()? {
         Some(k) => k,
         None => SecretKey::generate(),
     };

@@ -16,21 +16,21 @@ use shared::pve::PveClient;
 use shared::secret::SecretKey;
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit, Failure> {
-    let id = common::resolve_id(g, id, out)?;
-    let store = common::store(g).await?;
-    let key = common::secret_key()?.ok_or_else(|| {
+    let id = context::resolve_id(g, id, out)?;
+    let store = context::store(g).await?;
+    let key = context::secret_key()?.ok_or_else(|| {
         Failure::new(
             Exit::Usage,
             anyhow::anyhow!("the handout needs LABFLEET_SECRET_KEY (the key used at submit)"),
         )
     })?;
-    let cfg = common::load_config(g, out)?;
+    let cfg = context::load_config(g, out)?;
     let pve = deploy::connect_pve(&cfg, Some(&key))?;
     let written = write(&store, &pve, &id, &key, &g.data_dir).await?;
     if g.json {

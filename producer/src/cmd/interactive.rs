@@ -13,7 +13,7 @@ use dialoguer::theme::ColorfulTheme;
 use dialoguer::{Confirm, Input, Select};
 
 use crate::cli::{Cli, Command, Global};
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
@@ -122,7 +122,7 @@ fn pick_deployment(
 ) -> Result<Option<String>, Failure> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(Exit::Usage, e))?;
     let known = match rt.block_on(async {
-        let store = common::store(g).await?;
+        let store = context::store(g).await?;
         store
             .deployments()
             .await

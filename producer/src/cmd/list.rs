@@ -1,12 +1,12 @@
 //! `producer list`: every deployment Redis knows.
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
-    let store = common::store(g).await?;
+    let store = context::store(g).await?;
     let deps = store
         .deployments()
         .await

@@ -1,8 +1,8 @@
 //! One module per subcommand.
 
 pub mod check;
-pub mod common;
 pub mod completions;
+pub mod context;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod handout;

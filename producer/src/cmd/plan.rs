@@ -2,15 +2,15 @@
 //! cluster and Redis, writes nothing.
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
-    let cfg = common::load_config(g, out)?;
-    let key = common::secret_key()?;
-    let store = common::store(g).await?;
+    let cfg = context::load_config(g, out)?;
+    let key = context::secret_key()?;
+    let store = context::store(g).await?;
     let pve = deploy::connect_pve(&cfg, key.as_ref())?;
     let mut facts = deploy::gather_facts(&pve, &cfg)
         .await

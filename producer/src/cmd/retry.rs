@@ -2,13 +2,13 @@
 //! that succeeded runs again.
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit, Failure> {
-    let id = common::resolve_id(g, id, out)?;
-    let store = common::store(g).await?;
+    let id = context::resolve_id(g, id, out)?;
+    let store = context::store(g).await?;
     let rec = crate::deploy::read(&store, &id)
         .await?
         .map(|v| v.rec)

@@ -10,7 +10,7 @@ use shared::secret::Secret;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Global, ServeArgs};
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 use crate::serve::{self, ServeConfig, Tokens};
@@ -39,10 +39,10 @@ pub async fn run(g: &Global, a: &ServeArgs, out: &mut Out) -> Result<Exit, Failu
         ));
     }
     serve::auth::check_exposure(a.listen, &tokens).map_err(usage)?;
-    let store = common::store(g).await?;
+    let store = context::store(g).await?;
     let cfg = ServeConfig {
         tokens,
-        secret_key: common::secret_key()?,
+        secret_key: context::secret_key()?,
         ..ServeConfig::default()
     };
     let listener = bind(a.listen).await?;

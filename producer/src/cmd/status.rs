@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::cli::Global;
-use crate::cmd::{common, progress};
+use crate::cmd::{context, progress};
 use crate::deploy::{self, Listing, Status};
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
@@ -25,8 +25,8 @@ pub async fn run(
     all_vms: bool,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let id = common::resolve_id(g, id, out)?;
-    let store = common::store(g).await?;
+    let id = context::resolve_id(g, id, out)?;
+    let store = context::store(g).await?;
     if watch_ {
         return watch(&store, &id, g.json, out, Duration::from_secs(1)).await;
     }

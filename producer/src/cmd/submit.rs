@@ -3,15 +3,15 @@
 use std::time::Duration;
 
 use crate::cli::Global;
-use crate::cmd::{common, handout, status};
+use crate::cmd::{context, handout, status};
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, wait: bool, prune: bool, out: &mut Out) -> Result<Exit, Failure> {
-    let cfg = common::load_config(g, out)?;
-    let key = common::secret_key()?;
-    let store = common::store(g).await?;
+    let cfg = context::load_config(g, out)?;
+    let key = context::secret_key()?;
+    let store = context::store(g).await?;
     let pve = deploy::connect_pve(&cfg, key.as_ref())?;
     let opts = deploy::SubmitOptions { prune };
     let (id, plan, done) = deploy::submit_with(&cfg, &pve, &store, key.as_ref(), opts).await?;

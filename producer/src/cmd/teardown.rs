@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::cli::Global;
-use crate::cmd::{common, progress};
+use crate::cmd::{context, progress};
 use crate::deploy;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
@@ -15,8 +15,8 @@ pub async fn run(
     wait: bool,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let id = common::resolve_id(g, id, out)?;
-    let store = common::store(g).await?;
+    let id = context::resolve_id(g, id, out)?;
+    let store = context::store(g).await?;
     let started = deploy::teardown(&store, &id).await?;
     if started.already_torn_down {
         if g.json {

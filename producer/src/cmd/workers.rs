@@ -4,12 +4,12 @@
 use chrono::Utc;
 
 use crate::cli::Global;
-use crate::cmd::common;
+use crate::cmd::context;
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
 pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
-    let store = common::store(g).await?;
+    let store = context::store(g).await?;
     let workers = shared::heartbeat::list(store.queue())
         .await
         .map_err(|e| Failure::new(Exit::RedisUnreachable, e))?;

@@ -56,11 +56,16 @@ async fn record(store: &Store, id: &str) -> Result<DeploymentRecord, DeployError
 /// or the one being torn down.
 pub async fn load(store: &Store, id: &str) -> Result<(DeploymentRecord, Plan), DeployError> {
     let rec = record(store, id).await?;
-    let plan = plan_of(store, &rec, rec.vm_epoch())
+    let plan = vm_plan(store, &rec).await?;
+    Ok((rec, plan))
+}
+
+/// The plan whose VMs exist (the active epoch's, or the one being torn down), or why none.
+async fn vm_plan(store: &Store, rec: &DeploymentRecord) -> Result<Plan, DeployError> {
+    plan_of(store, rec, rec.vm_epoch())
         .await?
         .ok_or_else(|| DeployError::NoPlan {
-            id: id.to_owned(),
+            id: rec.id.clone(),
             phase: rec.phase,
-        })?;
-    Ok((rec, plan))
+        })
 }

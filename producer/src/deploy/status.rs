@@ -9,7 +9,7 @@ use shared::jobs::state::{self, DeploymentRecord, Phase, StepRecord, StepState, 
 use shared::plan;
 use shared::queue::GroupStats;
 
-use super::{DeployError, load, plan_of, record};
+use super::{DeployError, load, record, vm_plan};
 
 /// A deployment's state in one word, as `status` prints it (the stored and printed text is
 /// the kebab-case name).
@@ -48,17 +48,24 @@ impl DeploymentState {
     }
 }
 
-impl std::fmt::Display for DeploymentState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Printed as its text, and compared with text (`st.state == "done"`).
+macro_rules! as_text {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    )*};
 }
 
-impl PartialEq<&str> for DeploymentState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
+as_text!(DeploymentState, VmState);
 
 /// One VM's state (the text `step.lua` counts under).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,18 +93,6 @@ impl VmState {
             VmState::Failed => "failed",
             VmState::NotInFiles => "not-in-files",
         }
-    }
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq<&str> for VmState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
     }
 }
 
@@ -326,12 +321,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, DeployError> {
     if rec.phase == Phase::TornDown {
         return Ok(torn_down(&rec));
     }
-    let plan = plan_of(store, &rec, rec.vm_epoch())
-        .await?
-        .ok_or_else(|| DeployError::NoPlan {
-            id: id.to_owned(),
-            phase: rec.phase,
-        })?;
+    let plan = vm_plan(store, &rec).await?;
     let steps = store.steps(&rec.vm_scope()).await?;
     let facts = store.vm_facts(&rec.vm_scope()).await?;
     let names = plan::vm_steps(&plan);

@@ -33,7 +33,7 @@ use crate::jobs::state::{Quarantined, VmFacts};
 use crate::jobs::{
     CloneJob, Env, epoch_of_scope, find_marker, marker, pve_error, retryable, scope_of_key,
 };
-use crate::pve::{CloneParams, DestroyParams, MessageKind, PveClient, PveError, Upid, VmConfig};
+use crate::pve::{CloneParams, DestroyParams, PveClient, PveError, Upid, VmConfig};
 use crate::queue::{JobError, Lease};
 
 /// What is at a VMID, as far as this VM is concerned.
@@ -290,11 +290,7 @@ fn task_error(err: PveError, msg: String) -> JobError {
 
 /// Whether a clone task failed because another guest holds (or took) the VMID.
 fn collision(msg: &str, vmid: u32) -> bool {
-    let m = msg.to_ascii_lowercase();
-    (m.contains(&format!("lock-{vmid}.conf"))
-        && crate::pve::error::classify_message(msg) == MessageKind::LockTimeout)
-        || m.contains("file exists")
-        || m.contains("already exists")
+    crate::pve::error::is_vmid_collision(msg, vmid)
 }
 
 /// Who is cloning, for telling our VM from another's.

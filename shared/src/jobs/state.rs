@@ -34,6 +34,9 @@
 //!
 //! Deployments written before scopes existed (`layout` 0: progress keys per id, one `plan`
 //! field) are moved to this layout by [`Store::upgrade`] before anything else touches them.
+//!
+//! One file (over 600 lines): it is the one place that knows every key of a deployment's
+//! records; producer and workers read and write them together, so their names stay together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;

@@ -1,6 +1,7 @@
 //! Planning a deployment: from the validated configuration and the cluster's facts to the
-//! list of students, VMs, bridges and jobs. Pure (no I/O): the producer gathers the facts
-//! and allocates VMIDs and bridge names in Redis, then calls these functions.
+//! list of students, VMs, bridges and jobs. Pure (no I/O): the producer gathers the facts,
+//! makes a [`draft`] (placement and the reservations it needs), allocates them in Redis in one
+//! step, then calls [`build`] and [`jobs`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -16,6 +16,9 @@
 //! Concurrency: a semaphore of `max_concurrent_requests` permits is held for each HTTP
 //! request (not while a task waits between polls). N worker processes therefore put at
 //! most N x `max_concurrent_requests` requests on pveproxy at once.
+//!
+//! One file (over 600 lines): login, ticket renewal, the request path and the typed calls
+//! share the connection state and its counters; the calls are thin and grouped by area.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -3,7 +3,8 @@
 //! Callers decide by variant (or [`PveError::class`] / [`PveError::is_transient`]), never by
 //! message text. Proxmox itself signals most domain errors only as HTTP 500 with a message
 //! ("VM is locked (clone)", "... does not exist"), so some text matching is unavoidable;
-//! all of it lives in [`classify_message`] here, in one place. Error texts never contain a
+//! all of it lives here, in one place: [`classify_message`], [`is_vmid_collision`] and, for
+//! the transport's own errors, [`classify_transport_text`]. Error texts never contain a
 //! secret: the client never puts a ticket, token or password into a message.
 
 use std::collections::BTreeMap;
@@ -101,6 +102,38 @@ pub fn classify_message(msg: &str) -> MessageKind {
         MessageKind::UnexpectedStatus
     } else {
         MessageKind::Other
+    }
+}
+
+/// Whether a failed clone task's message says another guest holds (or took) `vmid`: the
+/// target's config exists ("config file already exists", a rename that met "File exists"),
+/// or its config lock could not be had.
+pub fn is_vmid_collision(msg: &str, vmid: u32) -> bool {
+    let m = msg.to_ascii_lowercase();
+    (m.contains(&format!("lock-{vmid}.conf")) && classify_message(msg) == MessageKind::LockTimeout)
+        || m.contains("file exists")
+        || m.contains("already exists")
+}
+
+/// What a transport error's text (hyper's, rustls', the resolver's) says when its types do
+/// not: a refused certificate, a failed name lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportText {
+    Certificate,
+    Dns,
+    Other,
+}
+
+/// Reads a transport error chain's text, lowercased (the only other place labfleet reads
+/// an error's words).
+pub fn classify_transport_text(text: &str) -> TransportText {
+    let t = text.to_ascii_lowercase();
+    if t.contains("invalid peer certificate") {
+        TransportText::Certificate
+    } else if t.contains("dns error") || t.contains("failed to lookup address") {
+        TransportText::Dns
+    } else {
+        TransportText::Other
     }
 }
 
@@ -627,5 +660,40 @@ mod tests {
         assert!(e.to_string().contains("AB:CD"));
         assert_eq!(e.class(), ErrorClass::Tls);
         assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn vmid_collisions_and_transport_texts_are_read_in_one_place() {
+        assert!(is_vmid_collision(
+            "unable to create VM 1000: config file already exists",
+            1000
+        ));
+        assert!(is_vmid_collision(
+            "close (rename) atomic file '/etc/pve/nodes/pve1/qemu-server/1000.conf' failed: File exists",
+            1000
+        ));
+        assert!(is_vmid_collision(
+            "can't lock file '/var/lock/qemu-server/lock-1000.conf' - got timeout",
+            1000
+        ));
+        assert!(!is_vmid_collision(
+            "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout",
+            1000
+        ));
+        assert!(!is_vmid_collision("storage 'local-lvm' is full", 1000));
+        assert_eq!(
+            classify_transport_text(
+                "error sending request: dns error: failed to lookup address information"
+            ),
+            TransportText::Dns
+        );
+        assert_eq!(
+            classify_transport_text("invalid peer certificate: UnknownIssuer"),
+            TransportText::Certificate
+        );
+        assert_eq!(
+            classify_transport_text("connection reset"),
+            TransportText::Other
+        );
     }
 }

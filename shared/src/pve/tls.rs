@@ -255,8 +255,8 @@ pub(crate) fn transport_error(
     } else {
         message
     };
-    let text = chain.join(" ").to_ascii_lowercase();
-    if tls || text.contains("invalid peer certificate") {
+    let text = super::error::classify_transport_text(&chain.join(" "));
+    if tls || text == super::error::TransportText::Certificate {
         return PveError::Tls {
             url: url.to_owned(),
             message,
@@ -269,7 +269,7 @@ pub(crate) fn transport_error(
             path: path.to_owned(),
         };
     }
-    let kind = if text.contains("dns error") || text.contains("failed to lookup address") {
+    let kind = if text == super::error::TransportText::Dns {
         super::error::ConnectFailure::Dns
     } else if refused {
         super::error::ConnectFailure::Refused

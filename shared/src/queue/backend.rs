@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use super::error::QueueError;
 use super::layer::LeaseLayer;
 use super::lease::Lease;
-use super::store::{Claim, ClaimedJob, FailOutcome, Queue, ReaperHandle};
+use super::queue::{Claim, ClaimedJob, FailOutcome, Queue, ReaperHandle};
 
 /// State shared by the backend and its layer.
 pub(crate) struct WorkerShared {

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::backend::WorkerShared;
 use super::error::{JobError, QueueError, SettleError};
 use super::lease::Lease;
-use super::store::{FailOutcome, Settled};
+use super::queue::{FailOutcome, Settled};
 
 /// Tower layer returned by `LeaseBackend::middleware`; not added by hand.
 #[derive(Clone)]

@@ -9,9 +9,9 @@ use apalis_core::task::from_request::FromRequest;
 use tokio::sync::watch;
 
 use super::error::JobError;
+use super::queue::{ClaimedJob, Queue};
 use super::scripts::FencedScript;
 use super::spec::JobSpec;
-use super::store::{ClaimedJob, Queue};
 
 /// The lease of one claimed job, handed to the handler as an extractor (`lease: Lease`).
 ///

@@ -31,9 +31,11 @@ mod error;
 mod keys;
 mod layer;
 mod lease;
+#[allow(clippy::module_inception)] // `queue::queue` holds `Queue`, the type a reader looks for
+mod queue;
 mod scripts;
 mod spec;
-mod store;
+mod stats;
 mod target;
 
 pub use backend::{LeaseBackend, WorkerOptions};
@@ -42,10 +44,11 @@ pub use connection::{MasterInfo, RedisConn};
 pub use error::{JobError, QueueError, SettleError};
 pub use layer::{LeaseLayer, LeaseService};
 pub use lease::Lease;
+pub use queue::{
+    AttemptRecord, Claim, ClaimedJob, FailOutcome, JobInfo, Queue, ReapReport, ReaperHandle,
+    Settled, glob_prefix,
+};
 pub use scripts::FencedScript;
 pub use spec::{Enqueued, JobSpec};
-pub use store::{
-    AttemptRecord, Claim, ClaimedJob, FailOutcome, GroupStats, JobInfo, Queue, QueueStats,
-    ReapReport, ReaperHandle, Settled, SlotStats, glob_prefix,
-};
+pub use stats::{GroupStats, QueueStats, SlotStats};
 pub use target::{RedisTarget, SentinelTarget, TargetError};

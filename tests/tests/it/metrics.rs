@@ -7,11 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use labfleet_tests::redis_server::RedisServer;
 use labfleet_tests::wait::wait_for;
-use pve_sim::{Sim, SimConfig};
-use shared::config::{DataPaths, load};
-use shared::jobs::state::Store;
 use tokio_util::sync::CancellationToken;
 
 const DEPLOYMENT: &str = "name: metrics-lab\nmachines:\n  - {device_type: linux, name: pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
@@ -80,41 +76,21 @@ fn sum(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_deployment() {
-    let redis = RedisServer::start();
+    let mut o = labfleet_tests::lab::LabOpts::new(DEPLOYMENT, STUDENTS);
+    o.time_scale = 0.02;
+    o.caps = labfleet_tests::lab::Caps {
+        per_node: Some(2),
+        linked_per_storage: Some(2),
+        ..Default::default()
+    };
+    o.queue = Some(|q| {
+        q.idle_poll = Duration::from_millis(100);
+        labfleet_tests::retries::fast(q);
+    });
+    let lab = labfleet_tests::lab::Lab::start(o).await.unwrap();
     let root = labfleet_tests::bins::root();
-    let mut sc = SimConfig::from_cluster_file(&root.join("data/sim/cluster.yml")).unwrap();
-    sc.time_scale = 0.02;
-    let sim = Sim::start(sc).await.unwrap();
-    let data = tempfile::tempdir().unwrap();
-    std::fs::write(
-        data.path().join("connections.yml"),
-        format!(
-            "lab:\n  host: \"127.0.0.1:{}\"\n  user: root@pam\n  token_name: labfleet\n  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n  fingerprint: \"{}\"\n  max_parallel_clones: {{per_node: 2, linked_per_storage: 2}}\n",
-            sim.addr().port(),
-            sim.fingerprint().unwrap()
-        ),
-    )
-    .unwrap();
-    std::fs::write(data.path().join("deployment_config.yml"), DEPLOYMENT).unwrap();
-    let users: String = (1..=STUDENTS)
-        .map(|i| format!("  - \"student{i}@pve\"\n"))
-        .collect();
-    std::fs::write(data.path().join("users.yml"), format!("users:\n{users}")).unwrap();
-    let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-    let key = shared::secret::SecretKey::generate();
-    let mut qcfg = shared::jobs::queue_config();
-    qcfg.idle_poll = Duration::from_millis(100);
-    labfleet_tests::retries::fast(&mut qcfg);
-    let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
-        .await
-        .unwrap();
-    let store = Store::new(queue.clone());
-
-    let mut wc = worker::WorkerConfig::new(redis.url(), data.path());
-    wc.queue = qcfg;
-    wc.name = Some("metrics-worker".into());
-    wc.secret_key = Some(key.clone());
-    wc.concurrency = 8;
+    let (sim, cfg, key, store) = (&lab.sim, &lab.cfg, &lab.key, &lab.store);
+    let mut wc = lab.worker_config("metrics-worker");
     wc.metrics = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let bound = wc.metrics_bound.clone();
     let shutdown = CancellationToken::new();
@@ -308,7 +284,7 @@ async fn metrics_count_a_known_deployment() {
     };
     let (result, ()) = tokio::join!(worker, flow);
     result.expect("worker ran and stopped cleanly");
-    sim.shutdown().await;
+    lab.sim.shutdown().await;
 }
 
 /// Series Prometheus makes itself (not served by the worker), which panels and rules may use.

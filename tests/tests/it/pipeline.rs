@@ -5,83 +5,44 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
-use labfleet_tests::redis_server::RedisServer;
+use labfleet_tests::lab::{Caps, LabOpts};
 use labfleet_tests::wait::wait_for;
 use producer::deploy::{Listing, Status};
-use pve_sim::{Fault, Sim, SimConfig, SimHandle};
-use shared::config::{Config, DataPaths, load};
-use shared::jobs::state::Store;
+use pve_sim::Fault;
+use shared::config::{DataPaths, load};
 use shared::pve::{Auth, ClientConfig, PveClient, TlsPolicy, parse_fingerprint};
-use shared::queue::QueueConfig;
-use shared::secret::SecretKey;
-use tokio_util::sync::CancellationToken;
 
-fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+/// The shared lab with this file's settings: short leases, quick retries, caps 3 per node
+/// and 2 linked clones per storage.
+pub(crate) struct Lab(pub(crate) labfleet_tests::lab::Lab);
 
-/// One lab: Redis, the simulator, a data folder aimed at it, the key, the store.
-struct Lab {
-    redis: RedisServer,
-    sim: SimHandle,
-    data: tempfile::TempDir,
-    cfg: Config,
-    key: SecretKey,
-    qcfg: QueueConfig,
-    store: Store,
+impl std::ops::Deref for Lab {
+    type Target = labfleet_tests::lab::Lab;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Lab {
-    async fn new(time_scale: f64, users: &[&str], deployment: &str) -> Lab {
-        let redis = RedisServer::start();
-        let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml")).unwrap();
-        sc.time_scale = time_scale;
-        let sim = Sim::start(sc).await.unwrap();
-        let data = tempfile::tempdir().unwrap();
-        std::fs::write(
-            data.path().join("connections.yml"),
-            format!(
-                "lab:\n  host: \"127.0.0.1:{}\"\n  user: root@pam\n  token_name: labfleet\n  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n  fingerprint: \"{}\"\n  max_parallel_clones: {{per_node: 3, linked_per_storage: 2}}\n",
-                sim.addr().port(),
-                sim.fingerprint().unwrap()
-            ),
-        )
-        .unwrap();
-        std::fs::write(data.path().join("deployment_config.yml"), deployment).unwrap();
-        let list: String = users.iter().map(|u| format!("  - \"{u}\"\n")).collect();
-        std::fs::write(data.path().join("users.yml"), format!("users:\n{list}")).unwrap();
-        let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let mut qcfg = shared::jobs::queue_config();
-        qcfg.lease = Duration::from_secs(5);
-        qcfg.reap_every = Duration::from_millis(500);
-        qcfg.idle_poll = Duration::from_millis(100);
-        labfleet_tests::retries::fast(&mut qcfg);
-        let queue = shared::queue::Queue::connect(&redis.url(), qcfg.clone())
-            .await
-            .unwrap();
-        Lab {
-            redis,
-            sim,
-            data,
-            cfg,
-            key: SecretKey::generate(),
-            qcfg,
-            store: Store::new(queue),
-        }
+    pub(crate) async fn new(time_scale: f64, users: &[&str], deployment: &str) -> Lab {
+        let mut o = LabOpts::new(deployment, 0);
+        o.time_scale = time_scale;
+        o.users = users.iter().map(|u| (*u).to_owned()).collect();
+        o.caps = Caps {
+            per_node: Some(3),
+            linked_per_storage: Some(2),
+            ..Caps::default()
+        };
+        o.queue = Some(labfleet_tests::lab::quick_queue);
+        Lab(labfleet_tests::lab::Lab::start(o).await.unwrap())
     }
 
     fn users(n: usize) -> Vec<String> {
-        (1..=n).map(|i| format!("student{i}@pve")).collect()
+        labfleet_tests::lab::students(n)
     }
 
-    fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
-    }
-
-    async fn submit(&self) -> (String, shared::plan::Plan) {
-        producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
-            .await
-            .unwrap()
+    pub(crate) async fn submit(&self) -> (String, shared::plan::Plan) {
+        self.0.submit().await.unwrap()
     }
 
     /// The deployment's state as `producer status` reads it (the workers' counters).
@@ -138,7 +99,8 @@ impl Lab {
 
     /// Runs `flow` while `n` in-process workers consume the queue; stops them after.
     async fn with_workers<F: Future<Output = ()>>(&self, n: usize, flow: F) {
-        self.with_workers_timed(n, shared::jobs::Timing::default(), flow)
+        self.0
+            .with_workers(n, shared::jobs::Timing::default(), flow)
             .await
     }
 
@@ -149,26 +111,7 @@ impl Lab {
         timing: shared::jobs::Timing,
         flow: F,
     ) {
-        let shutdown = CancellationToken::new();
-        let mut workers = Vec::new();
-        for i in 0..n {
-            let mut wc = worker::WorkerConfig::new(self.redis.url(), self.data.path());
-            wc.timing = timing.clone();
-            wc.queue = self.qcfg.clone();
-            wc.name = Some(format!("w{i}"));
-            wc.secret_key = Some(self.key.clone());
-            wc.concurrency = 8;
-            workers.push(worker::run(wc, shutdown.child_token()));
-        }
-        let workers = futures::future::join_all(workers);
-        let flow = async {
-            flow.await;
-            shutdown.cancel();
-        };
-        let ((), results) = tokio::join!(flow, workers);
-        for r in results {
-            r.expect("worker ran and stopped cleanly");
-        }
+        self.0.with_workers(n, timing, flow).await
     }
 }
 
@@ -835,7 +778,7 @@ async fn plant_foreign_backup(lab: &Lab, vmid: u32, node: &str) {
         "127.0.0.1",
         Auth::Password {
             user: "root@pam".into(),
-            password: shared::secret::Secret::new("labfleet"),
+            password: shared::secret::Secret::new(labfleet_tests::lab::ROOT_PW),
         },
     );
     cc.port = lab.sim.addr().port();
@@ -853,13 +796,19 @@ async fn plant_foreign_backup(lab: &Lab, vmid: u32, node: &str) {
 
 /// The connections file with root's password (a ticket may use skiplock), for the workers.
 fn root_password_connections(lab: &Lab) {
-    let p = lab.data.path().join("connections.yml");
-    let text = std::fs::read_to_string(&p).unwrap();
-    let text = text.replace("  token_name: labfleet\n", "").replace(
-        "  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n",
-        "  password: labfleet\n",
+    let caps = Caps {
+        per_node: Some(3),
+        linked_per_storage: Some(2),
+        ..Caps::default()
+    };
+    let text = labfleet_tests::lab::connection_yaml(
+        "lab",
+        lab.sim.addr().port(),
+        &lab.sim.fingerprint().unwrap(),
+        labfleet_tests::lab::Auth::Password,
+        caps,
     );
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(lab.data.path().join("connections.yml"), text).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 
 use labfleet_tests::bins::bin;
 use labfleet_tests::fleet::{Fleet, WorkerOpts};
+use labfleet_tests::lab::{Auth, Lab, LabOpts, LabRedis, ROOT_PW, TOKEN_SECRET};
 use labfleet_tests::redis_server::{RedisOptions, RedisServer};
-use labfleet_tests::sentinel::SentinelSet;
 use labfleet_tests::wait::wait_for;
-use pve_sim::{Fault, FaultPlan, Sim, SimConfig, SimHandle};
+use pve_sim::{Fault, FaultPlan, SimConfig};
 use serde_json::Value;
-use shared::config::{Config, DataPaths, load};
-use shared::jobs::state::Store;
 use shared::plan::Plan;
-use shared::pve::{Method, PveClient};
+use shared::pve::Method;
 use shared::queue::{JobSpec, Queue};
 use shared::secret::SecretKey;
 
@@ -31,11 +29,6 @@ use shared::secret::SecretKey;
 /// timing against the lease; running them one at a time keeps a 2-core machine's load (and
 /// so the figures) honest, whatever the test harness runs beside them.
 pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The root password of the simulated cluster. Not the demo's `labfleet`: that word is the
-/// project's name and appears in every marker, so a scan for it would prove nothing.
-pub(crate) const ROOT_PW: &str = "Rel1ab-root-pw-7c41e9";
-const TOKEN_SECRET: &str = "5e1f0c2a-7d43-4b9e-a8c1-3f2d9b6e0a71";
 
 pub(crate) const TWO_MACHINES: &str = "name: rel-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
 
@@ -70,16 +63,22 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Auth {
-    Token,
-    Password,
-}
-
+/// The clone caps of a rig (full clones: 2 per storage).
 #[derive(Clone, Copy)]
 pub(crate) struct Caps {
     per_node: u64,
     linked_per_storage: u64,
+}
+
+impl From<Caps> for labfleet_tests::lab::Caps {
+    fn from(c: Caps) -> Self {
+        labfleet_tests::lab::Caps {
+            per_node: Some(c.per_node as u32),
+            linked_per_storage: Some(c.linked_per_storage as u32),
+            full_per_storage: Some(2),
+            max_requests: None,
+        }
+    }
 }
 
 pub(crate) struct RigOpts {
@@ -119,95 +118,50 @@ impl Default for RigOpts {
     }
 }
 
-/// One lab: Redis, the simulator, a data folder aimed at it, the key, the producer's store
-/// and a fleet of worker processes.
+/// The shared lab and a fleet of worker processes on it.
 pub(crate) struct Rig {
-    /// The one server, or `None` with `sentinels`.
-    pub(crate) redis: Option<RedisServer>,
-    sentinels: Option<SentinelSet>,
-    /// What the producer and the workers are given.
-    pub(crate) redis_url: String,
-    pub(crate) sim: SimHandle,
-    pub(crate) data: tempfile::TempDir,
-    pub(crate) cfg: Config,
-    pub(crate) key: SecretKey,
-    pub(crate) store: Store,
+    lab: Lab,
     pub(crate) fleet: Fleet,
     caps: Caps,
 }
 
-pub(crate) fn connection_yaml(name: &str, port: u16, fp: &str, auth: Auth, caps: Caps) -> String {
-    let auth = match auth {
-        Auth::Token => format!("  token_name: labfleet\n  token_secret: \"{TOKEN_SECRET}\"\n"),
-        Auth::Password => format!("  password: \"{ROOT_PW}\"\n"),
-    };
-    format!(
-        "{name}:\n  host: \"127.0.0.1:{port}\"\n  user: root@pam\n{auth}  fingerprint: \"{fp}\"\n  max_parallel_clones: {{per_node: {}, linked_per_storage: {}, full_per_storage: 2}}\n",
-        caps.per_node, caps.linked_per_storage
-    )
+impl std::ops::Deref for Rig {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
 }
 
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+}
+
+/// `users.yml` with `student1@pve` .. `student<n>@pve`.
 pub(crate) fn users_yaml(n: usize) -> String {
-    let list: String = (1..=n)
-        .map(|i| format!("  - \"student{i}@pve\"\n"))
-        .collect();
-    format!("users:\n{list}")
+    labfleet_tests::lab::users_yaml(&labfleet_tests::lab::students(n))
 }
 
 impl Rig {
     pub(crate) async fn new(o: RigOpts) -> Rig {
-        let (redis, sentinels) = match o.sentinel {
-            None => (Some(RedisServer::start_with(o.redis.clone())), None),
-            Some(pw) => (None, Some(SentinelSet::start(pw))),
+        let mut lo = LabOpts::new(&o.deployment, o.users);
+        lo.time_scale = o.time_scale;
+        lo.auth = o.auth;
+        lo.caps = o.caps.into();
+        lo.redis = match o.sentinel {
+            None => LabRedis::Single(o.redis.clone()),
+            Some(pw) => LabRedis::Sentinel(pw),
         };
-        let redis_url = match (&redis, &sentinels) {
-            (Some(r), _) => r.url(),
-            (_, Some(s)) => s.url(),
-            _ => unreachable!(),
-        };
-        let mut sc = SimConfig::from_cluster_file(
-            &labfleet_tests::bins::root().join("data/sim/cluster.yml"),
-        )
-        .unwrap();
-        sc.time_scale = o.time_scale;
-        sc.seed = seed();
-        sc.cluster.api.auth_failure_delay_seconds = 0.0;
-        for u in &mut sc.cluster.users {
-            if u.userid == "root@pam" {
-                u.password = Some(ROOT_PW.to_owned());
-                for t in &mut u.tokens {
-                    t.secret = TOKEN_SECRET.to_owned();
-                }
-            }
-        }
-        if let Some(setup) = o.sim_setup {
-            setup(&mut sc);
-        }
-        let sim = Sim::start(sc).await.unwrap();
-        let data = tempfile::tempdir().unwrap();
-        let fp = sim.fingerprint().unwrap();
-        std::fs::write(
-            data.path().join("connections.yml"),
-            connection_yaml("lab", sim.addr().port(), &fp, o.auth, o.caps),
-        )
-        .unwrap();
-        std::fs::write(data.path().join("deployment_config.yml"), &o.deployment).unwrap();
-        std::fs::write(data.path().join("users.yml"), users_yaml(o.users)).unwrap();
-        let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let queue = Queue::connect(&redis_url, shared::jobs::queue_config())
-            .await
-            .unwrap();
-        let key = o.key.unwrap_or_else(SecretKey::generate);
-        let fleet = Fleet::new(&redis_url, data.path(), key.to_base64().expose(), o.workers);
+        lo.seed = Some(seed());
+        lo.sim_setup = o
+            .sim_setup
+            .map(|f| Box::new(f) as Box<dyn FnOnce(&mut SimConfig) + Send>);
+        lo.key = o.key;
+        let lab = Lab::start(lo).await.unwrap();
+        let fleet = lab.fleet(o.workers);
         Rig {
-            redis,
-            sentinels,
-            redis_url,
-            sim,
-            data,
-            cfg,
-            key,
-            store: Store::new(queue),
+            lab,
             fleet,
             caps: o.caps,
         }
@@ -217,21 +171,8 @@ impl Rig {
         self.store.queue()
     }
 
-    pub(crate) fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
-    }
-
     async fn submit(&self) -> (String, Plan) {
-        producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
-            .await
-            .unwrap()
-    }
-
-    pub(crate) async fn state(&self, id: &str) -> String {
-        producer::deploy::status(&self.store, id)
-            .await
-            .map(|s| s.state.to_string())
-            .unwrap_or_default()
+        self.lab.submit().await.unwrap()
     }
 
     /// Waits for the deployment's state; on timeout fails with what was still open.
@@ -1024,15 +965,10 @@ async fn p4_proxmox_faults_at_20_percent() {
 
 /// Runs the producer binary against the rig's data folder and Redis.
 pub(crate) fn producer(rig: &Rig, args: &[&str], extra: &[&str]) -> Output {
-    Command::new(bin("producer"))
-        .arg("--data-dir")
-        .arg(rig.data.path())
-        .arg("--redis")
-        .arg(&rig.redis_url)
+    rig.producer_cmd()
         .args(extra)
         .args(args)
         .env("LABFLEET_SECRET_KEY", rig.key.to_base64().expose())
-        .env_remove("RUST_LOG")
         .output()
         .expect("running the producer binary")
 }
@@ -1337,8 +1273,8 @@ async fn p8_no_secret_in_redis_logs_or_errors() {
     let caps = rig.caps;
     let conn = format!(
         "{}{}bad:\n  host: \"127.0.0.1:{port}\"\n  user: nobody@pam\n  password: \"{ROOT_PW}\"\n  fingerprint: \"{fp}\"\n",
-        connection_yaml("tok", port, &fp, Auth::Token, caps),
-        connection_yaml("pw", port, &fp, Auth::Password, caps),
+        labfleet_tests::lab::connection_yaml("tok", port, &fp, Auth::Token, caps.into()),
+        labfleet_tests::lab::connection_yaml("pw", port, &fp, Auth::Password, caps.into()),
     );
     let d = rig.data.path().to_owned();
     std::fs::write(d.join("connections.yml"), conn).unwrap();

@@ -10,83 +10,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::pipeline::Lab;
 use labfleet_tests::bins::{bin, root};
 use labfleet_tests::browser::{Browser, Driver};
 use labfleet_tests::fleet::{Fleet, WorkerOpts};
-use labfleet_tests::redis_server::RedisServer;
 use labfleet_tests::wait::wait_for;
-use pve_sim::{Sim, SimConfig, SimHandle};
 use serde_json::{Value, json};
-use shared::config::{Config, DataPaths, load};
 use shared::jobs::state::Store;
-use shared::pve::PveClient;
-use shared::secret::SecretKey;
 
 const TWO_MACHINES: &str = "name: web-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
 
-/// Redis, the simulator, a data folder aimed at it, the key and the store.
-struct Lab {
-    redis: RedisServer,
-    sim: SimHandle,
-    data: tempfile::TempDir,
-    cfg: Config,
-    key: SecretKey,
-    store: Store,
-}
-
+/// What the dashboard's tests add to `it::pipeline`'s lab (the same caps and leases).
 impl Lab {
-    async fn new(users: &[&str], time_scale: f64) -> Lab {
-        let redis = RedisServer::start();
-        let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml")).unwrap();
-        sc.time_scale = time_scale;
-        sc.cluster.api.auth_failure_delay_seconds = 0.0;
-        let sim = Sim::start(sc).await.unwrap();
-        let data = tempfile::tempdir().unwrap();
-        std::fs::write(
-            data.path().join("connections.yml"),
-            format!(
-                "lab:\n  host: \"127.0.0.1:{}\"\n  user: root@pam\n  token_name: labfleet\n  token_secret: a3058775-b2df-4b2b-9997-bdc0e3d45c01\n  fingerprint: \"{}\"\n  max_parallel_clones: {{per_node: 3, linked_per_storage: 2}}\n",
-                sim.addr().port(),
-                sim.fingerprint().unwrap()
-            ),
-        )
-        .unwrap();
-        std::fs::write(data.path().join("deployment_config.yml"), TWO_MACHINES).unwrap();
-        let list: String = users.iter().map(|u| format!("  - \"{u}\"\n")).collect();
-        std::fs::write(data.path().join("users.yml"), format!("users:\n{list}")).unwrap();
-        let cfg = load(&DataPaths::in_dir(data.path()), None).unwrap();
-        let queue = shared::queue::Queue::connect(&redis.url(), shared::jobs::queue_config())
-            .await
-            .unwrap();
-        Lab {
-            redis,
-            sim,
-            data,
-            cfg,
-            key: SecretKey::generate(),
-            store: Store::new(queue),
-        }
-    }
-
-    fn pve(&self) -> PveClient {
-        producer::deploy::connect_pve(&self.cfg, Some(&self.key)).unwrap()
-    }
-
-    async fn submit(&self) -> (String, shared::plan::Plan) {
-        producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
-            .await
-            .unwrap()
+    async fn web(users: &[&str], time_scale: f64) -> Lab {
+        Lab::new(time_scale, users, TWO_MACHINES).await
     }
 
     fn fleet(&self) -> Fleet {
-        Fleet::new(
-            &self.redis.url(),
-            self.data.path(),
-            self.key.to_base64().expose(),
-            WorkerOpts::default(),
-        )
+        self.0.fleet(WorkerOpts::default())
     }
 
     /// The VMs in the simulator that are not templates.
@@ -96,13 +39,8 @@ impl Lab {
 
     /// Runs the producer binary against this lab.
     fn producer(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("producer"))
-            .arg("--data-dir")
-            .arg(self.data.path())
-            .arg("--redis")
-            .arg(self.redis.url())
+        self.producer_cmd()
             .args(args)
-            .env_remove("RUST_LOG")
             .env_remove("LABFLEET_WEB_ADMIN_TOKEN")
             .env_remove("LABFLEET_WEB_VIEWER_TOKEN")
             .stdin(Stdio::null())
@@ -127,7 +65,7 @@ impl Serve {
         cmd.arg("--data-dir")
             .arg(lab.data.path())
             .arg("--redis")
-            .arg(lab.redis.url())
+            .arg(&lab.redis_url)
             .args(["serve", "--listen", "127.0.0.1:0"]);
         if tokens {
             let admin = dir.path().join("admin");
@@ -283,7 +221,7 @@ fn save_png(path: &Path, png: &[u8]) {
 async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     // anna@ldap does not exist in the simulator's `ldap` realm: her student job fails with
     // Proxmox's permanent error, and with it her two VMs, until the admin creates her.
-    let lab = Lab::new(&["student1@pve", "student2@pve", "anna@ldap"], 0.05).await;
+    let lab = Lab::web(&["student1@pve", "student2@pve", "anna@ldap"], 0.05).await;
     let mut fleet = lab.fleet();
     fleet.spawn();
     fleet.spawn();
@@ -620,7 +558,7 @@ async fn viewer(http: &reqwest::Client, url: &str) -> (reqwest::Response, Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_live_viewers_share_one_redis_reader() {
-    let lab = Lab::new(&["student1@pve", "student2@pve"], 0.05).await;
+    let lab = Lab::web(&["student1@pve", "student2@pve"], 0.05).await;
     let (id, _) = lab.submit().await;
     let serve = Serve::start(&lab, false);
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -1,5 +1,7 @@
 //! `Queue`: typed async operations over the Lua scripts. No apalis types here; the worker glue
-//! (`backend`, `layer`) and the producer both use this.
+//! (`backend`, `layer`) and the producer both use this. One file: every method is a call of
+//! one script over the same keys and shares its encoding of replies; splitting it would
+//! split that protocol across files.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use super::error::QueueError;
 use super::keys::Keys;
 use super::scripts::{self, FencedScript};
 use super::spec::{Enqueued, JobSpec, WireSpec};
+use super::stats::{GroupStats, QueueStats, SlotStats};
 
 /// A handle on one queue (one namespace) in Redis. Cheap to clone; every clone shares one
 /// multiplexed connection that reconnects by itself (to the same server, or to the master the
@@ -94,46 +97,6 @@ pub struct ReapReport {
     pub purged: u64,
 }
 
-/// Counts of one queue; every figure is one O(1) Redis read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Due and waiting for a worker.
-    pub ready: u64,
-    /// Waiting for a delay or a retry backoff.
-    pub scheduled: u64,
-    /// Waiting for predecessors (also: blocked behind a dead predecessor).
-    pub gated: u64,
-    /// Due but parked until a concurrency slot frees.
-    pub waiting_for_slot: u64,
-    /// Claimed and leased.
-    pub in_flight: u64,
-    /// Dead letters.
-    pub dead: u64,
-    /// Jobs finished (a counter: not decremented when a done record expires).
-    pub done: u64,
-    /// Cancelled.
-    pub cancelled: u64,
-    /// Acks since the queue was created.
-    pub acked_total: u64,
-    /// How long the oldest ready job has been due.
-    pub oldest_ready_age: Option<Duration>,
-}
-
-/// Counts of one concurrency key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SlotStats {
-    /// The cap, if one is set.
-    pub cap: Option<u32>,
-    /// Jobs holding the key now (running, or kept across a lost lease).
-    pub held: u64,
-    /// Jobs parked until the key has room.
-    pub waiting: u64,
-    /// Most holders ever seen at once (recorded atomically at claim).
-    pub high_water: u64,
-    /// How long the first parked job has been due.
-    pub oldest_waiting_age: Option<Duration>,
-}
-
 /// How a failed attempt settles (see [`Queue::fail`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FailOutcome<'a> {
@@ -166,51 +129,6 @@ impl<'a> FailOutcome<'a> {
             delay: Duration::ZERO,
             keep_slots: false,
         }
-    }
-}
-
-/// Counts of one group, by state.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GroupStats {
-    /// Due, waiting for a worker.
-    pub ready: u64,
-    /// Delayed or backing off.
-    pub scheduled: u64,
-    /// Waiting for predecessors.
-    pub gated: u64,
-    /// Parked on a concurrency key.
-    pub waiting_for_slot: u64,
-    /// Running.
-    pub in_flight: u64,
-    /// Dead letters.
-    pub dead: u64,
-    /// Done.
-    pub done: u64,
-    /// Cancelled.
-    pub cancelled: u64,
-}
-
-impl GroupStats {
-    /// Jobs that may still run: due, delayed, parked on a slot or running.
-    pub fn runnable(&self) -> u64 {
-        self.ready + self.scheduled + self.in_flight + self.waiting_for_slot
-    }
-
-    /// Jobs not finished yet: the runnable ones and those waiting for predecessors.
-    pub fn open(&self) -> u64 {
-        self.runnable() + self.gated
-    }
-
-    /// Adds another group's counts (the teardowns an epoch waits for, summed).
-    pub fn add(&mut self, o: &GroupStats) {
-        self.ready += o.ready;
-        self.scheduled += o.scheduled;
-        self.gated += o.gated;
-        self.waiting_for_slot += o.waiting_for_slot;
-        self.in_flight += o.in_flight;
-        self.dead += o.dead;
-        self.done += o.done;
-        self.cancelled += o.cancelled;
     }
 }
 

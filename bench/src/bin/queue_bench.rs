@@ -8,7 +8,7 @@
 //! building the worker until the handler has run N times. Each side runs `ROUNDS` times,
 //! alternating, each round on a fresh queue name.
 //!
-//! `cargo run --release -p labfleet-tests --bin queue_bench -- [N] [C] [ROUNDS]`
+//! `cargo run --release -p bench --bin queue_bench -- [N] [C] [ROUNDS]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
