@@ -15,7 +15,8 @@ use shared::jobs::state::{
     self, DeploymentRecord, Phase, PlanDoc, StepState, Store, Totals, Versioned,
 };
 use shared::jobs::{keys, scope, teardown_jobs};
-use shared::placement::{self, NodeCapacity};
+use shared::capacity;
+use shared::placement::NodeCapacity;
 use shared::plan::{self, Facts, Plan, Template};
 use shared::pve::{ClusterResource, PveClient, PveError};
 use shared::queue::{GroupStats, Queue, QueueConfig};
@@ -93,12 +94,14 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
     let mut nodes = Vec::new();
     let mut shared_storage: BTreeMap<String, bool> = BTreeMap::new();
     let mut vms = Vec::new();
+    let mut storages = Vec::new();
     for r in resources {
         match r {
             ClusterResource::Node(n) => nodes.push(NodeCapacity {
                 online: n.status == "online",
                 maxmem: n.maxmem.unwrap_or(0),
                 mem: n.mem.unwrap_or(0),
+                committed: 0,
                 cpu: n.cpu.unwrap_or(0.0),
                 maxcpu: n.maxcpu.unwrap_or(0) as u32,
                 planned_elsewhere: 0,
@@ -106,6 +109,7 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             }),
             ClusterResource::Storage(s) => {
                 shared_storage.insert(s.storage.clone(), s.shared);
+                storages.push(capacity::StorageFree::from(&s));
             }
             ClusterResource::Vm(v) => vms.push(v),
             _ => {}
@@ -147,6 +151,7 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             storages,
             shared,
             maxmem: c.memory_mib().map(|m| m << 20).or(v.maxmem).unwrap_or(0),
+            disk: capacity::disk_bytes(&c.raw),
         });
     }
     let users = pve.users().await?.into_iter().map(|u| u.userid).collect();
@@ -158,12 +163,18 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             list.ifaces.into_iter().map(|i| i.iface).collect(),
         );
     }
+    let committed = capacity::committed_by_node(&vms);
+    for n in &mut nodes {
+        n.committed = committed.get(&n.name).copied().unwrap_or(0);
+    }
     Ok(Facts {
         nodes,
         templates,
         vmids_in_use: vms.iter().map(|v| v.vmid).collect(),
         users,
         ifaces,
+        vm_nodes: vms.iter().map(|v| (v.vmid, v.node.clone())).collect(),
+        storages,
     })
 }
 
@@ -175,9 +186,9 @@ pub fn student_password(key: &SecretKey, deployment: &str, user: &str) -> Secret
     Secret::new(s)
 }
 
-/// What other active deployments have planned per node (memory), for placement.
-async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
+/// What other active deployments have planned per node and not made yet (memory).
+async fn planned_elsewhere(store: &Store, id: &str, facts: &Facts) -> BTreeMap<String, u64> {
+    let mut plans = Vec::new();
     if let Ok(deps) = store.deployments().await {
         for d in deps
             .iter()
@@ -186,13 +197,11 @@ async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
             if let Ok(Some(p)) = store.plan_json(&d.id, d.epoch).await
                 && let Ok(p) = serde_json::from_str::<Plan>(&p)
             {
-                for v in &p.vms {
-                    *out.entry(v.node.clone()).or_default() += v.source.maxmem;
-                }
+                plans.push(p);
             }
         }
     }
-    out
+    capacity::planned_elsewhere(&plans, facts)
 }
 
 /// Plans the deployment. With `allocate`, VMIDs and bridges are reserved in Redis and what an
@@ -238,17 +247,11 @@ async fn plan_with(
                 .collect()
         })
         .unwrap_or_default();
-    let elsewhere = planned_elsewhere(store, &id).await;
+    let elsewhere = planned_elsewhere(store, &id, facts).await;
     for n in &mut facts.nodes {
         n.planned_elsewhere = elsewhere.get(&n.name).copied().unwrap_or(0);
     }
-    let demands = plan::demands(cfg, facts, &pinned);
-    let placement = placement::place(&demands, &facts.nodes).map_err(|e| {
-        Failure::new(
-            Exit::InvalidConfig,
-            anyhow::Error::new(e).context("placing students"),
-        )
-    })?;
+    let (placement, capacity) = crate::capacity::place(cfg, facts, &pinned, prior, allocate)?;
     let q = store.queue();
     // VMIDs.
     let mut vmids = BTreeMap::new();
@@ -345,7 +348,9 @@ async fn plan_with(
             }
         }
     }
-    Ok(plan::build(cfg, facts, placement, &vmids, &bridges))
+    let mut plan = plan::build(cfg, facts, placement, &vmids, &bridges);
+    plan.capacity = Some(capacity);
+    Ok(plan)
 }
 
 /// A deployment's record, moved to the current key layout first.

@@ -1,6 +1,7 @@
 //! The producer: validates a lab description, plans it, submits its jobs to Redis, and lets
 //! the admin watch, retry and tear down deployments. `main.rs` only calls [`main_with_args`].
 
+pub mod capacity;
 pub mod cli;
 pub mod cmd;
 pub mod deploy;

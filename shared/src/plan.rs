@@ -25,6 +25,9 @@ pub struct Template {
     /// Every disk on shared storage: clonable onto any node with `target`.
     pub shared: bool,
     pub maxmem: u64,
+    /// Total size of its disks (what a full clone of it writes).
+    #[serde(default)]
+    pub disk: u64,
 }
 
 /// What the producer reads from the cluster before planning.
@@ -37,6 +40,12 @@ pub struct Facts {
     pub users: BTreeSet<String>,
     /// node -> interface names.
     pub ifaces: BTreeMap<String, BTreeSet<String>>,
+    /// VMID -> node of every guest on the cluster (templates included).
+    #[serde(skip)]
+    pub vm_nodes: BTreeMap<u32, String>,
+    /// Every storage as each node sees it (used and total bytes), for full clones.
+    #[serde(skip)]
+    pub storages: Vec<crate::capacity::StorageFree>,
 }
 
 /// Where one machine's clone comes from on one node.
@@ -95,6 +104,9 @@ pub struct Plan {
     pub retired: Vec<VmPlan>,
     #[serde(default)]
     pub retired_students: Vec<StudentPlan>,
+    /// What the placement commits per node and storage (`capacity::of`), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::capacity::Capacity>,
 }
 
 impl Plan {
@@ -408,6 +420,7 @@ pub fn build(
         vmid_max,
         retired: Vec::new(),
         retired_students: Vec::new(),
+        capacity: None,
     }
 }
 
@@ -600,6 +613,7 @@ mod tests {
             online: true,
             maxmem: 64 << 30,
             mem: 0,
+            committed: 0,
             cpu: 0.0,
             maxcpu: 16,
             planned_elsewhere: 0,
@@ -611,6 +625,7 @@ mod tests {
             storages: vec!["local-lvm".into()],
             shared: false,
             maxmem: 2 << 30,
+            disk: 10 << 30,
         };
         Facts {
             nodes: vec![node("pve1"), node("pve2")],
