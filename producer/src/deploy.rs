@@ -9,13 +9,13 @@ use base64::Engine as _;
 use chrono::Utc;
 use serde::Serialize;
 use shared::alloc::{self, Space};
+use shared::capacity;
 use shared::clusters::{ConnectError, client_config};
 use shared::config::{Config, VmidPolicy};
 use shared::jobs::state::{
     self, DeploymentRecord, Phase, PlanDoc, StepState, Store, Totals, Versioned,
 };
 use shared::jobs::{keys, scope, teardown_jobs};
-use shared::capacity;
 use shared::placement::NodeCapacity;
 use shared::plan::{self, Facts, Plan, Template};
 use shared::pve::{ClusterResource, PveClient, PveError};

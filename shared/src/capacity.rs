@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CloneMode, Config};
 use crate::placement::{NodeCapacity, Placement};
-use crate::pve::{StorageResource, VmResource};
 use crate::plan::{self, Facts, Plan};
+use crate::pve::{StorageResource, VmResource};
 
 /// `memory_overcommit` when `connections.yml` does not set it.
 pub const DEFAULT_MEMORY_OVERCOMMIT: f64 = 1.5;
@@ -194,7 +194,11 @@ pub fn planned_elsewhere<'a>(
 ) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for p in plans {
-        for v in p.vms.iter().filter(|v| !facts.vm_nodes.contains_key(&v.vmid)) {
+        for v in p
+            .vms
+            .iter()
+            .filter(|v| !facts.vm_nodes.contains_key(&v.vmid))
+        {
             *out.entry(v.node.clone()).or_default() += v.source.maxmem;
         }
     }
@@ -275,10 +279,7 @@ pub fn of(
             n.adds_mem += mem;
         }
         for (st, bytes) in disks {
-            let shared = facts
-                .storages
-                .iter()
-                .any(|s| s.storage == st && s.shared);
+            let shared = facts.storages.iter().any(|s| s.storage == st && s.shared);
             let key = (st, (!shared).then(|| node.clone()));
             *storage_adds.entry(key).or_default() += bytes;
         }

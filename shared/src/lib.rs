@@ -6,6 +6,7 @@
 //! subscriber and reads no process-wide state except where a function says so.
 
 pub mod alloc;
+pub mod audit;
 pub mod capacity;
 pub mod clusters;
 pub mod config;

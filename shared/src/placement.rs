@@ -373,7 +373,10 @@ mod tests {
             .get("pve1")
             .copied()
             .unwrap_or(0);
-        assert_eq!(pve1.planned_elsewhere, 0, "its VMs exist: in `committed` only");
+        assert_eq!(
+            pve1.planned_elsewhere, 0,
+            "its VMs exist: in `committed` only"
+        );
         let p = place(&[student("s1", 4, &["pve1", "pve2"])], &[pve1, pve2]).unwrap();
         assert_eq!(p.nodes["s1"], "pve1");
         // Before the VMs exist, the plan's memory counts (and nothing is in `committed`).

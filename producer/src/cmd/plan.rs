@@ -114,7 +114,11 @@ fn capacity_table(cap: &shared::capacity::Capacity, out: &mut Out) {
             gib(s.adds),
             gib(s.free),
             gib(s.total),
-            if s.over { "  FULL (submit refuses)" } else { "" }
+            if s.over {
+                "  FULL (submit refuses)"
+            } else {
+                ""
+            }
         ));
     }
 }

@@ -25,7 +25,7 @@ pub use model::{
     NetSpec, SecretSource, TlsSetting, Users, VmidPolicy, parse_deployment_name, parse_fingerprint,
     slug_from_dir,
 };
-pub use operating::{DEFAULT_NODE_LOST_AFTER, Operating};
+pub use operating::Operating;
 pub use read::MAX_FILE_BYTES;
 
 use crate::secret::{Secret, SecretError, SecretKey, is_sealed, read_secret_file};

@@ -34,7 +34,7 @@ pub struct Connection {
     pub caps: Caps,
     /// Most concurrent HTTP requests one process sends to this cluster.
     pub max_requests: u32,
-    /// `memory_overcommit` and `node_lost_after` (`config::operating`).
+    /// `memory_overcommit` (`config::operating`).
     pub operating: super::operating::Operating,
 }
 
@@ -541,11 +541,7 @@ fn connection_from_raw(
         None => DEFAULT_MAX_REQUESTS,
     };
 
-    let (operating, more) = super::operating::from_raw(
-        cx.file,
-        raw.memory_overcommit.as_ref(),
-        raw.node_lost_after.as_ref(),
-    );
+    let (operating, more) = super::operating::from_raw(cx.file, raw.memory_overcommit.as_ref());
     cx.issues.extend(more);
     Some(Connection {
         name: name.to_owned(),

@@ -30,7 +30,6 @@ pub struct RawConnection {
     pub max_parallel_clones: Option<Spanned<RawCaps>>,
     pub max_requests: Option<Spanned<u32>>,
     pub memory_overcommit: Option<Spanned<f64>>,
-    pub node_lost_after: Option<Spanned<f64>>,
 }
 
 /// Concurrency caps for one cluster: `max_parallel_clones` in connections.yml.

@@ -42,7 +42,11 @@ async fn c1_a_class_that_does_not_fit_is_refused_and_nothing_is_made() {
     // `plan` shows the figures and marks the nodes over their limit (and still exits 0).
     let out = producer(&rig, &["plan"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("OVER (submit refuses)"), "{text}");
     assert!(text.contains("memory_overcommit 1.5"), "{text}");
     let out = producer(&rig, &["plan"], &["--json"]);
@@ -66,11 +70,26 @@ async fn c1_a_class_that_does_not_fit_is_refused_and_nothing_is_made() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
     let node = over[0]["node"].as_str().unwrap();
-    assert!(err.contains(&format!("node {node} would commit 7.5 GiB")), "{err}");
-    assert!(err.contains("may hold 6.0 GiB (4.0 GiB x memory_overcommit 1.5)"), "{err}");
-    assert!(err.contains("fewer students, another cluster, or a higher memory_overcommit for cluster lab"), "{err}");
+    assert!(
+        err.contains(&format!("node {node} would commit 7.5 GiB")),
+        "{err}"
+    );
+    assert!(
+        err.contains("may hold 6.0 GiB (4.0 GiB x memory_overcommit 1.5)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "fewer students, another cluster, or a higher memory_overcommit for cluster lab"
+        ),
+        "{err}"
+    );
     assert!(err.contains("nothing was submitted"), "{err}");
-    assert_eq!(snapshot(&rig).await, before, "a refused submit wrote nothing");
+    assert_eq!(
+        snapshot(&rig).await,
+        before,
+        "a refused submit wrote nothing"
+    );
     assert!(rig.store.deployments().await.unwrap().is_empty());
 
     // Six students fit (two per node); the same class with a higher ratio fits too.
@@ -78,7 +97,11 @@ async fn c1_a_class_that_does_not_fit_is_refused_and_nothing_is_made() {
     let yaml = std::fs::read_to_string(&conn).unwrap();
     std::fs::write(&conn, format!("{yaml}  memory_overcommit: 2.0\n")).unwrap();
     let out = producer(&rig, &["submit"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(rig.store.deployments().await.unwrap().len(), 1);
 }
 
@@ -106,7 +129,9 @@ async fn c2_full_clones_that_fill_a_storage_are_refused() {
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     let storages = doc["capacity"]["storages"].as_array().unwrap();
     assert!(
-        storages.iter().any(|s| s["over"] == true && s["storage"] == "local-lvm"),
+        storages
+            .iter()
+            .any(|s| s["over"] == true && s["storage"] == "local-lvm"),
         "{storages:?}"
     );
     for s in storages {
@@ -118,6 +143,13 @@ async fn c2_full_clones_that_fill_a_storage_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
     assert!(err.contains("storage local-lvm on pve"), "{err}");
-    assert!(err.contains("would need 30.0 GiB for full clones but has 26.0 GiB free of 100.0 GiB"), "{err}");
-    assert_eq!(snapshot(&rig).await, before, "a refused submit wrote nothing");
+    assert!(
+        err.contains("would need 30.0 GiB for full clones but has 26.0 GiB free of 100.0 GiB"),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&rig).await,
+        before,
+        "a refused submit wrote nothing"
+    );
 }
