@@ -67,10 +67,7 @@ pub fn connect_pve(cfg: &Config, key: Option<&SecretKey>) -> Result<PveClient, F
 fn disk_storages(cfg: &shared::pve::VmConfig) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in &cfg.raw {
-        let is_disk = ["scsi", "virtio", "ide", "sata", "efidisk", "tpmstate"]
-            .iter()
-            .any(|p| k.starts_with(p) && k[p.len()..].chars().all(|c| c.is_ascii_digit()));
-        if !is_disk {
+        if !capacity::is_disk_key(k) {
             continue;
         }
         if let Some(s) = v.as_str() {

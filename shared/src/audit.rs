@@ -256,6 +256,44 @@ pub async fn scan(pve: &PveClient, store: &Store, cluster: &str) -> Result<Repor
             found.push(Found { object, owner });
         }
     }
+    access(pve, store, cluster, &marked_vms, &mut lives, &mut found).await?;
+    for n in &nodes {
+        for i in pve.network_list(n, None).await?.ifaces {
+            if let Some(d) = comment_deployment(i.comments.as_deref()) {
+                let owner = lives.owner(d).await?;
+                let object = Debris::Bridge {
+                    node: n.clone(),
+                    iface: i.iface,
+                    deployment: d.to_owned(),
+                };
+                found.push(Found { object, owner });
+            }
+        }
+    }
+    let existing: BTreeSet<u32> = vms.iter().map(|v| v.vmid).collect();
+    volumes(
+        pve, store, cluster, &nodes, &storages, &refs, &existing, &mut lives, &mut found,
+    )
+    .await?;
+    found.sort_by(|a, b| a.object.cmp(&b.object));
+    let tombstones = tombstones(store, cluster).await?.len() as u64;
+    Ok(Report {
+        cluster: cluster.to_owned(),
+        found,
+        quarantined: store.quarantined(cluster).await?,
+        tombstones,
+    })
+}
+
+/// Marked pools and users, and the ACLs on them (or on marked VMs, or for marked users).
+async fn access(
+    pve: &PveClient,
+    store: &Store,
+    cluster: &str,
+    marked_vms: &BTreeMap<u32, String>,
+    lives: &mut Lives<'_>,
+    found: &mut Vec<Found>,
+) -> Result<(), AuditError> {
     let mut marked_pools = BTreeMap::new();
     for p in pve.pools().await? {
         if let Some(d) = comment_deployment(p.comment.as_deref()) {
@@ -313,32 +351,7 @@ pub async fn scan(pve: &PveClient, store: &Store, cluster: &str) -> Result<Repor
             found.push(Found { object, owner });
         }
     }
-    for n in &nodes {
-        for i in pve.network_list(n, None).await?.ifaces {
-            if let Some(d) = comment_deployment(i.comments.as_deref()) {
-                let owner = lives.owner(d).await?;
-                let object = Debris::Bridge {
-                    node: n.clone(),
-                    iface: i.iface,
-                    deployment: d.to_owned(),
-                };
-                found.push(Found { object, owner });
-            }
-        }
-    }
-    let existing: BTreeSet<u32> = vms.iter().map(|v| v.vmid).collect();
-    volumes(
-        pve, store, cluster, &nodes, &storages, &refs, &existing, &mut lives, &mut found,
-    )
-    .await?;
-    found.sort_by(|a, b| a.object.cmp(&b.object));
-    let tombstones = tombstones(store, cluster).await?.len() as u64;
-    Ok(Report {
-        cluster: cluster.to_owned(),
-        found,
-        quarantined: store.quarantined(cluster).await?,
-        tombstones,
-    })
+    Ok(())
 }
 
 /// VMID -> the deployment that last used it, from `tombs:<cluster>` (oldest first, so the

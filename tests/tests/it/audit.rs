@@ -96,6 +96,40 @@ async fn plant_foreign(rig: &Rig) {
         .await
         .unwrap();
     pve.wait_task(&upid, &WaitOptions::default()).await.unwrap();
+    // And a disk an admin's destroy left behind (a VMID no labfleet record names).
+    let params = CloneParams {
+        newid: 9101,
+        name: Some("admin-tmp".into()),
+        description: None,
+        pool: None,
+        target: None,
+        full: None,
+        storage: None,
+    };
+    let upid = pve.clone_vm("pve1", 100, &params).await.unwrap();
+    pve.wait_task(&upid, &WaitOptions::default()).await.unwrap();
+    leak_destroy(rig, "pve1", 9101).await;
+}
+
+/// Destroys a VM while a storage lock times out: its disk stays ("Could not remove disk").
+async fn leak_destroy(rig: &Rig, node: &str, vmid: u32) {
+    let pve = rig.pve();
+    rig.sim.inject(Fault::LockTimeouts { count: 1 });
+    let p = DestroyParams {
+        purge: true,
+        ..Default::default()
+    };
+    let upid = pve.destroy_vm(node, vmid, &p).await.unwrap();
+    let _ = pve.wait_task(&upid, &WaitOptions::default()).await;
+}
+
+async fn leaked(rig: &Rig, node: &str, storage: &str, vmid: u32) -> bool {
+    let content = rig
+        .pve()
+        .storage_content(node, storage, None)
+        .await
+        .unwrap();
+    content.iter().any(|e| e.vmid == Some(vmid as u64))
 }
 
 fn objects(doc: &Value, owner: &str) -> BTreeSet<String> {
@@ -126,7 +160,6 @@ async fn a1_audit_finds_debris_of_each_kind_and_fix_removes_exactly_it() {
     })
     .await;
     rig.fleet.spawn();
-    let pve = rig.pve();
     // A deployment that ran, then lost its Redis state, and one of whose VMs was destroyed
     // by hand while a storage lock timed out: the disk stayed ("Could not remove disk").
     run_ok(&rig, &["submit", "--wait"]);
@@ -141,23 +174,10 @@ async fn a1_audit_finds_debris_of_each_kind_and_fix_removes_exactly_it() {
         .iter()
         .find(|v| v.name.as_deref().is_some_and(|n| n.starts_with("gw-")))
         .unwrap();
-    rig.sim.inject(Fault::LockTimeouts { count: 1 });
-    let upid = pve
-        .destroy_vm(
-            &gw.node,
-            gw.vmid,
-            &DestroyParams {
-                purge: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let _ = pve.wait_task(&upid, &WaitOptions::default()).await;
-    let leaked = pve.storage_content("pve1", "ceph-vm", None).await.unwrap();
+    leak_destroy(&rig, &gw.node, gw.vmid).await;
     assert!(
-        leaked.iter().any(|e| e.vmid == Some(gw.vmid as u64)),
-        "the destroy left the disk of {}: {leaked:?}",
+        leaked(&rig, "pve1", "ceph-vm", gw.vmid).await,
+        "the destroy left the disk of {}",
         gw.vmid
     );
     forget(&rig, "gone-lab@lab", "student1@pve").await;
@@ -209,6 +229,14 @@ async fn a1_audit_finds_debris_of_each_kind_and_fix_removes_exactly_it() {
         .map(|k| format!("{k} \"live-lab@lab\""))
         .collect();
     assert_eq!(objects(&doc, "live-lab@lab"), live, "{doc:#}");
+    let not_ours: Vec<&Value> = doc["found"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["owner"]["by"] == "not-ours")
+        .collect();
+    assert_eq!(not_ours.len(), 1, "{doc:#}");
+    assert_eq!(not_ours[0]["object"]["vmid"], 9101);
     let text = String::from_utf8_lossy(&producer(&rig, &["audit"], &[]).stdout).into_owned();
     eprintln!("a1: producer audit:\n{text}");
     assert!(
@@ -283,10 +311,13 @@ async fn a1_audit_finds_debris_of_each_kind_and_fix_removes_exactly_it() {
         acls.iter().filter(|a| a.ugid == "student2@pve").count(),
     );
     assert_eq!(live_after, live_before);
-    let leaked = pve.storage_content("pve1", "ceph-vm", None).await.unwrap();
     assert!(
-        !leaked.iter().any(|e| e.vmid == Some(gw.vmid as u64)),
-        "{leaked:?}"
+        !leaked(&rig, "pve1", "ceph-vm", gw.vmid).await,
+        "the gone deployment's disk is freed"
+    );
+    assert!(
+        leaked(&rig, "pve1", "local-lvm", 9101).await,
+        "the admin's leaked disk stays"
     );
     let bridges: usize = ["pve1", "pve2", "pve3"]
         .iter()
