@@ -42,6 +42,7 @@ async fn c1_a_class_that_does_not_fit_is_refused_and_nothing_is_made() {
     // `plan` shows the figures and marks the nodes over their limit (and still exits 0).
     let out = producer(&rig, &["plan"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("c1: producer plan:\n{text}");
     assert!(
         out.status.success(),
         "{text}\n{}",
@@ -68,6 +69,7 @@ async fn c1_a_class_that_does_not_fit_is_refused_and_nothing_is_made() {
     // `submit` refuses: exit 7, the node, its figures and the fix; nothing written anywhere.
     let out = producer(&rig, &["submit"], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("c1: producer submit:\n{err}");
     assert_eq!(out.status.code(), Some(7), "{err}");
     let node = over[0]["node"].as_str().unwrap();
     assert!(
