@@ -375,7 +375,7 @@ pub async fn overhead(
     caps: lab::Caps,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let spec = overhead_spec(students, caps.clone());
+    let spec = overhead_spec(students, caps);
     println!(
         "overhead: data/ example x {students} students = {} VMs, --time-scale 0, {workers} worker processes x {conc}, caps {caps:?}",
         students * 2
@@ -563,7 +563,7 @@ async fn submit_breakdown(
     let plan_json = serde_json::to_string(&plan)?;
     let t_plan_json = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let specs = shared::plan::jobs(&plan, &format!("{}#0", plan.id), &BTreeMap::new());
+    let specs = shared::plan::jobs(plan, &format!("{}#0", plan.id), &BTreeMap::new());
     let t_jobs = t.elapsed().as_secs_f64();
     let scratch = shared::queue::Queue::connect(
         &lab.redis_url,

@@ -194,6 +194,18 @@ pub enum Command {
         after_help = "Examples:\n  producer workers\n  producer workers --json | jq '.[] | {name, in_flight}'"
     )]
     Workers,
+    /// Find what labfleet left on the cluster that no deployment in Redis owns; --fix removes it.
+    #[command(
+        after_help = "Lists every marked VM, pool, user, private bridge and ACL, every volume no VM config\nreferences, the quarantined VMIDs and the tombstones, with the live deployment that owns each.\nExit 8 when something nobody owns was found and not removed.\n\nExamples:\n  producer audit --cluster lab\n  producer audit --fix            # removes through the queue: needs a running worker\n  producer audit --json | jq '.found[] | select(.owner.by == \"nobody\")'"
+    )]
+    Audit {
+        /// Remove what nobody owns (through the queue, with teardown's safety rules).
+        #[arg(long)]
+        fix: bool,
+        /// With --fix: how long to wait for the workers to remove it, in seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Manage `enc:` secrets for connections.yml.
     #[command(
         subcommand,

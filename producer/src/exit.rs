@@ -16,6 +16,10 @@ pub enum Exit {
     ProxmoxUnreachable = 4,
     AuthRefused = 5,
     DeploymentFailed = 6,
+    /// `submit` refused a class that does not fit (memory_overcommit or a full storage).
+    CapacityRefused = 7,
+    /// `audit` found objects nobody owns and did not remove them.
+    AuditUnowned = 8,
 }
 
 impl From<Exit> for ExitCode {
@@ -32,7 +36,9 @@ Exit codes:
   3  Redis unreachable
   4  Proxmox unreachable or TLS failure
   5  authentication or permission refused
-  6  deployment finished with failures";
+  6  deployment finished with failures
+  7  capacity refused: the class does not fit (a node over memory_overcommit, or a full storage)
+  8  audit found objects no deployment owns (run `producer audit --fix` to remove them)";
 
 /// An error that carries the exit code it should end the process with.
 #[derive(Debug)]

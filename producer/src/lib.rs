@@ -106,6 +106,7 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
         )),
         Command::Serve(args) => cmd::serve::run(g, args, out).await,
         Command::Workers => cmd::workers::run(g, out).await,
+        Command::Audit { fix, timeout } => cmd::audit::run(g, *fix, *timeout, out).await,
         Command::Validate | Command::Secret(_) | Command::Completions { .. } => {
             unreachable!("handled above")
         }

@@ -4,11 +4,12 @@
 //! A node is eligible for a student when it is online and can hold every machine of the
 //! deployment: a template replica on that node, or a template on shared storage. Among the
 //! eligible nodes, memory ranks them: the student goes to the node with the most free
-//! memory as a share of its total (its total, minus what is in use, minus what this and
-//! other running deployments have already planned there), so nodes fill evenly and every
-//! node's clone slots get work; ties are broken by lower CPU load, then fewer students, then
-//! name. Overcommitting memory gives a warning, never a refusal: Proxmox itself has no
-//! admission control, and a lab's VMs rarely all run at full memory.
+//! memory as a share of its total (its total, minus the configured memory of the VMs on it,
+//! minus what this and other running deployments planned there and have not made yet: the
+//! figures of `capacity`, so a VM is counted once), so nodes fill evenly and every node's
+//! clone slots get work; ties are broken by lower CPU load, then fewer students, then name.
+//! Placement warns when a node's VMs would exceed its memory; whether that is too much
+//! (`memory_overcommit`) is `capacity`'s call, made by `submit`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,11 +21,16 @@ pub struct NodeCapacity {
     pub name: String,
     pub online: bool,
     pub maxmem: u64,
+    /// Memory in use now (reported by the node; not used to place: running VMs are in
+    /// `committed` already, and counting both took a running class twice).
     pub mem: u64,
+    /// The configured memory (`maxmem`) of every VM on the node, running or not.
+    pub committed: u64,
     /// CPU load as a fraction 0..1 of `maxcpu`.
     pub cpu: f64,
     pub maxcpu: u32,
-    /// Memory already promised to VMs that other running deployments will create here.
+    /// Memory promised to VMs that other running deployments will create here and have not
+    /// made yet (`capacity::planned_elsewhere`).
     pub planned_elsewhere: u64,
 }
 
@@ -83,7 +89,7 @@ pub fn place(
     let mut free: BTreeMap<&str, i64> = nodes
         .iter()
         .map(|n| {
-            let f = n.maxmem as i64 - n.mem as i64 - n.planned_elsewhere as i64;
+            let f = n.maxmem as i64 - n.committed as i64 - n.planned_elsewhere as i64;
             (n.name.as_str(), f)
         })
         .collect();
@@ -151,7 +157,7 @@ pub fn place(
         *f -= s.mem as i64;
         if before >= 0 && *f < 0 {
             warnings.push(format!(
-                "node {} would be overcommitted: its VMs' memory exceeds its free memory by {} MiB",
+                "node {} would be overcommitted: its VMs' memory exceeds its memory by {} MiB",
                 chosen.name,
                 (-*f) / (1024 * 1024)
             ));
@@ -193,6 +199,7 @@ mod tests {
             online,
             maxmem: maxmem_gib * GIB,
             mem: used_gib * GIB,
+            committed: used_gib * GIB,
             cpu: 0.1,
             maxcpu: 16,
             planned_elsewhere: 0,
@@ -341,5 +348,40 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("pve1: node is offline"), "{msg}");
         assert!(msg.contains("pve2: no replica"), "{msg}");
+    }
+
+    /// A running class's VMs are in the node's `mem`, in its `committed` and in that class's
+    /// plan. Placement used to subtract `mem` and `planned_elsewhere` both, so pve1 (half
+    /// taken by a running class of 32 GiB) looked full (64 - 32 - 32) and the student went to
+    /// pve2, whose 40 GiB of stopped VMs did not count at all (64 - 8). Counted once, by
+    /// configured memory, pve1 has the most room (32 GiB against 24).
+    #[test]
+    fn a_running_class_is_counted_once() {
+        use crate::plan::{Facts, Plan};
+        let mut pve1 = node("pve1", 64, 32, true);
+        let mut pve2 = node("pve2", 64, 40, true);
+        pve2.mem = 8 * GIB;
+        let mut facts = Facts::default();
+        let mut other: Plan = crate::plan::example_plan();
+        for (i, v) in other.vms.iter_mut().enumerate() {
+            v.node = "pve1".into();
+            v.vmid = 500 + i as u32;
+            v.source.maxmem = 16 * GIB;
+            facts.vm_nodes.insert(v.vmid, "pve1".into());
+        }
+        pve1.planned_elsewhere = crate::capacity::planned_elsewhere([&other], &facts)
+            .get("pve1")
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            pve1.planned_elsewhere, 0,
+            "its VMs exist: in `committed` only"
+        );
+        let p = place(&[student("s1", 4, &["pve1", "pve2"])], &[pve1, pve2]).unwrap();
+        assert_eq!(p.nodes["s1"], "pve1");
+        // Before the VMs exist, the plan's memory counts (and nothing is in `committed`).
+        facts.vm_nodes.clear();
+        let elsewhere = crate::capacity::planned_elsewhere([&other], &facts);
+        assert_eq!(elsewhere["pve1"], 32 * GIB);
     }
 }

@@ -54,6 +54,9 @@ pub enum LabRedis {
     Sentinel(Option<&'static str>),
 }
 
+/// A change to the simulated cluster before it starts.
+pub type SimSetup = Box<dyn FnOnce(&mut SimConfig) + Send>;
+
 /// What a lab is made of.
 pub struct LabOpts {
     pub time_scale: f64,
@@ -67,7 +70,7 @@ pub struct LabOpts {
     /// The simulator's seed (fault draws); `None`: the cluster file's.
     pub seed: Option<u64>,
     /// Changes the simulated cluster before it starts (objects an earlier version made).
-    pub sim_setup: Option<Box<dyn FnOnce(&mut SimConfig) + Send>>,
+    pub sim_setup: Option<SimSetup>,
     /// The secret key (default: a new one).
     pub key: Option<SecretKey>,
     /// Adjusts the queue settings of the store and of in-process workers.

@@ -27,13 +27,8 @@ pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
         plan.students.len(),
         plan.vms.len()
     ));
-    for (node, load) in &plan.placement.load {
-        out.line(format!(
-            "  {node}: {} students, {} MiB planned, {} MiB free after",
-            load.students,
-            load.planned_mem >> 20,
-            load.free_mem_after >> 20
-        ));
+    if let Some(cap) = &plan.capacity {
+        capacity_table(cap, out);
     }
     for t in &facts.templates {
         out.line(format!(
@@ -76,4 +71,54 @@ pub async fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
     }
     out.line("(VMIDs and bridge names are a preview; `submit` reserves them)");
     Ok(Exit::Ok)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 30) as f64)
+}
+
+/// Per node: students and VMs placed, memory committed (VMs on it + other deployments'
+/// planned + this plan) against the limit; per storage, full clones' disks against free.
+fn capacity_table(cap: &shared::capacity::Capacity, out: &mut Out) {
+    out.line(format!(
+        "  {:<10} {:>8} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "node", "students", "VMs", "on node", "others", "this plan", "committed", "memory", "limit"
+    ));
+    for n in &cap.nodes {
+        out.line(format!(
+            "  {:<10} {:>8} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}{}",
+            n.node,
+            n.students,
+            n.vms,
+            gib(n.existing_mem),
+            gib(n.elsewhere_mem),
+            gib(n.adds_mem),
+            gib(n.committed()),
+            gib(n.total_mem),
+            gib(n.limit_mem),
+            match (n.over, n.online) {
+                (true, _) => "  OVER (submit refuses)",
+                (false, false) => "  offline",
+                _ => "",
+            }
+        ));
+    }
+    out.line(format!(
+        "  (GiB; limit = memory x memory_overcommit {})",
+        cap.memory_overcommit
+    ));
+    for s in &cap.storages {
+        out.line(format!(
+            "  {}: {} GiB for full clones, {} GiB free of {}{}",
+            s.place(),
+            gib(s.adds),
+            gib(s.free),
+            gib(s.total),
+            if s.over {
+                "  FULL (submit refuses)"
+            } else {
+                ""
+            }
+        ));
+    }
 }

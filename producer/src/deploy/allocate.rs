@@ -25,9 +25,9 @@ pub struct Allocation {
     pub bridges: BTreeMap<String, String>,
 }
 
-/// What other active deployments have planned per node (memory), for placement.
-async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
+/// What other active deployments have planned per node and not made yet (memory).
+async fn planned_elsewhere(store: &Store, id: &str, facts: &Facts) -> BTreeMap<String, u64> {
+    let mut plans = Vec::new();
     if let Ok(deps) = store.deployments().await {
         for d in deps
             .iter()
@@ -36,13 +36,11 @@ async fn planned_elsewhere(store: &Store, id: &str) -> BTreeMap<String, u64> {
             if let Ok(Some(p)) = store.plan_json(&d.id, d.epoch).await
                 && let Ok(p) = serde_json::from_str::<Plan>(&p)
             {
-                for v in &p.vms {
-                    *out.entry(v.node.clone()).or_default() += v.source.maxmem;
-                }
+                plans.push(p);
             }
         }
     }
-    out
+    shared::capacity::planned_elsewhere(&plans, facts)
 }
 
 /// Plans the deployment. With [`AllocMode::Reserve`], VMIDs and bridges are reserved and
@@ -89,19 +87,18 @@ pub(super) async fn plan_with(
                 .collect()
         })
         .unwrap_or_default();
-    let elsewhere = planned_elsewhere(store, &id).await;
+    let elsewhere = planned_elsewhere(store, &id, facts).await;
     for n in &mut facts.nodes {
         n.planned_elsewhere = elsewhere.get(&n.name).copied().unwrap_or(0);
     }
-    let draft = plan::draft(cfg, facts, &pinned)?;
+    // Placement by the capacity figures; a submit is refused here, before any reservation.
+    let enforce = mode == AllocMode::Reserve;
+    let (placement, capacity) = super::capacity::place(cfg, facts, &pinned, prior, enforce)?;
+    let draft = plan::draft(cfg, facts, placement);
     let got = allocate(store, &cfg.cluster, facts, &draft, mode).await?;
-    Ok(plan::build(
-        cfg,
-        facts,
-        draft.placement,
-        &got.vmids,
-        &got.bridges,
-    ))
+    let mut plan = plan::build(cfg, facts, draft.placement, &got.vmids, &got.bridges);
+    plan.capacity = Some(capacity);
+    Ok(plan)
 }
 
 /// The one allocation step: every VMID and bridge name the draft needs.

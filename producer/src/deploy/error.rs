@@ -46,6 +46,15 @@ pub enum DeployError {
     Connect(ConnectError),
     #[error("placing students: {0}")]
     Placement(#[from] PlacementError),
+    /// The class does not fit (a node over `memory_overcommit`, or a full storage).
+    #[error(
+        "the class does not fit on cluster {cluster}; nothing was submitted:\n  {}",
+        refusals.join("\n  ")
+    )]
+    CapacityRefused {
+        cluster: String,
+        refusals: Vec<String>,
+    },
     #[error(
         "VMID {vmid} (vmid_base/vmid_stride) is already reserved by another deployment; choose another vmid_base"
     )]
@@ -89,6 +98,7 @@ impl DeployError {
             DeployError::Proxmox { source, .. }
             | DeployError::Connect(ConnectError::Pve(source)) => pve_exit(source),
             DeployError::Connect(_) => Exit::InvalidConfig,
+            DeployError::CapacityRefused { .. } => Exit::CapacityRefused,
             DeployError::NoDeployment { .. } | DeployError::NoPlan { .. } => Exit::Usage,
             DeployError::Encode(_) => Exit::Usage,
         }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use shared::capacity;
 use shared::config::Config;
 use shared::placement::NodeCapacity;
 use shared::plan::{Facts, Template};
@@ -10,10 +11,7 @@ use shared::pve::{ClusterResource, PveClient, PveError};
 fn disk_storages(cfg: &shared::pve::VmConfig) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in &cfg.raw {
-        let is_disk = ["scsi", "virtio", "ide", "sata", "efidisk", "tpmstate"]
-            .iter()
-            .any(|p| k.starts_with(p) && k[p.len()..].chars().all(|c| c.is_ascii_digit()));
-        if !is_disk {
+        if !capacity::is_disk_key(k) {
             continue;
         }
         if let Some(s) = v.as_str() {
@@ -37,12 +35,14 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
     let mut nodes = Vec::new();
     let mut shared_storage: BTreeMap<String, bool> = BTreeMap::new();
     let mut vms = Vec::new();
+    let mut storages = Vec::new();
     for r in resources {
         match r {
             ClusterResource::Node(n) => nodes.push(NodeCapacity {
                 online: n.status == "online",
                 maxmem: n.maxmem.unwrap_or(0),
                 mem: n.mem.unwrap_or(0),
+                committed: 0,
                 cpu: n.cpu.unwrap_or(0.0),
                 maxcpu: n.maxcpu.unwrap_or(0) as u32,
                 planned_elsewhere: 0,
@@ -50,6 +50,7 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             }),
             ClusterResource::Storage(s) => {
                 shared_storage.insert(s.storage.clone(), s.shared);
+                storages.push(capacity::StorageFree::from(&s));
             }
             ClusterResource::Vm(v) => vms.push(v),
             _ => {}
@@ -91,6 +92,7 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             storages,
             shared,
             maxmem: c.memory_mib().map(|m| m << 20).or(v.maxmem).unwrap_or(0),
+            disk: capacity::disk_bytes(&c.raw),
         });
     }
     let users = pve.users().await?.into_iter().map(|u| u.userid).collect();
@@ -102,11 +104,17 @@ pub async fn gather_facts(pve: &PveClient, cfg: &Config) -> Result<Facts, PveErr
             list.ifaces.into_iter().map(|i| i.iface).collect(),
         );
     }
+    let committed = capacity::committed_by_node(&vms);
+    for n in &mut nodes {
+        n.committed = committed.get(&n.name).copied().unwrap_or(0);
+    }
     Ok(Facts {
         nodes,
         templates,
         vmids_in_use: vms.iter().map(|v| v.vmid).collect(),
         users,
         ifaces,
+        vm_nodes: vms.iter().map(|v| (v.vmid, v.node.clone())).collect(),
+        storages,
     })
 }

@@ -1,10 +1,11 @@
 //! The producer's side of a deployment, one file per concern: `connect` (Redis, Proxmox),
-//! `facts` (what the cluster has), `allocate` (facts -> pure draft -> one allocation step ->
-//! plan), `submit`, `status` and `teardown`. Planning itself is pure (`shared::plan`); this
+//! `facts` (what the cluster has), `capacity` (placement by the figures `submit` enforces,
+//! exit 7), `allocate` (facts -> placement -> pure draft -> one allocation step -> plan), `submit`, `status` and `teardown`. Planning itself is pure (`shared::plan`); this
 //! module does the I/O. Every function returns a [`DeployError`], whose variant decides the
 //! exit code (in [`DeployError::exit`], the only place).
 
 mod allocate;
+mod capacity;
 mod connect;
 mod error;
 mod facts;

@@ -72,6 +72,8 @@ fn connection_from_raw(
     let tls = tls_from_raw(name, raw, cx, whole);
     let caps = caps_from_raw(raw, cx);
     let max_requests = max_requests_from_raw(raw, cx);
+    let (operating, more) = super::operating::from_raw(cx.file, raw.memory_overcommit.as_ref());
+    cx.issues.extend(more);
 
     Some(Connection {
         name: name.to_owned(),
@@ -81,6 +83,7 @@ fn connection_from_raw(
         tls: tls?,
         caps,
         max_requests,
+        operating,
     })
 }
 

@@ -267,7 +267,7 @@ fn machines_from_raw(
     let mut machines = Vec::new();
     let mut names: BTreeMap<String, u64> = BTreeMap::new();
     for m in &raw.machines.value {
-        if let Some(machine) = machine_from_raw(m, cx, &bridges, default_clone, &default_storage) {
+        if let Some(machine) = machine_from_raw(m, cx, bridges, default_clone, default_storage) {
             if let Some(line) = names.get(machine.name.as_str()) {
                 let i = cx.at(
                     &m.name,

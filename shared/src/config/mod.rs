@@ -14,6 +14,7 @@ mod deployment;
 mod ids;
 mod issue;
 mod model;
+mod operating;
 mod parse;
 mod raw;
 mod read;
@@ -29,6 +30,7 @@ pub use model::{
     DEFAULT_MAX_REQUESTS, DEFAULT_POOL_PATTERN, DEFAULT_ROLE, Deployment, DeviceType, Machine,
     NetSpec, SecretSource, TlsSetting, Users, VmidPolicy,
 };
+pub use operating::Operating;
 pub use parse::{parse_deployment_name, slug_from_dir};
 pub use read::MAX_FILE_BYTES;
 

@@ -30,6 +30,8 @@ pub struct Connection {
     pub caps: Caps,
     /// Most concurrent HTTP requests one process sends to this cluster.
     pub max_requests: u32,
+    /// `memory_overcommit` (`config::operating`).
+    pub operating: super::operating::Operating,
 }
 
 #[derive(Debug, Clone)]

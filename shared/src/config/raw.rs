@@ -29,6 +29,7 @@ pub struct RawConnection {
     pub verify_tls: Option<Spanned<bool>>,
     pub max_parallel_clones: Option<Spanned<RawCaps>>,
     pub max_requests: Option<Spanned<u32>>,
+    pub memory_overcommit: Option<Spanned<f64>>,
 }
 
 /// Concurrency caps for one cluster: `max_parallel_clones` in connections.yml.

@@ -178,6 +178,7 @@ impl Drop for InFlight<'_> {
 fn job_node(job: &Job) -> Option<(&str, &str)> {
     match job {
         Job::Student(_) | Job::StudentTeardown(_) | Job::TeardownFinish(_) => None,
+        Job::AuditRemove(_) => None,
         Job::NodeNetwork(j) | Job::NodeNetworkTeardown(j) => Some((&j.cluster, &j.node)),
         Job::Clone(j) => Some((&j.vm.cluster, &j.source_node)),
         Job::Network(j) => Some((&j.vm.cluster, &j.vm.node)),

@@ -1,6 +1,7 @@
 //! The job kinds of a deployment, each in its own module with its handler and its "already
 //! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
-//! `destroy`, `teardown` (per student and per node) and `finish` (a teardown's last job).
+//! `destroy`, `teardown` (per student and per node), `finish` (a teardown's last job) and
+//! `audit` (`audit-remove`: one unowned object `producer audit --fix` found).
 //! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
 //! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
 //!
@@ -12,6 +13,7 @@
 //! ([`PveError::is_transient`]), never by message text. Only workers run handlers; the
 //! producer reuses the checks for `plan`, `retry` and `teardown`.
 
+pub mod audit;
 pub mod cache;
 pub mod clone;
 pub mod counters;
@@ -182,7 +184,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     };
     // The finish job records nothing of its own: its outcome is the deployment's phase, and
     // the records of its scope are what it removes.
-    let records = !matches!(job, Job::TeardownFinish(_));
+    let records = !matches!(job, Job::TeardownFinish(_) | Job::AuditRemove(_));
     if records {
         let _ = env
             .store
@@ -200,6 +202,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::StudentTeardown(j) => teardown::student(j, &lease, &env).await,
         Job::NodeNetworkTeardown(j) => teardown::node_network(j, &lease, &env).await,
         Job::TeardownFinish(j) => finish::run(j, &lease, &env).await,
+        Job::AuditRemove(j) => audit::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -257,6 +260,7 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Start(j) => (j.vm.key.clone(), "start"),
         Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
         Job::TeardownFinish(j) => (format!("teardown:{}", j.epoch), "finish"),
+        Job::AuditRemove(j) => (j.object.describe(), "audit-remove"),
     }
 }
 
@@ -273,7 +277,8 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         | Job::NodeNetwork(_)
         | Job::NodeNetworkTeardown(_)
         | Job::Destroy(_)
-        | Job::TeardownFinish(_) => None,
+        | Job::TeardownFinish(_)
+        | Job::AuditRemove(_) => None,
     }
 }
 

@@ -22,6 +22,7 @@ pub enum Job {
     StudentTeardown(StudentJob),
     NodeNetworkTeardown(NodeNetworkJob),
     TeardownFinish(TeardownFinishJob),
+    AuditRemove(crate::jobs::audit::AuditRemoveJob),
 }
 
 impl Job {
@@ -37,6 +38,7 @@ impl Job {
             Job::StudentTeardown(_) => "student-teardown",
             Job::NodeNetworkTeardown(_) => "node-network-teardown",
             Job::TeardownFinish(_) => "teardown-finish",
+            Job::AuditRemove(_) => "audit-remove",
         }
     }
 
@@ -50,6 +52,7 @@ impl Job {
             Job::Start(j) => &j.vm.deployment,
             Job::Destroy(j) => &j.vm.deployment,
             Job::TeardownFinish(j) => &j.deployment,
+            Job::AuditRemove(j) => &j.audit,
         }
     }
 
@@ -70,6 +73,7 @@ pub const KINDS: &[&str] = &[
     "student-teardown",
     "node-network-teardown",
     "teardown-finish",
+    "audit-remove",
 ];
 
 /// Which VM a job is about.

@@ -83,6 +83,28 @@ fn payload_snapshots() {
                 jobs: vec!["netlab@lab#0/vm/student2@pve/student-pc/clone".into()],
             }),
         }),
+        Job::AuditRemove(audit::AuditRemoveJob {
+            cluster: "lab".into(),
+            audit: "audit@lab#1700000000000".into(),
+            object: crate::audit::Debris::Vm {
+                node: "pve1".into(),
+                vmid: 4100,
+                deployment: "gone@lab".into(),
+                key: "student1@pve/pc".into(),
+                epoch: 1,
+            },
+        }),
+        Job::AuditRemove(audit::AuditRemoveJob {
+            cluster: "lab".into(),
+            audit: "audit@lab#1700000000000".into(),
+            object: crate::audit::Debris::Volume {
+                node: "pve1".into(),
+                storage: "local-lvm".into(),
+                volid: "local-lvm:vm-4100-disk-0".into(),
+                vmid: Some(4100),
+                deployment: None,
+            },
+        }),
     ];
     let got: Vec<String> = jobs
         .iter()
@@ -98,6 +120,8 @@ fn payload_snapshots() {
         r#"{"kind":"destroy","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"vmid":1000,"epoch":2}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":3}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":0,"prune":{"round":"1700000000000","vms":["student2@pve/student-pc"],"users":["student2@pve"],"bridges":[["pve1","student2@pve hq"]],"jobs":["netlab@lab#0/vm/student2@pve/student-pc/clone"]}}"#,
+        r#"{"kind":"audit-remove","cluster":"lab","audit":"audit@lab#1700000000000","object":{"type":"vm","node":"pve1","vmid":4100,"deployment":"gone@lab","key":"student1@pve/pc","epoch":1}}"#,
+        r#"{"kind":"audit-remove","cluster":"lab","audit":"audit@lab#1700000000000","object":{"type":"volume","node":"pve1","storage":"local-lvm","volid":"local-lvm:vm-4100-disk-0","vmid":4100,"deployment":null}}"#,
     ];
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {

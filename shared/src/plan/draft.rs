@@ -1,14 +1,14 @@
-//! The pure step between the cluster's facts and the allocation in Redis: where each student
-//! goes, and which VMID and bridge reservations the plan needs (their owners, ranges and the
+//! The pure step between the placement and the allocation in Redis: which VMID and bridge
+//! reservations the plan needs (their owners, ranges and the
 //! numbers the cluster already uses). `plan` previews a draft, `submit` reserves it; both
 //! then [`build`](super::build) the same plan from it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{Config, VmidPolicy};
-use crate::placement::{self, Placement, PlacementError};
+use crate::placement::Placement;
 
-use super::{Facts, bridge_owner, demands, fixed_vmid, private_aliases, vm_key, vm_owner};
+use super::{Facts, bridge_owner, fixed_vmid, private_aliases, vm_key, vm_owner};
 
 /// The VMIDs a plan needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,14 +42,9 @@ pub struct Draft {
     pub bridge_range: (u32, u32),
 }
 
-/// Places the students (pinned ones stay on their node) and lists the reservations.
-pub fn draft(
-    cfg: &Config,
-    facts: &Facts,
-    pinned: &BTreeMap<String, String>,
-) -> Result<Draft, PlacementError> {
+/// Lists the reservations `placement` needs.
+pub fn draft(cfg: &Config, facts: &Facts, placement: Placement) -> Draft {
     let id = super::deployment_id(cfg);
-    let placement = placement::place(&demands(cfg, facts, pinned), &facts.nodes)?;
     let mut owners = Vec::new();
     for (ui, u) in cfg.users.users.iter().enumerate() {
         for (mi, m) in cfg.deployment.machines.iter().enumerate() {
@@ -99,10 +94,10 @@ pub fn draft(
             owners,
         })
         .collect();
-    Ok(Draft {
+    Draft {
         placement,
         vmids,
         bridges,
         bridge_range: cfg.deployment.bridge_range,
-    })
+    }
 }

@@ -1,6 +1,6 @@
 //! Planning a deployment: from the validated configuration and the cluster's facts to the
 //! list of students, VMs, bridges and jobs. Pure (no I/O): the producer gathers the facts,
-//! makes a [`draft`] (placement and the reservations it needs), allocates them in Redis in one
+//! places the students, makes a [`draft`] (the reservations the placement needs), allocates them in Redis in one
 //! step, then calls [`build`] and [`jobs`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +29,9 @@ pub struct Template {
     /// Every disk on shared storage: clonable onto any node with `target`.
     pub shared: bool,
     pub maxmem: u64,
+    /// Total size of its disks (what a full clone of it writes).
+    #[serde(default)]
+    pub disk: u64,
 }
 
 /// What the producer reads from the cluster before planning.
@@ -41,6 +44,12 @@ pub struct Facts {
     pub users: BTreeSet<String>,
     /// node -> interface names.
     pub ifaces: BTreeMap<String, BTreeSet<String>>,
+    /// VMID -> node of every guest on the cluster (templates included).
+    #[serde(skip)]
+    pub vm_nodes: BTreeMap<u32, String>,
+    /// Every storage as each node sees it (used and total bytes), for full clones.
+    #[serde(skip)]
+    pub storages: Vec<crate::capacity::StorageFree>,
 }
 
 /// Where one machine's clone comes from on one node.
@@ -99,6 +108,9 @@ pub struct Plan {
     pub retired: Vec<VmPlan>,
     #[serde(default)]
     pub retired_students: Vec<StudentPlan>,
+    /// What the placement commits per node and storage (`capacity::of`), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::capacity::Capacity>,
 }
 
 impl Plan {
@@ -412,6 +424,7 @@ pub fn build(
         vmid_max,
         retired: Vec::new(),
         retired_students: Vec::new(),
+        capacity: None,
     }
 }
 
@@ -604,6 +617,7 @@ mod tests {
             online: true,
             maxmem: 64 << 30,
             mem: 0,
+            committed: 0,
             cpu: 0.0,
             maxcpu: 16,
             planned_elsewhere: 0,
@@ -615,6 +629,7 @@ mod tests {
             storages: vec!["local-lvm".into()],
             shared: false,
             maxmem: 2 << 30,
+            disk: 10 << 30,
         };
         Facts {
             nodes: vec![node("pve1"), node("pve2")],
@@ -633,7 +648,8 @@ mod tests {
             "pve1".into(),
             ["vmbr0", "vmbr1000"].map(String::from).into(),
         );
-        let d = draft(&cfg, &f, &BTreeMap::new()).unwrap();
+        let placement = place(&demands(&cfg, &f, &BTreeMap::new()), &f.nodes).unwrap();
+        let d = draft(&cfg, &f, placement);
         let id = deployment_id(&cfg);
         let n_vms = cfg.users.users.len() * cfg.deployment.machines.len();
         match &d.vmids {

@@ -127,13 +127,13 @@ async fn metrics_count_a_known_deployment() {
         assert_eq!(get(&before, "labfleet_queue_up", &[]), 1.0);
         assert_eq!(sum(&before, "labfleet_queue_jobs", &[]), 0.0);
 
-        let pve = producer::deploy::connect_pve(&cfg, Some(&key)).unwrap();
-        let (id, plan) = producer::deploy::submit(&cfg, &pve, &store, Some(&key))
+        let pve = producer::deploy::connect_pve(cfg, Some(key)).unwrap();
+        let (id, plan) = producer::deploy::submit(cfg, &pve, store, Some(key))
             .await
             .unwrap();
         assert_eq!(plan.vms.len() as u64, VMS);
         wait_for(Duration::from_secs(90), "deployment done", || async {
-            producer::deploy::status(&store, &id)
+            producer::deploy::status(store, &id)
                 .await
                 .map(|s| s.state == "done")
                 .unwrap_or(false)

@@ -156,7 +156,7 @@ impl Rig {
         lo.seed = Some(seed());
         lo.sim_setup = o
             .sim_setup
-            .map(|f| Box::new(f) as Box<dyn FnOnce(&mut SimConfig) + Send>);
+            .map(|f| Box::new(f) as labfleet_tests::lab::SimSetup);
         lo.key = o.key;
         let lab = Lab::start(lo).await.unwrap();
         let fleet = lab.fleet(o.workers);

@@ -78,6 +78,7 @@ fn every_subcommand_help_has_an_example() {
         "completions",
         "serve",
         "workers",
+        "audit",
     ];
     for sub in subs {
         let o = producer(&[sub, "--help"], Duration::from_secs(20));
