@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::cmd::{context, progress};
-use crate::deploy::{self, Listing, Status};
+use crate::deploy::{self, DeploymentState, Listing, Status};
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 use shared::jobs::state::Store;
@@ -57,7 +57,7 @@ pub async fn with_table(
 }
 
 pub fn exit_for(st: &Status) -> Exit {
-    if st.state == "failed" {
+    if st.state == DeploymentState::Failed {
         Exit::DeploymentFailed
     } else {
         Exit::Ok
@@ -133,7 +133,7 @@ pub async fn wait_until_finished(
             out.err_line(&line);
             last = line;
         }
-        if matches!(st.state.as_str(), "done" | "failed" | "torn-down") {
+        if st.state.is_settled() {
             bar.finish();
             return Ok(st);
         }

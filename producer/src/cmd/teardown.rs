@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::cmd::{context, progress};
-use crate::deploy;
+use crate::deploy::{self, DeploymentState};
 use crate::exit::{Exit, Failure};
 use crate::output::Out;
 
@@ -20,7 +20,7 @@ pub async fn run(
     let started = deploy::teardown(&store, &id).await?;
     if started.already_torn_down {
         if g.json {
-            out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
+            out.json(&serde_json::json!({"id": id, "state": DeploymentState::TornDown.as_str()}));
         } else {
             out.line(format!("{id} is torn down already"));
         }
@@ -32,7 +32,7 @@ pub async fn run(
     if !wait {
         if g.json {
             out.json(
-                &serde_json::json!({"id": id, "state": "tearing-down", "epoch": started.epoch}),
+                &serde_json::json!({"id": id, "state": DeploymentState::TearingDown.as_str(), "epoch": started.epoch}),
             );
         }
         return Ok(Exit::Ok);
@@ -50,7 +50,7 @@ pub async fn run(
         if p.finished {
             bar.finish();
             if g.json {
-                out.json(&serde_json::json!({"id": id, "state": "torn-down"}));
+                out.json(&serde_json::json!({"id": id, "state": DeploymentState::TornDown.as_str()}));
             } else {
                 out.line(format!("{id} torn down"));
             }
