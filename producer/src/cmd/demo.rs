@@ -120,7 +120,8 @@ pub async fn run(
         let code = status::watch(&store, &id, g.json, out, Duration::from_millis(300)).await?;
         let took = started.elapsed();
         let dir: PathBuf = std::env::temp_dir();
-        let handout = handout::write(&store, &pve, &id, &key, &dir).await?;
+        let console = handout::console_base(&cfg, &store, &pve, &id, out).await?;
+        let handout = handout::write(&store, &pve, &id, &key, &dir, console.as_deref()).await?;
         if !g.json {
             out.line(format!("finished in {:.1} s", took.as_secs_f64()));
             out.line(handout.describe());

@@ -32,6 +32,8 @@ pub struct Connection {
     pub credential: Credential,
     pub tls: TlsSetting,
     pub caps: Caps,
+    /// VM starts at once on one node (`max_parallel_starts.per_node`, default 4).
+    pub starts_per_node: u32,
     /// Most concurrent HTTP requests one process sends to this cluster.
     pub max_requests: u32,
 }
@@ -219,6 +221,9 @@ pub struct Deployment {
     pub pool_pattern: String,
     pub role: String,
     pub start: bool,
+    /// Take a baseline snapshot before the first start (`baseline: true`).
+    #[serde(default)]
+    pub baseline: bool,
     pub bridge_range: (u32, u32),
     pub vmids: VmidPolicy,
     pub vlan_base: Option<u16>,
@@ -539,6 +544,11 @@ fn connection_from_raw(
         None => DEFAULT_MAX_REQUESTS,
     };
 
+    let starts_per_node = super::classroom::starts_per_node(
+        raw.max_parallel_starts.as_ref(),
+        cx.file,
+        &mut *cx.issues,
+    );
     Some(Connection {
         name: name.to_owned(),
         host: host?,
@@ -546,6 +556,7 @@ fn connection_from_raw(
         credential: credential?,
         tls: tls?,
         caps,
+        starts_per_node,
         max_requests,
     })
 }
@@ -850,6 +861,7 @@ pub fn deployment_from_raw(
         None => Some(DEFAULT_ROLE.to_owned()),
     };
     let start = raw.start.as_ref().is_some_and(|s| s.value);
+    let baseline = raw.baseline.as_ref().is_some_and(|s| s.value);
     let bridge_range = match &raw.bridge_range {
         Some(r) => cx.check(r, Some("e.g. `bridge_range: vmbr1000-vmbr4999`"), |s| {
             let (a, b) = parse_range(s, "vmbr")?;
@@ -1022,6 +1034,7 @@ pub fn deployment_from_raw(
         pool_pattern: pool_pattern.expect("no issues"),
         role: role.expect("no issues"),
         start,
+        baseline,
         bridge_range: bridge_range.expect("no issues"),
         vmids: vmids.expect("no issues"),
         vlan_base,

@@ -184,6 +184,9 @@ fn job_node(job: &Job) -> Option<(&str, &str)> {
         Job::Permission(j) => Some((&j.vm.cluster, &j.vm.node)),
         Job::Start(j) => Some((&j.vm.cluster, &j.vm.node)),
         Job::Destroy(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Baseline(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Power(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Reset(j) => Some((&j.vm.cluster, &j.vm.node)),
     }
 }
 

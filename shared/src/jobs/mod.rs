@@ -1,6 +1,8 @@
 //! The job kinds of a deployment, each in its own module with its handler and its "already
 //! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
-//! `destroy`, `teardown` (per student and per node) and `finish` (a teardown's last job).
+//! `destroy`, `teardown` (per student and per node) and `finish` (a teardown's last job);
+//! `baseline` (the snapshot a reset returns to), and the operations on a deployment's VMs:
+//! `power` (start, stop, shutdown) and `reset`.
 //! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
 //! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
 //!
@@ -12,6 +14,7 @@
 //! ([`PveError::is_transient`]), never by message text. Only workers run handlers; the
 //! producer reuses the checks for `plan`, `retry` and `teardown`.
 
+pub mod baseline;
 pub mod cache;
 pub mod clone;
 pub mod counters;
@@ -21,6 +24,8 @@ pub mod network;
 pub mod node_network;
 pub mod payload;
 pub mod permission;
+pub mod power;
+pub mod reset;
 pub mod start;
 pub mod state;
 pub mod student;
@@ -180,7 +185,9 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     };
     // The finish job records nothing of its own: its outcome is the deployment's phase, and
     // the records of its scope are what it removes.
-    let records = !matches!(job, Job::TeardownFinish(_));
+    // Operations (power, reset) are read back from their job records, not step records: a
+    // VM's steps are those of its making, whatever is done to it later.
+    let records = !matches!(job, Job::TeardownFinish(_) | Job::Power(_) | Job::Reset(_));
     if records {
         let _ = env
             .store
@@ -198,6 +205,9 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::StudentTeardown(j) => teardown::student(j, &lease, &env).await,
         Job::NodeNetworkTeardown(j) => teardown::node_network(j, &lease, &env).await,
         Job::TeardownFinish(j) => finish::run(j, &lease, &env).await,
+        Job::Baseline(j) => baseline::run(j, &lease, &env).await,
+        Job::Power(j) => power::run(j, &lease, &env).await,
+        Job::Reset(j) => reset::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -255,6 +265,9 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Start(j) => (j.vm.key.clone(), "start"),
         Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
         Job::TeardownFinish(j) => (format!("teardown:{}", j.epoch), "finish"),
+        Job::Baseline(j) => (j.vm.key.clone(), "baseline"),
+        Job::Power(j) => (j.vm.key.clone(), j.action.as_str()),
+        Job::Reset(j) => (j.vm.key.clone(), "reset"),
     }
 }
 
@@ -266,6 +279,8 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         Job::Network(j) => Some(&j.vm.node),
         Job::Permission(j) => Some(&j.vm.node),
         Job::Start(j) => Some(&j.vm.node),
+        Job::Baseline(j) => Some(&j.vm.node),
+        Job::Power(_) | Job::Reset(_) => None,
         Job::Student(_)
         | Job::StudentTeardown(_)
         | Job::NodeNetwork(_)

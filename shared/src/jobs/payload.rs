@@ -22,6 +22,9 @@ pub enum Job {
     StudentTeardown(StudentJob),
     NodeNetworkTeardown(NodeNetworkJob),
     TeardownFinish(TeardownFinishJob),
+    Baseline(crate::jobs::baseline::BaselineJob),
+    Power(crate::jobs::power::PowerJob),
+    Reset(crate::jobs::reset::ResetJob),
 }
 
 impl Job {
@@ -37,6 +40,9 @@ impl Job {
             Job::StudentTeardown(_) => "student-teardown",
             Job::NodeNetworkTeardown(_) => "node-network-teardown",
             Job::TeardownFinish(_) => "teardown-finish",
+            Job::Baseline(_) => "baseline",
+            Job::Power(_) => "power",
+            Job::Reset(_) => "reset",
         }
     }
 
@@ -50,6 +56,9 @@ impl Job {
             Job::Start(j) => &j.vm.deployment,
             Job::Destroy(j) => &j.vm.deployment,
             Job::TeardownFinish(j) => &j.deployment,
+            Job::Baseline(j) => &j.vm.deployment,
+            Job::Power(j) => &j.vm.deployment,
+            Job::Reset(j) => &j.vm.deployment,
         }
     }
 
@@ -70,6 +79,9 @@ pub const KINDS: &[&str] = &[
     "student-teardown",
     "node-network-teardown",
     "teardown-finish",
+    "baseline",
+    "power",
+    "reset",
 ];
 
 /// Which VM a job is about.
@@ -331,5 +343,10 @@ pub mod keys {
     }
     pub fn prune_finish(dep: &str, round: &str) -> String {
         format!("{dep}/prune/{round}/finish")
+    }
+    /// One VM's part of operation `op` (`start`, `stop`, `shutdown`, `reset`): each
+    /// operation's keys are new, so it runs even when an earlier one's jobs are kept done.
+    pub fn op_vm(dep: &str, op: &str, vm: &str, action: &str) -> String {
+        format!("{dep}/op/{op}/vm/{vm}/{action}")
     }
 }

@@ -60,6 +60,17 @@ fn payload_snapshots() {
             role: "PVEVMUser".into(),
         }),
         Job::Start(StartJob { vm: vm() }),
+        Job::Baseline(crate::jobs::baseline::BaselineJob { vm: vm() }),
+        Job::Power(crate::jobs::power::PowerJob {
+            vm: vm(),
+            op: "20261202T060000-1a2b".into(),
+            action: crate::jobs::power::PowerAction::Shutdown,
+            timeout_secs: Some(120),
+        }),
+        Job::Reset(crate::jobs::reset::ResetJob {
+            vm: vm(),
+            op: "20261202T060000-1a2b".into(),
+        }),
         Job::Destroy(DestroyJob {
             vm: vm(),
             vmid: Some(1000),
@@ -95,6 +106,9 @@ fn payload_snapshots() {
         r#"{"kind":"network","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"nics":[{"model":"virtio","bridge":"vmbr1000","tag":100,"firewall":null}]}"#,
         r#"{"kind":"permission","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"user":"student1@pve","role":"PVEVMUser"}"#,
         r#"{"kind":"start","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
+        r#"{"kind":"baseline","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
+        r#"{"kind":"power","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"op":"20261202T060000-1a2b","action":"shutdown","timeout_secs":120}"#,
+        r#"{"kind":"reset","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"op":"20261202T060000-1a2b"}"#,
         r#"{"kind":"destroy","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"vmid":1000,"epoch":2}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":3}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":0,"prune":{"round":"1700000000000","vms":["student2@pve/student-pc"],"users":["student2@pve"],"bridges":[["pve1","student2@pve hq"]],"jobs":["netlab@lab#0/vm/student2@pve/student-pc/clone"]}}"#,

@@ -1,6 +1,7 @@
 //! labfleet's integration tests, one binary (one link step) with a module per area.
 //! Shared support (a real redis-server on a free port, the simulator, binaries) lives in the
 //! `labfleet_tests` library (`tests/src`).
+mod classroom;
 mod cli;
 mod compose;
 mod lifecycle;

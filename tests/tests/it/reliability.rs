@@ -223,7 +223,7 @@ impl Rig {
             .unwrap()
     }
 
-    async fn submit(&self) -> (String, Plan) {
+    pub(crate) async fn submit(&self) -> (String, Plan) {
         producer::deploy::submit(&self.cfg, &self.pve(), &self.store, Some(&self.key))
             .await
             .map_err(|f| f.error)
