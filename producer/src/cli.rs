@@ -164,6 +164,20 @@ pub enum Command {
         after_help = "A running VM is stopped, rolled back and started again; a stopped one stays stopped. A VM\nwithout the baseline snapshot fails with its own message (exit 6).\n\nExamples:\n  producer reset demo-lab@lab --student student3\n  producer reset demo-lab@lab --vm student-pc --json"
     )]
     Reset(OpArgs),
+    /// What is coming and what ran of the deployment's schedule (`schedule:` in the deployment file).
+    #[command(
+        after_help = "Examples:\n  producer schedule demo-lab@lab\n  producer schedule demo-lab@lab --skip next        # skip the next occurrence\n  producer schedule demo-lab@lab --extend 30m       # move the next shutdown (or the expiry) later\n  producer schedule demo-lab@lab --json | jq '.coming[0]'"
+    )]
+    Schedule {
+        /// Deployment id; default: the data folder's.
+        id: Option<String>,
+        /// Skip an occurrence: `next`, or its id (`2026-12-07T08:00`, local start).
+        #[arg(long, value_name = "NEXT")]
+        skip: Option<String>,
+        /// Move the next shutdown, or the expiry when it comes first, later by DURATION (`30m`, `1h`).
+        #[arg(long, value_name = "DURATION")]
+        extend: Option<String>,
+    },
     /// Queue the failed parts of a deployment again.
     #[command(after_help = "Examples:\n  producer retry demo-lab@lab\n  producer retry --json")]
     Retry {

@@ -537,6 +537,7 @@ pub async fn submit_with(
         }
         store.queue().enqueue_batch(&specs).await.map_err(redis)?;
         ensure_teardowns(store, &rec).await?;
+        crate::cmd::schedule::install(cfg, store, &id, &plan).await?;
         tracing::info!(deployment = %id, jobs = specs.len(), vms = plan.vms.len(), "submitted");
         return Ok((id, plan, done));
     }

@@ -99,6 +99,9 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
             cmd::power::run(g, OpKind::Power(PowerAction::Shutdown), a, out).await
         }
         Command::Reset(a) => cmd::reset::run(g, a, out).await,
+        Command::Schedule { id, skip, extend } => {
+            cmd::schedule::run(g, id, skip.as_deref(), extend.as_deref(), out).await
+        }
         Command::Retry { id } => cmd::retry::run(g, id, out).await,
         Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,
         Command::List => cmd::list::run(g, out).await,

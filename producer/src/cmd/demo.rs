@@ -27,7 +27,12 @@ pub async fn run(
     serve: Option<SocketAddr>,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let cfg = common::load_config(g, out)?;
+    let mut cfg = common::load_config(g, out)?;
+    // The demo also shows the classroom: a baseline to reset to, and a weekly schedule.
+    cfg.deployment.baseline = true;
+    if cfg.deployment.schedule.is_none() {
+        cfg.deployment.schedule = Some(demo_schedule());
+    }
     // Bound first, so a taken port fails before anything starts.
     let listener = match serve {
         Some(addr) => {
@@ -133,6 +138,9 @@ pub async fn run(
                 stats["peak_concurrent_clones"]["nodes"]
             ));
         }
+        if !g.json {
+            classroom(&store, &plan, &cfg, out).await?;
+        }
         Ok::<Exit, Failure>(code)
     };
     let flow = async {
@@ -154,6 +162,51 @@ pub async fn run(
     sim.shutdown().await;
     cleanup(&queue, &ns).await;
     result
+}
+
+/// The demo's schedule: Mondays and Thursdays 08:00-09:30 in Berlin.
+fn demo_schedule() -> shared::config::schedule::Schedule {
+    use chrono::NaiveTime;
+    let at = |h, m| NaiveTime::from_hms_opt(h, m, 0).expect("valid time");
+    shared::config::schedule::Schedule {
+        timezone: "Europe/Berlin".into(),
+        start_before_secs: 600,
+        warn_before_secs: 600,
+        expires_at: None,
+        windows: vec![shared::config::schedule::Window {
+            days: vec![0, 3],
+            date: None,
+            start: at(8, 0),
+            end: at(9, 30),
+        }],
+    }
+}
+
+/// Resets the first student's VMs to their baseline, then lists the schedule.
+async fn classroom(
+    store: &Store,
+    plan: &shared::plan::Plan,
+    cfg: &shared::config::Config,
+    out: &mut Out,
+) -> Result<(), Failure> {
+    use crate::operation::{self, OpKind, OpRequest, Selectors};
+    let Some(first) = plan.students.first() else {
+        return Ok(());
+    };
+    out.line(format!("reset of {} to the baseline snapshot:", first.user));
+    let req = OpRequest {
+        kind: OpKind::Reset,
+        selectors: Selectors {
+            students: vec![first.user.clone()],
+            vms: vec![],
+        },
+        timeout_secs: None,
+        starts_per_node: cfg.connection().starts_per_node,
+    };
+    let mut rep = operation::start(store, &plan.id, &req).await?;
+    operation::wait(store, &mut rep, Duration::from_millis(200), |_| {}).await?;
+    crate::cmd::power::print(&rep, false, out);
+    crate::cmd::schedule::print_listing(store, &plan.id, false, out).await
 }
 
 /// Removes the demo's namespace from Redis.

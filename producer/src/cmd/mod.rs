@@ -12,6 +12,7 @@ pub mod power;
 pub mod progress;
 pub mod reset;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod serve;
 pub mod status;

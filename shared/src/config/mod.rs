@@ -14,6 +14,7 @@ mod issue;
 mod model;
 mod raw;
 mod read;
+pub mod schedule;
 
 use std::path::{Path, PathBuf};
 

@@ -224,6 +224,9 @@ pub struct Deployment {
     /// Take a baseline snapshot before the first start (`baseline: true`).
     #[serde(default)]
     pub baseline: bool,
+    /// `schedule:` (windows, start_before, warn_before, expires_at).
+    #[serde(default)]
+    pub schedule: Option<super::schedule::Schedule>,
     pub bridge_range: (u32, u32),
     pub vmids: VmidPolicy,
     pub vlan_base: Option<u16>,
@@ -862,6 +865,10 @@ pub fn deployment_from_raw(
     };
     let start = raw.start.as_ref().is_some_and(|s| s.value);
     let baseline = raw.baseline.as_ref().is_some_and(|s| s.value);
+    let schedule = raw
+        .schedule
+        .as_ref()
+        .and_then(|s| super::schedule::from_raw(s, cx.file, &mut *cx.issues));
     let bridge_range = match &raw.bridge_range {
         Some(r) => cx.check(r, Some("e.g. `bridge_range: vmbr1000-vmbr4999`"), |s| {
             let (a, b) = parse_range(s, "vmbr")?;
@@ -1035,6 +1042,7 @@ pub fn deployment_from_raw(
         role: role.expect("no issues"),
         start,
         baseline,
+        schedule,
         bridge_range: bridge_range.expect("no issues"),
         vmids: vmids.expect("no issues"),
         vlan_base,

@@ -61,6 +61,8 @@ pub struct RawDeployment {
     pub start: Option<Spanned<bool>>,
     /// Snapshot each VM (`labfleet-baseline`) before its first start, for `producer reset`.
     pub baseline: Option<Spanned<bool>>,
+    /// When the class runs, and when the deployment expires (`config::schedule`).
+    pub schedule: Option<Spanned<super::schedule::RawSchedule>>,
     pub bridges: Option<BTreeMap<String, Spanned<RawBridgeTarget>>>,
     pub bridge_range: Option<Spanned<String>>,
     pub vmid_range: Option<Spanned<String>>,

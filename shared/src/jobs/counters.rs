@@ -177,7 +177,9 @@ impl Drop for InFlight<'_> {
 /// The (cluster, node) whose Proxmox API a job works on; none for per-student jobs.
 fn job_node(job: &Job) -> Option<(&str, &str)> {
     match job {
-        Job::Student(_) | Job::StudentTeardown(_) | Job::TeardownFinish(_) => None,
+        Job::Student(_) | Job::StudentTeardown(_) | Job::TeardownFinish(_) | Job::Schedule(_) => {
+            None
+        }
         Job::NodeNetwork(j) | Job::NodeNetworkTeardown(j) => Some((&j.cluster, &j.node)),
         Job::Clone(j) => Some((&j.vm.cluster, &j.source_node)),
         Job::Network(j) => Some((&j.vm.cluster, &j.vm.node)),

@@ -2,7 +2,7 @@
 //! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
 //! `destroy`, `teardown` (per student and per node) and `finish` (a teardown's last job);
 //! `baseline` (the snapshot a reset returns to), and the operations on a deployment's VMs:
-//! `power` (start, stop, shutdown) and `reset`.
+//! `power` (start, stop, shutdown) and `reset`; `schedule` (one event of a schedule).
 //! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
 //! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
 //!
@@ -26,6 +26,7 @@ pub mod payload;
 pub mod permission;
 pub mod power;
 pub mod reset;
+pub mod schedule;
 pub mod start;
 pub mod state;
 pub mod student;
@@ -187,7 +188,10 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     // the records of its scope are what it removes.
     // Operations (power, reset) are read back from their job records, not step records: a
     // VM's steps are those of its making, whatever is done to it later.
-    let records = !matches!(job, Job::TeardownFinish(_) | Job::Power(_) | Job::Reset(_));
+    let records = !matches!(
+        job,
+        Job::TeardownFinish(_) | Job::Power(_) | Job::Reset(_) | Job::Schedule(_)
+    );
     if records {
         let _ = env
             .store
@@ -208,6 +212,7 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::Baseline(j) => baseline::run(j, &lease, &env).await,
         Job::Power(j) => power::run(j, &lease, &env).await,
         Job::Reset(j) => reset::run(j, &lease, &env).await,
+        Job::Schedule(j) => schedule::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -268,6 +273,7 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Baseline(j) => (j.vm.key.clone(), "baseline"),
         Job::Power(j) => (j.vm.key.clone(), j.action.as_str()),
         Job::Reset(j) => (j.vm.key.clone(), "reset"),
+        Job::Schedule(j) => (format!("schedule:{}", j.event), "schedule"),
     }
 }
 
@@ -280,7 +286,7 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         Job::Permission(j) => Some(&j.vm.node),
         Job::Start(j) => Some(&j.vm.node),
         Job::Baseline(j) => Some(&j.vm.node),
-        Job::Power(_) | Job::Reset(_) => None,
+        Job::Power(_) | Job::Reset(_) | Job::Schedule(_) => None,
         Job::Student(_)
         | Job::StudentTeardown(_)
         | Job::NodeNetwork(_)

@@ -25,6 +25,7 @@ pub enum Job {
     Baseline(crate::jobs::baseline::BaselineJob),
     Power(crate::jobs::power::PowerJob),
     Reset(crate::jobs::reset::ResetJob),
+    Schedule(crate::jobs::schedule::ScheduleJob),
 }
 
 impl Job {
@@ -43,6 +44,7 @@ impl Job {
             Job::Baseline(_) => "baseline",
             Job::Power(_) => "power",
             Job::Reset(_) => "reset",
+            Job::Schedule(_) => "schedule",
         }
     }
 
@@ -59,6 +61,7 @@ impl Job {
             Job::Baseline(j) => &j.vm.deployment,
             Job::Power(j) => &j.vm.deployment,
             Job::Reset(j) => &j.vm.deployment,
+            Job::Schedule(j) => &j.deployment,
         }
     }
 
@@ -82,6 +85,7 @@ pub const KINDS: &[&str] = &[
     "baseline",
     "power",
     "reset",
+    "schedule",
 ];
 
 /// Which VM a job is about.

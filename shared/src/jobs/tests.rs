@@ -71,6 +71,15 @@ fn payload_snapshots() {
             vm: vm(),
             op: "20261202T060000-1a2b".into(),
         }),
+        Job::Schedule(crate::jobs::schedule::ScheduleJob {
+            deployment: "netlab@lab".into(),
+            cluster: "lab".into(),
+            generation: 1,
+            event: "2026-12-07T08:00/start".into(),
+            what: crate::jobs::schedule::EventKind::Start,
+            due: "2026-12-07T06:50:00Z".parse().unwrap(),
+            until: "2026-12-07T08:30:00Z".parse().unwrap(),
+        }),
         Job::Destroy(DestroyJob {
             vm: vm(),
             vmid: Some(1000),
@@ -109,6 +118,7 @@ fn payload_snapshots() {
         r#"{"kind":"baseline","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
         r#"{"kind":"power","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"op":"20261202T060000-1a2b","action":"shutdown","timeout_secs":120}"#,
         r#"{"kind":"reset","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"op":"20261202T060000-1a2b"}"#,
+        r#"{"kind":"schedule","deployment":"netlab@lab","cluster":"lab","generation":1,"event":"2026-12-07T08:00/start","what":"start","due":"2026-12-07T06:50:00Z","until":"2026-12-07T08:30:00Z"}"#,
         r#"{"kind":"destroy","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"vmid":1000,"epoch":2}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":3}"#,
         r#"{"kind":"teardown-finish","deployment":"netlab@lab","cluster":"lab","epoch":0,"prune":{"round":"1700000000000","vms":["student2@pve/student-pc"],"users":["student2@pve"],"bridges":[["pve1","student2@pve hq"]],"jobs":["netlab@lab#0/vm/student2@pve/student-pc/clone"]}}"#,

@@ -12,6 +12,7 @@ mod pve_client_hostile;
 mod queue;
 mod redis_tls;
 mod reliability;
+mod schedule;
 mod sim;
 mod ui;
 mod web;
