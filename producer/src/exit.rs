@@ -27,7 +27,7 @@ Exit codes:
   3  Redis unreachable
   4  Proxmox unreachable or TLS failure
   5  authentication or permission refused
-  6  deployment (or start, stop, shutdown, reset) finished with failures";
+  6  deployment finished with failures (also: start, stop, shutdown, reset)";
 
 /// An error that carries the exit code it should end the process with.
 #[derive(Debug)]

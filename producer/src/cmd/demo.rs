@@ -2,6 +2,8 @@
 //! on 127.0.0.1:8006 with the demo certificate (the shipped connections.yml pins it), two
 //! workers in-process, submits the `data/` example, shows live progress and a final table.
 //! Needs only Redis; its state goes under a namespace of its own, removed at the end.
+//! It also takes a baseline snapshot of every VM, resets the first student to it and
+//! lists the weekly schedule it installs (the classroom commands).
 //! With `--serve` the dashboard runs beside it from the start, and the deployment, the
 //! workers and the dashboard stay up after the table until Ctrl-C; the namespace goes then.
 
@@ -27,12 +29,7 @@ pub async fn run(
     serve: Option<SocketAddr>,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let mut cfg = common::load_config(g, out)?;
-    // The demo also shows the classroom: a baseline to reset to, and a weekly schedule.
-    cfg.deployment.baseline = true;
-    if cfg.deployment.schedule.is_none() {
-        cfg.deployment.schedule = Some(demo_schedule());
-    }
+    let cfg = with_classroom(common::load_config(g, out)?);
     // Bound first, so a taken port fails before anything starts.
     let listener = match serve {
         Some(addr) => {
@@ -162,6 +159,15 @@ pub async fn run(
     sim.shutdown().await;
     cleanup(&queue, &ns).await;
     result
+}
+
+/// The demo also shows the classroom: a baseline to reset to, and a weekly schedule.
+fn with_classroom(mut cfg: shared::config::Config) -> shared::config::Config {
+    cfg.deployment.baseline = true;
+    if cfg.deployment.schedule.is_none() {
+        cfg.deployment.schedule = Some(demo_schedule());
+    }
+    cfg
 }
 
 /// The demo's schedule: Mondays and Thursdays 08:00-09:30 in Berlin.

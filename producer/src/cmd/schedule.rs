@@ -180,3 +180,37 @@ async fn change(
         "the schedule of {id} kept changing; run the command again"
     )))
 }
+
+/// For `status`: the next event of the schedule and, when the last thing that happened was
+/// a warning (a shutdown or the expiry is coming), that warning.
+pub async fn status_summary(store: &Store, id: &str) -> Result<Option<serde_json::Value>, Failure> {
+    let Some((doc, _)) = store.schedule_doc(id).await.map_err(redis)? else {
+        return Ok(None);
+    };
+    let now = store.schedule_now().await.map_err(redis)?;
+    let tz = doc.def.tz();
+    let next = scheduler::next_event(&doc, now);
+    let ran = store.schedule_log(id).await.map_err(redis)?;
+    let warning = ran
+        .last()
+        .filter(|l| l.outcome == "fired" && l.event.ends_with("warn"))
+        .and_then(|_| next.as_ref())
+        .map(|n| {
+            format!(
+                "{} at {}",
+                if n.kind == EventKind::Expire {
+                    "the deployment expires (teardown)"
+                } else {
+                    "the VMs shut down"
+                },
+                n.due.with_timezone(&tz).format("%a %Y-%m-%d %H:%M %Z")
+            )
+        });
+    Ok(Some(json!({
+        "next": next.as_ref().map(|e| json!({
+            "event": e.id, "kind": scheduler::kind_name(e.kind),
+            "due": e.due, "local": e.due.with_timezone(&tz).format("%a %Y-%m-%d %H:%M %Z").to_string(),
+        })),
+        "warning": warning,
+    })))
+}

@@ -39,8 +39,10 @@ pub async fn run(
         None
     };
     let power = crate::operation::power_states(&store, &id, pve.as_ref()).await?;
+    let schedule = crate::cmd::schedule::status_summary(&store, &id).await?;
     if g.json {
         let mut doc = serde_json::to_value(&st).expect("serializes");
+        doc["schedule"] = serde_json::json!(schedule);
         if let Some(vms) = doc["vms"].as_array_mut() {
             for v in vms {
                 let p = v["name"].as_str().and_then(|n| power.get(n)).cloned();
@@ -50,6 +52,18 @@ pub async fn run(
         out.json(&doc);
     } else {
         out.line(summary(&st));
+        if let Some(s) = &schedule {
+            if let Some(w) = s["warning"].as_str() {
+                out.line(format!("warning: {w}"));
+            }
+            if let Some(n) = s["next"]["local"].as_str() {
+                out.line(format!(
+                    "schedule: next {} at {n} (`producer schedule {}`)",
+                    s["next"]["kind"].as_str().unwrap_or(""),
+                    st.id
+                ));
+            }
+        }
         print_table(&st, &power, out);
     }
     Ok(exit_for(&st))

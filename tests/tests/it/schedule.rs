@@ -155,6 +155,21 @@ async fn a_weekly_schedule_runs_each_event_once_across_crashes_skip_extend_and_e
     rig.redis.as_mut().unwrap().restart();
     set_clock(&rig, berlin(day(0), (10, 21))).await;
     wait_outcome(&rig, &id, &format!("{}/warn", occ(0)), "fired").await;
+    let st = producer(&rig, &["--json", "status", &id]);
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let warning = st["schedule"]["warning"].as_str().unwrap_or_default();
+    assert!(warning.starts_with("the VMs shut down at "), "{st}");
+    assert_eq!(
+        st["schedule"]["next"]["event"],
+        format!("{}/shutdown", occ(0))
+    );
+    // The dashboard's deployment page carries it too.
+    let plans = producer::serve::model::PlanCache::default();
+    let view = producer::serve::model::deployment(&rig.store, &plans, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.schedule_warning.as_deref(), Some(warning));
     set_clock(&rig, berlin(day(0), (10, 31))).await;
     wait_outcome(&rig, &id, &format!("{}/shutdown", occ(0)), "fired").await;
     wait_vms(&rig, "stopped").await;
