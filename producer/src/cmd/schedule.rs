@@ -194,7 +194,7 @@ pub async fn status_summary(store: &Store, id: &str) -> Result<Option<serde_json
     let warning = ran
         .last()
         .filter(|l| l.outcome == "fired" && l.event.ends_with("warn"))
-        .and_then(|_| next.as_ref())
+        .and(next.as_ref())
         .map(|n| {
             format!(
                 "{} at {}",

@@ -207,6 +207,40 @@ async fn power_of_a_class_with_the_start_cap_selectors_and_repeats() {
         err.contains("has no baseline snapshot 'labfleet-baseline'"),
         "{err}"
     );
+    // Console links: only for a role that has VM.Console (from /access/roles); `validate`
+    // warns about a role that is not a built-in one with it.
+    assert!(
+        producer::console::role_grants_console(&pve, "PVEVMAdmin")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !producer::console::role_grants_console(&pve, "PVEAuditor")
+            .await
+            .unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["connections.yml", "users.yml"] {
+        std::fs::copy(rig.data.path().join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("deployment_config.yml"),
+        format!("{ONE_MACHINE}role: PVEAuditor\n"),
+    )
+    .unwrap();
+    let v = Command::new(bin("producer"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("validate")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(v.status.code(), Some(0), "{v:?}");
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(
+        err.contains("warning: role \"PVEAuditor\"") && err.contains("VM.Console"),
+        "{err}"
+    );
     // Unknown selectors are usage errors that list what exists.
     let bad = operation::start(&rig.store, &id, &req(OpKind::Reset, &["nobody"])).await;
     let msg = format!("{:#}", bad.err().unwrap().error);
