@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use labfleet_tests::bins::bin;
+use labfleet_tests::wait::wait_for;
 use producer::operation::{self, OpKind, OpReport, OpRequest, Selectors};
 use serde_json::Value;
 use shared::jobs::power::PowerAction;
@@ -43,6 +44,10 @@ async fn op(rig: &Rig, id: &str, r: OpRequest) -> OpReport {
     );
     waited.unwrap().unwrap();
     rep
+}
+
+fn tasks_ok(rig: &Rig, ttype: &str) -> u64 {
+    rig.sim.stats()["tasks"][ttype]["ok"].as_u64().unwrap_or(0)
 }
 
 fn all_done(rep: &OpReport) {
@@ -306,6 +311,39 @@ async fn a_reset_brings_config_and_disk_back_to_the_baseline() {
     assert_eq!(info(v2).status, "stopped", "a stopped VM stays stopped");
     let tasks = &rig.sim.stats()["tasks"];
     assert!(tasks["qmrollback"]["ok"].as_u64() >= Some(2), "{tasks}");
+
+    // A reset whose workers die during its rollback is finished by another worker: the
+    // VM ends rolled back and running, started once.
+    assert!(rig.sim.write_disk(v1));
+    let starts = tasks_ok(&rig, "qmstart");
+    rig.sim.set_faults(
+        pve_sim::FaultPlan::from_yaml("slow_task_rate: 1.0\nslow_task_factor: 8\n").unwrap(),
+    );
+    let mut rep = operation::start(&rig.store, &id, &req(OpKind::Reset, &["student1"]))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the rollback under way",
+        || async { info(v1).lock.as_deref() == Some("rollback") },
+    )
+    .await;
+    for w in rig.fleet.alive() {
+        rig.fleet.kill(&w);
+    }
+    rig.sim.set_faults(pve_sim::FaultPlan::default());
+    rig.fleet.spawn();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(120),
+        operation::wait(&rig.store, &mut rep, Duration::from_millis(100), |_| {}),
+    )
+    .await;
+    assert!(waited.is_ok(), "{}", rep.summary());
+    all_done(&rep);
+    assert_eq!(info(v1).status, "running");
+    assert_eq!(info(v1).lock, None);
+    assert_eq!(rig.sim.disk_state(v1).0, disk0);
+    assert_eq!(tasks_ok(&rig, "qmstart"), starts + 1, "started once");
 
     // Teardown removes the VMs and their snapshots.
     producer::deploy::teardown(&rig.store, &id)
