@@ -139,6 +139,44 @@ pub enum Command {
         /// List every VM, however many (reads every step record: slower on large classes).
         #[arg(long)]
         vms: bool,
+        /// Ask Proxmox for each VM's power state now (students may power their own VMs)
+        /// instead of showing the one labfleet last recorded.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Start the deployment's VMs (or those selected), at most `max_parallel_starts.per_node` at once per node.
+    #[command(
+        after_help = "Each call is its own operation (its jobs carry a new operation id), so it runs again after\nan earlier start. Waits and shows progress unless --no-wait.\n\nExamples:\n  producer start demo-lab@lab\n  producer start demo-lab@lab --student student1 --vm student-pc\n  producer start demo-lab@lab --json | jq '.vms[] | {name, state}'"
+    )]
+    Start(OpArgs),
+    /// Stop the selected VMs hard (like pulling the plug).
+    #[command(
+        after_help = "Examples:\n  producer stop demo-lab@lab\n  producer stop demo-lab@lab --student student2@pve"
+    )]
+    Stop(OpArgs),
+    /// Shut the selected VMs down cleanly (ACPI); a guest still running after --timeout is stopped hard.
+    #[command(
+        after_help = "Examples:\n  producer shutdown demo-lab@lab\n  producer shutdown demo-lab@lab --timeout 30 --vm gw"
+    )]
+    Shutdown(OpArgs),
+    /// Roll the selected VMs back to their baseline snapshot (deployments with `baseline: true`).
+    #[command(
+        after_help = "A running VM is stopped, rolled back and started again; a stopped one stays stopped. A VM\nwithout the baseline snapshot fails with its own message (exit 6).\n\nExamples:\n  producer reset demo-lab@lab --student student3\n  producer reset demo-lab@lab --vm student-pc --json"
+    )]
+    Reset(OpArgs),
+    /// What is coming and what ran of the deployment's schedule (`schedule:` in the deployment file).
+    #[command(
+        after_help = "Examples:\n  producer schedule demo-lab@lab\n  producer schedule demo-lab@lab --skip next        # skip the next occurrence\n  producer schedule demo-lab@lab --extend 30m       # move the next shutdown (or the expiry) later\n  producer schedule demo-lab@lab --json | jq '.coming[0]'"
+    )]
+    Schedule {
+        /// Deployment id; default: the data folder's.
+        id: Option<String>,
+        /// Skip an occurrence: `next`, or its id (`2026-12-07T08:00`, local start).
+        #[arg(long, value_name = "NEXT")]
+        skip: Option<String>,
+        /// Move the next shutdown, or the expiry when it comes first, later by DURATION (`30m`, `1h`).
+        #[arg(long, value_name = "DURATION")]
+        extend: Option<String>,
     },
     /// Queue the failed parts of a deployment again.
     #[command(after_help = "Examples:\n  producer retry demo-lab@lab\n  producer retry --json")]
@@ -220,6 +258,25 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// The flags of an operation on a deployment's VMs (`start`, `stop`, `shutdown`, `reset`).
+#[derive(Debug, Clone, Args)]
+pub struct OpArgs {
+    /// Deployment id; default: the data folder's.
+    pub id: Option<String>,
+    /// Only this student's VMs (as in users.yml, `student1@pve`, or the user part, `student1`); repeatable.
+    #[arg(long, value_name = "USER")]
+    pub student: Vec<String>,
+    /// Only the VMs of this machine (its `name` in the deployment file); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Vec<String>,
+    /// `shutdown`: seconds the guest gets before it is stopped hard (default 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u32>,
+    /// Return once the jobs are queued.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// `producer serve`'s flags.

@@ -36,7 +36,7 @@ Exit codes:
   3  Redis unreachable
   4  Proxmox unreachable or TLS failure
   5  authentication or permission refused
-  6  deployment finished with failures
+  6  deployment finished with failures (also: start, stop, shutdown, reset)
   7  capacity refused: the class does not fit (a node over memory_overcommit, or a full storage)
   8  audit found objects no deployment owns (run `producer audit --fix` to remove them)";
 

@@ -3,8 +3,10 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod console;
 pub mod deploy;
 pub mod exit;
+pub mod operation;
 pub mod output;
 pub mod serve;
 
@@ -16,7 +18,9 @@ use shared::telemetry::{self, LogOptions};
 
 use cli::{Cli, Command, Global};
 use exit::{Exit, Failure};
+use operation::OpKind;
 use output::Out;
+use shared::jobs::power::PowerAction;
 
 /// Parses `args`, sets up logging, runs the command and maps the outcome to an exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
@@ -83,7 +87,21 @@ async fn run_async(g: &Global, command: &Command, out: &mut Out) -> Result<Exit,
         Command::CheckConnection => cmd::check::run(g, out).await,
         Command::Plan => cmd::plan::run(g, out).await,
         Command::Submit { wait, prune } => cmd::submit::run(g, *wait, *prune, out).await,
-        Command::Status { id, watch, vms } => cmd::status::run(g, id, *watch, *vms, out).await,
+        Command::Status {
+            id,
+            watch,
+            vms,
+            live,
+        } => cmd::status::run(g, id, *watch, *vms, *live, out).await,
+        Command::Start(a) => cmd::power::run(g, OpKind::Power(PowerAction::Start), a, out).await,
+        Command::Stop(a) => cmd::power::run(g, OpKind::Power(PowerAction::Stop), a, out).await,
+        Command::Shutdown(a) => {
+            cmd::power::run(g, OpKind::Power(PowerAction::Shutdown), a, out).await
+        }
+        Command::Reset(a) => cmd::reset::run(g, a, out).await,
+        Command::Schedule { id, skip, extend } => {
+            cmd::schedule::run(g, id, skip.as_deref(), extend.as_deref(), out).await
+        }
         Command::Retry { id } => cmd::retry::run(g, id, out).await,
         Command::Teardown { id, wait } => cmd::teardown::run(g, id, *wait, out).await,
         Command::List => cmd::list::run(g, out).await,

@@ -146,6 +146,11 @@ pub struct CostSpec {
     pub destroy_seconds: f64,
     pub config_seconds: f64,
     pub template_seconds: f64,
+    /// A disk-only snapshot (`qmsnapshot`), its rollback (`qmrollback`) and its removal
+    /// (`qmdelsnapshot`): thin-provisioned storages take about a second each.
+    pub snapshot_seconds: f64,
+    pub rollback_seconds: f64,
+    pub snapshot_delete_seconds: f64,
     pub network_reload_seconds: f64,
     /// How long freeing one volume (`vdisk_free` in a destroy or `DELETE .../content`)
     /// holds the storage lock.
@@ -172,6 +177,9 @@ impl Default for CostSpec {
             destroy_seconds: 2.0,
             config_seconds: 0.5,
             template_seconds: 2.0,
+            snapshot_seconds: 1.0,
+            rollback_seconds: 1.5,
+            snapshot_delete_seconds: 1.0,
             network_reload_seconds: 3.0,
             volume_free_seconds: 0.5,
             user_cfg_write_seconds: 0.05,

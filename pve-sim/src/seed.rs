@@ -89,6 +89,8 @@ impl State {
             next_pid: 0x0010_0000 + (seed as u32 & 0xffff),
             faults: FaultState::new(faults, seed),
             stats: Stats::default(),
+            snaps: BTreeMap::new(),
+            acpi_ignored: BTreeSet::new(),
             rng,
         }
     }

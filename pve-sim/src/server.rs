@@ -431,6 +431,25 @@ impl SimHandle {
         let st = self.inner.app.state.lock();
         st.vms.iter().map(|(id, vm)| st.vm_info(*id, vm)).collect()
     }
+    /// The guest of `vmid` wrote to its disks (a student at work); a rollback undoes it.
+    /// False when there is no such VM.
+    pub fn write_disk(&self, vmid: u32) -> bool {
+        self.inner.app.write_disk(vmid)
+    }
+    /// A VM's disk generation (bumped by [`SimHandle::write_disk`], restored by a rollback)
+    /// and what last happened to its disks (`written`, `rolled-back:<snapshot>`).
+    pub fn disk_state(&self, vmid: u32) -> (u64, Option<String>) {
+        self.inner.app.disk_state(vmid)
+    }
+    /// The names of a VM's snapshots.
+    pub fn snapshots(&self, vmid: u32) -> Vec<String> {
+        self.inner.app.snapshot_names(vmid)
+    }
+    /// Whether the guest of `vmid` powers off on ACPI shutdown (default yes); one that does
+    /// not makes every shutdown wait for its timeout.
+    pub fn set_guest_acpi(&self, vmid: u32, responds: bool) {
+        self.inner.app.set_guest_acpi(vmid, responds)
+    }
     pub fn users(&self) -> Vec<String> {
         self.inner.app.state.lock().users.keys().cloned().collect()
     }

@@ -284,6 +284,10 @@ pub(crate) struct State {
     pub roles: BTreeMap<String, BTreeSet<String>>,
     pub pools: BTreeMap<String, Pool>,
     pub tasks: HashMap<String, Task>,
+    /// Per VM: its snapshots and disk generation (`api/snapshot.rs`).
+    pub snaps: BTreeMap<u32, crate::api::VmSnaps>,
+    /// VMs whose guest ignores the ACPI power button (`api/power.rs`).
+    pub acpi_ignored: BTreeSet<u32>,
     /// Volumes left behind by destroys, until freed with `DELETE .../content/{volume}`.
     pub loose: Vec<LooseVolume>,
     /// Volumes freed while a VM config still names them: (storage key, volume name).

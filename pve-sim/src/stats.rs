@@ -40,6 +40,9 @@ pub(crate) struct Stats {
     chains: BTreeMap<u32, f64>,
     longest_clone: f64,
     api: ApiWorkerStats,
+    /// VM starts in progress per node, and the most seen at once.
+    starts_node: BTreeMap<String, u32>,
+    peak_starts_node: BTreeMap<String, u32>,
 }
 
 /// Protected calls and their wait for an API worker, per node (simulated seconds).
@@ -137,6 +140,21 @@ impl Stats {
         }
     }
 
+    /// A `qmstart` began booting a VM on `node` (a start's cost, not its lock wait).
+    pub fn start_begin(&mut self, node: &str) {
+        let n = self.starts_node.entry(node.to_string()).or_default();
+        *n += 1;
+        let n = *n;
+        let p = self.peak_starts_node.entry(node.to_string()).or_default();
+        *p = (*p).max(n);
+    }
+
+    pub fn start_end(&mut self, node: &str) {
+        if let Some(n) = self.starts_node.get_mut(node) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
     pub fn busy_enter(&mut self, storage: &str, now: Instant) {
         let b = self.busy.entry(storage.to_string()).or_default();
         if b.count == 0 {
@@ -187,6 +205,7 @@ impl Stats {
             "tasks": self.tasks,
             "peak_concurrent_clones": { "nodes": self.peak_node, "storages": self.peak_storage },
             "running_clones": { "nodes": self.clones_node, "storages": self.clones_storage },
+            "peak_concurrent_starts": { "nodes": self.peak_starts_node },
             "storage_busy_seconds": busy,
             "task_makespan_seconds": makespan,
             "lower_bound_seconds": storage_bound.max(chain_bound),

@@ -169,6 +169,21 @@ const LABFLEET_PARAMS: &[(&str, &str, &[&str])] = &[
         "/nodes/{node}/storage/{storage}/content/{volume}",
         &[],
     ),
+    (
+        "POST",
+        "/nodes/{node}/qemu/{vmid}/snapshot",
+        &["snapname", "description"],
+    ),
+    (
+        "POST",
+        "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback",
+        &["start"],
+    ),
+    (
+        "DELETE",
+        "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}",
+        &[],
+    ),
 ];
 
 /// Routes with hundreds of documented keys (every VM option), of which the simulator
@@ -190,6 +205,7 @@ fn fill(path: &str) -> String {
         .replace("{iface}", "vmbr7")
         .replace("{storage}", "local-lvm")
         .replace("{volume}", "vm-999-disk-0")
+        .replace("{snapname}", "snap1")
 }
 
 fn path_params(path: &str) -> BTreeSet<String> {

@@ -26,6 +26,9 @@ pub struct WorkerOpts {
     pub log_format: &'static str,
     /// `-v` (debug) when true.
     pub verbose: bool,
+    /// `LABFLEET_TEST_CLOCK=1`: the worker's schedule clock adds the test-only offset
+    /// (`shared::scheduler`).
+    pub test_clock: bool,
 }
 
 impl Default for WorkerOpts {
@@ -38,6 +41,7 @@ impl Default for WorkerOpts {
             backoff_cap: 1.0,
             log_format: "text",
             verbose: false,
+            test_clock: false,
         }
     }
 }
@@ -92,6 +96,11 @@ impl Fleet {
             .args(["--log-format", o.log_format]);
         if o.verbose {
             cmd.arg("-v");
+        }
+        if o.test_clock {
+            cmd.env("LABFLEET_TEST_CLOCK", "1");
+        } else {
+            cmd.env_remove("LABFLEET_TEST_CLOCK");
         }
         let child = cmd
             .env("LABFLEET_SECRET_KEY", &self.key_b64)

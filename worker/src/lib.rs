@@ -13,6 +13,7 @@ pub mod metrics;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use apalis::prelude::*;
@@ -106,6 +107,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         cfg.heartbeat,
         beat_stop.clone(),
     ));
+    // Every worker ticks the schedules; events fire once, whoever ticks (`shared::scheduler`).
+    let scheduling = tokio::spawn(shared::scheduler::run(
+        shared::jobs::state::Store::new(queue.clone()),
+        Duration::from_millis(500),
+        beat_stop.clone(),
+    ));
     let backend = LeaseBackend::<Job>::new(queue, opts);
     let worker = WorkerBuilder::new("labfleet")
         .backend(backend)
@@ -125,6 +132,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     // The record goes when the last job has been handed back, not before.
     beat_stop.cancel();
     let _ = beating.await;
+    let _ = scheduling.await;
     worker?;
     if let Some(task) = metrics {
         let _ = task.await;

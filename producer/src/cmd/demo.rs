@@ -2,6 +2,8 @@
 //! on 127.0.0.1:8006 with the demo certificate (the shipped connections.yml pins it), two
 //! workers in-process, submits the `data/` example, shows live progress and a final table.
 //! Needs only Redis; its state goes under a namespace of its own, removed at the end.
+//! It also takes a baseline snapshot of every VM, resets the first student to it and
+//! lists the weekly schedule it installs (the classroom commands).
 //! Built only with the `demo` feature (on by default), the one user of `worker` and
 //! `pve-sim` in the producer.
 //! With `--serve` the dashboard runs beside it from the start, and the deployment, the
@@ -29,7 +31,7 @@ pub async fn run(
     serve: Option<SocketAddr>,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
-    let cfg = context::load_config(g, out)?;
+    let cfg = with_classroom(context::load_config(g, out)?);
     // Bound first, so a taken port fails before anything starts.
     let listener = match serve {
         Some(addr) => {
@@ -101,7 +103,8 @@ pub async fn run(
         let code = status::watch(&store, &id, g.json, out, Duration::from_millis(300)).await?;
         let took = started.elapsed();
         let dir: PathBuf = std::env::temp_dir();
-        let handout = handout::write(&store, &pve, &id, &key, &dir).await?;
+        let console = handout::console_base(&cfg, &store, &pve, &id, out).await?;
+        let handout = handout::write(&store, &pve, &id, &key, &dir, console.as_deref()).await?;
         if !g.json {
             out.line(format!("finished in {:.1} s", took.as_secs_f64()));
             out.line(handout.describe());
@@ -112,6 +115,9 @@ pub async fn run(
                 stats["lower_bound_seconds"].as_f64().unwrap_or(0.0),
                 stats["peak_concurrent_clones"]["nodes"]
             ));
+        }
+        if !g.json {
+            classroom(&store, &plan, &cfg, out).await?;
         }
         Ok::<Exit, Failure>(code)
     };
@@ -134,6 +140,60 @@ pub async fn run(
     sim.shutdown().await;
     cleanup(&queue).await;
     result
+}
+
+/// The demo also shows the classroom: a baseline to reset to, and a weekly schedule.
+fn with_classroom(mut cfg: shared::config::Config) -> shared::config::Config {
+    cfg.deployment.baseline = true;
+    if cfg.deployment.schedule.is_none() {
+        cfg.deployment.schedule = Some(demo_schedule());
+    }
+    cfg
+}
+
+/// The demo's schedule: Mondays and Thursdays 08:00-09:30 in Berlin.
+fn demo_schedule() -> shared::config::schedule::Schedule {
+    use chrono::NaiveTime;
+    let at = |h, m| NaiveTime::from_hms_opt(h, m, 0).expect("valid time");
+    shared::config::schedule::Schedule {
+        timezone: "Europe/Berlin".into(),
+        start_before_secs: 600,
+        warn_before_secs: 600,
+        expires_at: None,
+        windows: vec![shared::config::schedule::Window {
+            days: vec![0, 3],
+            date: None,
+            start: at(8, 0),
+            end: at(9, 30),
+        }],
+    }
+}
+
+/// Resets the first student's VMs to their baseline, then lists the schedule.
+async fn classroom(
+    store: &Store,
+    plan: &shared::plan::Plan,
+    cfg: &shared::config::Config,
+    out: &mut Out,
+) -> Result<(), Failure> {
+    use crate::operation::{self, OpKind, OpRequest, Selectors};
+    let Some(first) = plan.students.first() else {
+        return Ok(());
+    };
+    out.line(format!("reset of {} to the baseline snapshot:", first.user));
+    let req = OpRequest {
+        kind: OpKind::Reset,
+        selectors: Selectors {
+            students: vec![first.user.clone()],
+            vms: vec![],
+        },
+        timeout_secs: None,
+        starts_per_node: cfg.connection().starts_per_node,
+    };
+    let mut rep = operation::start(store, &plan.id, &req).await?;
+    operation::wait(store, &mut rep, Duration::from_millis(200), |_| {}).await?;
+    crate::cmd::power::print(&rep, false, out);
+    crate::cmd::schedule::print_listing(store, &plan.id, false, out).await
 }
 
 /// Removes the demo's namespace from Redis.

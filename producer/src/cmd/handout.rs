@@ -32,13 +32,35 @@ pub async fn run(g: &Global, id: &Option<String>, out: &mut Out) -> Result<Exit,
     })?;
     let cfg = context::load_config(g, out)?;
     let pve = deploy::connect_pve(&cfg, Some(&key))?;
-    let written = write(&store, &pve, &id, &key, &g.data_dir).await?;
+    let console = console_base(&cfg, &store, &pve, &id, out).await?;
+    let written = write(&store, &pve, &id, &key, &g.data_dir, console.as_deref()).await?;
     if g.json {
         out.json(&serde_json::json!({ "id": id, "handout": written }));
     } else {
         out.line(written.describe());
     }
     Ok(Exit::Ok)
+}
+
+/// The console links' base (`https://HOST:PORT`) when the deployment's role may open
+/// consoles; otherwise `None`, with a note why.
+pub async fn console_base(
+    cfg: &shared::config::Config,
+    store: &Store,
+    pve: &PveClient,
+    id: &str,
+    out: &mut Out,
+) -> Result<Option<String>, Failure> {
+    let (_, plan) = deploy::load(store, id).await?;
+    if crate::console::role_grants_console(pve, &plan.role).await? {
+        Ok(Some(crate::console::base(&cfg.connection().host)))
+    } else {
+        out.err_line(format!(
+            "note: role {:?} does not grant VM.Console: the handout has no console links",
+            plan.role
+        ));
+        Ok(None)
+    }
 }
 
 /// The two files of a handout: the same table (student, password, account, VM, VMID, node)
@@ -55,7 +77,7 @@ impl Handout {
     /// One line for people: both paths and their format.
     pub fn describe(&self) -> String {
         format!(
-            "handout (mode 0600, holds initial passwords): {} (Markdown table), {} (CSV: student,password,account,vm,vmid,node)",
+            "handout (mode 0600, holds initial passwords): {} (Markdown table), {} (CSV: student,password,account,vm,vmid,node[,console])",
             self.markdown.display(),
             self.csv.display()
         )
@@ -117,9 +139,10 @@ pub async fn write(
     id: &str,
     key: &SecretKey,
     dir: &Path,
+    console: Option<&str>,
 ) -> Result<Handout, Failure> {
     let accounts = accounts_on_cluster(pve).await?;
-    let Tables { markdown: md, csv } = tables(store, id, key, &accounts).await?;
+    let Tables { markdown: md, csv } = tables(store, id, key, &accounts, console).await?;
     let base = stem(id);
     let markdown = dir.join(format!("{base}.md"));
     let csv_path = dir.join(format!("{base}.csv"));
@@ -173,19 +196,25 @@ pub struct Tables {
 
 /// Builds the handout of deployment `id`: every VM with its student, VMID, node, account and
 /// the initial password of every account labfleet made (derived with `key` for the
-/// deployment that made it), from `accounts`.
+/// deployment that made it), from `accounts`; with `console` (`https://HOST:PORT`), a last
+/// column with each VM's noVNC console link.
 pub async fn tables(
     store: &Store,
     id: &str,
     key: &SecretKey,
     accounts: &Accounts,
+    console: Option<&str>,
 ) -> Result<Tables, Failure> {
     let (_, plan) = deploy::load(store, id).await?;
     let st = deploy::status(store, id).await?;
+    let (md_col, md_sep, csv_col) = match console {
+        Some(_) => (" console |", "---|", ",console"),
+        None => ("", "", ""),
+    };
     let mut md = format!(
-        "# Handout: {id}\n\n| student | password | account | VM | VMID | node |\n|---|---|---|---|---|---|\n"
+        "# Handout: {id}\n\n| student | password | account | VM | VMID | node |{md_col}\n|---|---|---|---|---|---|{md_sep}\n"
     );
-    let mut csv = String::from("student,password,account,vm,vmid,node\n");
+    let mut csv = format!("student,password,account,vm,vmid,node{csv_col}\n");
     for s in &plan.students {
         let account = Account::of(accounts.get(&s.user).map(Option::as_deref));
         let pw = match &account {
@@ -198,12 +227,22 @@ pub async fn tables(
         let how = account.describe(id);
         for v in st.vms.iter().filter(|v| v.user == s.user) {
             let vmid = v.vmid.map(|x| x.to_string()).unwrap_or_default();
+            let link = match (console, v.vmid) {
+                (Some(b), Some(n)) => Some(crate::console::link(b, n, &v.node)),
+                (Some(_), None) => Some(String::new()),
+                (None, _) => None,
+            };
+            let md_link = link.as_ref().map(|l| format!(" {l} |")).unwrap_or_default();
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} |{md_link}\n",
                 s.user, pw, how, v.name, vmid, v.node
             ));
-            let row = [s.user.as_str(), &pw, &how, &v.name, &vmid, &v.node];
-            csv.push_str(&row.map(csv_field).join(","));
+            let mut row = vec![s.user.as_str(), &pw, &how, &v.name, &vmid, &v.node];
+            if let Some(l) = &link {
+                row.push(l);
+            }
+            let fields: Vec<String> = row.into_iter().map(csv_field).collect();
+            csv.push_str(&fields.join(","));
             csv.push('\n');
         }
     }

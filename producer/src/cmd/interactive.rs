@@ -68,6 +68,7 @@ pub fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
                     id: Some(id),
                     watch: true,
                     vms: false,
+                    live: false,
                 },
                 None => continue,
             },

@@ -23,6 +23,7 @@ pub async fn run(
     id: &Option<String>,
     watch_: bool,
     all_vms: bool,
+    live: bool,
     out: &mut Out,
 ) -> Result<Exit, Failure> {
     let id = context::resolve_id(g, id, out)?;
@@ -31,7 +32,40 @@ pub async fn run(
         return watch(&store, &id, g.json, out, Duration::from_secs(1)).await;
     }
     let st = report(&store, &id, all_vms).await?;
-    print(&st, g.json, out);
+    let pve = if live {
+        let cfg = context::load_config(g, out)?;
+        Some(deploy::connect_pve(&cfg, context::secret_key()?.as_ref())?)
+    } else {
+        None
+    };
+    let power = crate::operation::power_states(&store, &id, pve.as_ref()).await?;
+    let schedule = crate::cmd::schedule::status_summary(&store, &id).await?;
+    if g.json {
+        let mut doc = serde_json::to_value(&st).expect("serializes");
+        doc["schedule"] = serde_json::json!(schedule);
+        if let Some(vms) = doc["vms"].as_array_mut() {
+            for v in vms {
+                let p = v["name"].as_str().and_then(|n| power.get(n)).cloned();
+                v["power"] = serde_json::json!(p);
+            }
+        }
+        out.json(&doc);
+    } else {
+        out.line(summary(&st));
+        if let Some(s) = &schedule {
+            if let Some(w) = s["warning"].as_str() {
+                out.line(format!("warning: {w}"));
+            }
+            if let Some(n) = s["next"]["local"].as_str() {
+                out.line(format!(
+                    "schedule: next {} at {n} (`producer schedule {}`)",
+                    s["next"]["kind"].as_str().unwrap_or(""),
+                    st.id
+                ));
+            }
+        }
+        print_table(&st, &power, out);
+    }
     Ok(exit_for(&st))
 }
 
@@ -161,22 +195,40 @@ pub fn print(st: &Status, json: bool, out: &mut Out) {
 }
 
 fn print_details(st: &Status, out: &mut Out) {
+    print_table(st, &std::collections::BTreeMap::new(), out);
+}
+
+/// The report after its summary line; `power` (VM name -> power state) adds a column.
+fn print_table(st: &Status, power: &std::collections::BTreeMap<String, String>, out: &mut Out) {
     for (node, c) in &st.per_node {
         let c: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out.line(format!("  {node}: {}", c.join(", ")));
     }
+    let col = |p: &str| {
+        if power.is_empty() {
+            String::new()
+        } else {
+            format!("{p:<8} ")
+        }
+    };
     out.line(format!(
-        "{:<28} {:<14} {:>7} {:<6} {:<12} error",
-        "VM", "student", "VMID", "node", "state"
+        "{:<28} {:<14} {:>7} {:<6} {:<12} {}error",
+        "VM",
+        "student",
+        "VMID",
+        "node",
+        "state",
+        col("power")
     ));
     for v in &st.vms {
         out.line(format!(
-            "{:<28} {:<14} {:>7} {:<6} {:<12} {}",
+            "{:<28} {:<14} {:>7} {:<6} {:<12} {}{}",
             v.name,
             v.user,
             v.vmid.map(|v| v.to_string()).unwrap_or_default(),
             v.node,
             v.state,
+            col(power.get(&v.name).map(String::as_str).unwrap_or("-")),
             v.error.as_deref().unwrap_or("")
         ));
     }

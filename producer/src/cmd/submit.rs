@@ -55,7 +55,10 @@ pub async fn run(g: &Global, wait: bool, prune: bool, out: &mut Out) -> Result<E
         status::wait_until_finished(&store, &id, g.json, out, Duration::from_millis(500)).await?;
     let st = status::with_table(&store, &id, st, false).await?;
     let handout = match key.as_ref() {
-        Some(k) => Some(handout::write(&store, &pve, &id, k, &g.data_dir).await?),
+        Some(k) => {
+            let console = handout::console_base(&cfg, &store, &pve, &id, out).await?;
+            Some(handout::write(&store, &pve, &id, k, &g.data_dir, console.as_deref()).await?)
+        }
         None => None,
     };
     if g.json {

@@ -50,7 +50,9 @@ pub async fn run(
         if p.finished {
             bar.finish();
             if g.json {
-                out.json(&serde_json::json!({"id": id, "state": DeploymentState::TornDown.as_str()}));
+                out.json(
+                    &serde_json::json!({"id": id, "state": DeploymentState::TornDown.as_str()}),
+                );
             } else {
                 out.line(format!("{id} torn down"));
             }

@@ -20,12 +20,16 @@ pub fn run(g: &Global, out: &mut Out) -> Result<Exit, Failure> {
                     "users": users,
                     "machines": machines,
                     "vms": vms,
+                    "warnings": crate::console::validate_warning(&cfg.deployment.role).into_iter().collect::<Vec<_>>(),
                 }));
             } else {
                 out.line(format!(
                     "ok: deployment {:?} on cluster {:?}: {users} users, {machines} machines, {vms} VMs to create",
                     cfg.deployment.name, cfg.cluster
                 ));
+            }
+            if let Some(w) = crate::console::validate_warning(&cfg.deployment.role) {
+                out.err_line(format!("warning: {w}"));
             }
             Ok(Exit::Ok)
         }

@@ -104,6 +104,7 @@ pub async fn submit_with(
             continue;
         }
         let done = enqueue(store, &rec, &plan, &sealed, pruned.as_ref()).await?;
+        install_schedule(cfg, store, &id, &plan).await?;
         return Ok((id, plan, done));
     }
     Err(DeployError::Contended {
@@ -224,6 +225,27 @@ async fn enqueue(
     ensure_teardowns(store, rec).await?;
     tracing::info!(deployment = %rec.id, jobs = specs.len(), vms = plan.vms.len(), "submitted");
     Ok(done)
+}
+
+/// Installs, replaces or removes the deployment's schedule, and caps the start slots its
+/// starts will use.
+async fn install_schedule(
+    cfg: &Config,
+    store: &Store,
+    id: &str,
+    plan: &Plan,
+) -> Result<(), DeployError> {
+    let def = cfg.deployment.schedule.as_ref();
+    if def.is_some() {
+        crate::operation::set_start_caps(
+            store,
+            &plan.cluster,
+            plan.vms.iter().map(|v| v.node.as_str()),
+            cfg.connection().starts_per_node,
+        )
+        .await?;
+    }
+    Ok(shared::scheduler::install(store, id, &plan.cluster, def).await?)
 }
 
 /// The sealed initial password of every `@pve` student: a user that went missing is made

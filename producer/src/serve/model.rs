@@ -314,6 +314,8 @@ pub struct DeploymentView {
     pub setup_failures: Vec<String>,
     /// Dead jobs of the current epoch (what retry brings back).
     pub dead_jobs: u64,
+    /// The schedule's warning, while a shutdown or the expiry it announced is coming.
+    pub schedule_warning: Option<String>,
 }
 
 /// The deployment's state word (`producer status`'s) from a grid's counts.
@@ -382,6 +384,11 @@ pub async fn deployment(
         !setup_failures.is_empty(),
     )
     .await?;
+    let schedule_warning = crate::cmd::schedule::status_summary(store, id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s["warning"].as_str().map(String::from));
     Ok(Some(DeploymentView {
         rec,
         plan,
@@ -391,6 +398,7 @@ pub async fn deployment(
         per_node,
         setup_failures,
         dead_jobs,
+        schedule_warning,
     }))
 }
 

@@ -204,6 +204,9 @@ pub fn deployment(v: &DeploymentView, grid: &Layout, session: &Session, offers: 
         total,
         v.rec.created.format("%Y-%m-%d %H:%M:%S UTC"),
     );
+    if let Some(w) = &v.schedule_warning {
+        let _ = write!(o, "<p class=\"warning schedule\">warning: {}</p>", esc(w));
+    }
     let _ = write!(
         o,
         "<progress id=\"bar\" max=\"{}\" value=\"{}\"></progress>",

@@ -396,7 +396,7 @@ async fn handout(app: &App, s: &Session, id: &str, csv: bool) -> Response {
         Ok(a) => a,
         Err(f) => return (StatusCode::NOT_FOUND, format!("{:#}", f.error)).into_response(),
     };
-    match crate::cmd::handout::tables(&app.store, id, key, &accounts).await {
+    match crate::cmd::handout::tables(&app.store, id, key, &accounts, None).await {
         Ok(t) => {
             let safe = id.replace(['/', '@'], "_");
             let (body, ctype, ext) = if csv {

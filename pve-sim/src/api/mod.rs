@@ -26,9 +26,13 @@ mod migrate;
 mod network;
 mod nodes;
 mod pools;
+mod power;
 mod qemu;
+mod snapshot;
 mod storage;
 mod vm_config;
+
+pub(crate) use snapshot::VmSnaps;
 
 pub(crate) type ApiResult = PveResult<Response>;
 
@@ -185,6 +189,18 @@ pub(crate) fn router(app: Arc<Shared>) -> Router {
             post(qemu::shutdown),
         )
         .route("/nodes/{node}/qemu/{vmid}/template", post(qemu::template))
+        .route(
+            "/nodes/{node}/qemu/{vmid}/snapshot",
+            get(snapshot::list).post(snapshot::create),
+        )
+        .route(
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}",
+            get(snapshot::cmd_index).delete(snapshot::delete),
+        )
+        .route(
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback",
+            post(snapshot::rollback),
+        )
         .route("/nodes/{node}/qemu/{vmid}/migrate", post(migrate::migrate))
         .route("/sim/stats", get(sim_stats))
         .fallback(api_not_implemented)

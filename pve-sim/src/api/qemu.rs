@@ -72,6 +72,11 @@ pub(crate) async fn storage_lock(
         .await
 }
 
+/// The VM's config lock with the usual timeout (`lock_config`), for the snapshot tasks.
+pub(super) async fn vm_flock(app: &Shared, node: &str, vmid: u32) -> Result<FlockGuard, String> {
+    flock(app, node, vmid, true, app.costs.vm_lock_timeout_seconds).await
+}
+
 pub(super) async fn flock(
     app: &Shared,
     node: &str,
@@ -202,6 +207,10 @@ async fn power(
         "stop" => "qmstop",
         _ => "qmshutdown",
     };
+    let guest = super::power::ShutdownOpts {
+        timeout: p.int("timeout"),
+        force_stop: p.flag("forceStop"),
+    };
     let n2 = node.clone();
     let upid = start_task(
         &app,
@@ -253,8 +262,18 @@ async fn power(
             } else if !was_running {
                 ctx.spend(0.1).await;
                 return (ctx, Outcome::Ok);
+            } else if action == "shutdown"
+                && let Some(o) = super::power::guest_shutdown(&mut ctx, vmid, guest).await
+            {
+                return (ctx, o);
+            }
+            if action == "start" {
+                app.start_booting(&n2);
             }
             ctx.spend(secs).await;
+            if action == "start" {
+                app.start_booted(&n2);
+            }
             let mut st = app.state.lock();
             if let Some(vm) = st.vms.get_mut(&vmid) {
                 vm.running = action == "start";
@@ -435,6 +454,9 @@ async fn run_destroy(
     }
     let path = vm_path(vmid);
     st.acls.retain(|a| a.path != path);
+    // Its snapshots go with its disks.
+    st.snaps.remove(&vmid);
+    st.acpi_ignored.remove(&vmid);
     let warnings = leaked.len() as u32;
     for _ in &leaked {
         st.faults.count("destroy_leaked_volume");

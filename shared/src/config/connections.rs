@@ -74,6 +74,11 @@ fn connection_from_raw(
     let max_requests = max_requests_from_raw(raw, cx);
     let (operating, more) = super::operating::from_raw(cx.file, raw.memory_overcommit.as_ref());
     cx.issues.extend(more);
+    let starts_per_node = super::classroom::starts_per_node(
+        raw.max_parallel_starts.as_ref(),
+        cx.file,
+        &mut *cx.issues,
+    );
 
     Some(Connection {
         name: name.to_owned(),
@@ -82,6 +87,7 @@ fn connection_from_raw(
         credential: credential?,
         tls: tls?,
         caps,
+        starts_per_node,
         max_requests,
         operating,
     })

@@ -50,6 +50,11 @@ pub fn deployment_from_raw(
     let pool_pattern = pool_pattern_from_raw(&raw, &mut cx);
     let role = role_from_raw(&raw, &mut cx);
     let start = raw.start.as_ref().is_some_and(|s| s.value);
+    let baseline = raw.baseline.as_ref().is_some_and(|s| s.value);
+    let schedule = raw
+        .schedule
+        .as_ref()
+        .and_then(|s| super::schedule::from_raw(s, cx.file, &mut *cx.issues));
     let bridge_range = match &raw.bridge_range {
         Some(r) => cx.check(r, Some("e.g. `bridge_range: vmbr1000-vmbr4999`"), |s| {
             let (a, b) = parse_range(s, "vmbr")?;
@@ -100,6 +105,8 @@ pub fn deployment_from_raw(
         pool_pattern: pool_pattern.expect("no issues"),
         role: role.expect("no issues"),
         start,
+        baseline,
+        schedule,
         bridge_range: bridge_range.expect("no issues"),
         vmids: vmids.expect("no issues"),
         vlan_base,

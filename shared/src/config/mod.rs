@@ -8,6 +8,7 @@
 //! [`resolve_secret`] when a connection is made. How the files are read is fixed by
 //! `config-semantics` (see data/README.md).
 
+mod classroom;
 mod connections;
 mod convert;
 mod deployment;
@@ -18,10 +19,12 @@ mod operating;
 mod parse;
 mod raw;
 mod read;
+pub mod schedule;
 mod users;
 
 use std::path::{Path, PathBuf};
 
+pub use classroom::DEFAULT_STARTS_PER_NODE;
 pub use connections::parse_fingerprint;
 pub use ids::{DEFAULT_PVE_PORT, DnsLabel, HostPort, NodeName, UserId, VMID_MAX, VMID_MIN, VmId};
 pub use issue::{ConfigError, Issue};

@@ -28,6 +28,8 @@ pub struct Connection {
     pub credential: Credential,
     pub tls: TlsSetting,
     pub caps: Caps,
+    /// VM starts at once on one node (`max_parallel_starts.per_node`, default 4).
+    pub starts_per_node: u32,
     /// Most concurrent HTTP requests one process sends to this cluster.
     pub max_requests: u32,
     /// `memory_overcommit` (`config::operating`).
@@ -217,6 +219,12 @@ pub struct Deployment {
     pub pool_pattern: String,
     pub role: String,
     pub start: bool,
+    /// Take a baseline snapshot before the first start (`baseline: true`).
+    #[serde(default)]
+    pub baseline: bool,
+    /// `schedule:` (windows, start_before, warn_before, expires_at).
+    #[serde(default)]
+    pub schedule: Option<super::schedule::Schedule>,
     pub bridge_range: (u32, u32),
     pub vmids: VmidPolicy,
     pub vlan_base: Option<u16>,

@@ -30,6 +30,14 @@ pub struct RawConnection {
     pub max_parallel_clones: Option<Spanned<RawCaps>>,
     pub max_requests: Option<Spanned<u32>>,
     pub memory_overcommit: Option<Spanned<f64>>,
+    pub max_parallel_starts: Option<Spanned<RawStartCaps>>,
+}
+
+/// `max_parallel_starts` in connections.yml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStartCaps {
+    pub per_node: Option<Spanned<u32>>,
 }
 
 /// Concurrency caps for one cluster: `max_parallel_clones` in connections.yml.
@@ -52,6 +60,10 @@ pub struct RawDeployment {
     pub pool: Option<Spanned<String>>,
     pub role: Option<Spanned<String>>,
     pub start: Option<Spanned<bool>>,
+    /// Snapshot each VM (`labfleet-baseline`) before its first start, for `producer reset`.
+    pub baseline: Option<Spanned<bool>>,
+    /// When the class runs, and when the deployment expires (`config::schedule`).
+    pub schedule: Option<Spanned<super::schedule::RawSchedule>>,
     pub bridges: Option<BTreeMap<String, Spanned<RawBridgeTarget>>>,
     pub bridge_range: Option<Spanned<String>>,
     pub vmid_range: Option<Spanned<String>>,

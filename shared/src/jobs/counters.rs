@@ -177,14 +177,20 @@ impl Drop for InFlight<'_> {
 /// The (cluster, node) whose Proxmox API a job works on; none for per-student jobs.
 fn job_node(job: &Job) -> Option<(&str, &str)> {
     match job {
-        Job::Student(_) | Job::StudentTeardown(_) | Job::TeardownFinish(_) => None,
-        Job::AuditRemove(_) => None,
+        Job::Student(_)
+        | Job::StudentTeardown(_)
+        | Job::TeardownFinish(_)
+        | Job::Schedule(_)
+        | Job::AuditRemove(_) => None,
         Job::NodeNetwork(j) | Job::NodeNetworkTeardown(j) => Some((&j.cluster, &j.node)),
         Job::Clone(j) => Some((&j.vm.cluster, &j.source_node)),
         Job::Network(j) => Some((&j.vm.cluster, &j.vm.node)),
         Job::Permission(j) => Some((&j.vm.cluster, &j.vm.node)),
         Job::Start(j) => Some((&j.vm.cluster, &j.vm.node)),
         Job::Destroy(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Baseline(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Power(j) => Some((&j.vm.cluster, &j.vm.node)),
+        Job::Reset(j) => Some((&j.vm.cluster, &j.vm.node)),
     }
 }
 

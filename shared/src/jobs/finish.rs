@@ -79,6 +79,9 @@ async fn finish_teardown(
         let mut ops = FinishOps::default();
         ops.del.extend(store.progress_keys(&vm_scope));
         ops.del.extend(store.progress_keys(&scope(id, j.epoch)));
+        // What the operations on the torn-down VMs recorded (power states, reset memos).
+        ops.del.push(store.key_power(&vm_scope));
+        ops.del.push(store.key_op_memo(&vm_scope));
         ops.hdel.push(crate::jobs::state::plan_field(vm_epoch));
         ops.hdel.push(crate::jobs::state::sealed_field(vm_epoch));
         if torn_down {

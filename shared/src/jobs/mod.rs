@@ -1,7 +1,9 @@
 //! The job kinds of a deployment, each in its own module with its handler and its "already
 //! done?" check: `student`, `node_network`, `clone`, `network`, `permission`, `start`,
-//! `destroy`, `teardown` (per student and per node), `finish` (a teardown's last job) and
-//! `audit` (`audit-remove`: one unowned object `producer audit --fix` found).
+//! `destroy`, `teardown` (per student and per node), `finish` (a teardown's last job),
+//! `audit` (`audit-remove`: one unowned object `producer audit --fix` found);
+//! `baseline` (the snapshot a reset returns to), and the operations on a deployment's VMs:
+//! `power` (start, stop, shutdown) and `reset`; `schedule` (one event of a schedule).
 //! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
 //! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
 //!
@@ -14,6 +16,7 @@
 //! producer reuses the checks for `plan`, `retry` and `teardown`.
 
 pub mod audit;
+pub mod baseline;
 pub mod cache;
 pub mod clone;
 pub mod counters;
@@ -23,7 +26,10 @@ pub mod network;
 pub mod node_network;
 pub mod payload;
 pub mod permission;
+pub mod power;
+pub mod reset;
 mod retry;
+pub mod schedule;
 pub mod start;
 pub mod state;
 pub mod student;
@@ -184,7 +190,16 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
     };
     // The finish job records nothing of its own: its outcome is the deployment's phase, and
     // the records of its scope are what it removes.
-    let records = !matches!(job, Job::TeardownFinish(_) | Job::AuditRemove(_));
+    // Operations (power, reset) are read back from their job records, not step records: a
+    // VM's steps are those of its making, whatever is done to it later.
+    let records = !matches!(
+        job,
+        Job::TeardownFinish(_)
+            | Job::AuditRemove(_)
+            | Job::Power(_)
+            | Job::Reset(_)
+            | Job::Schedule(_)
+    );
     if records {
         let _ = env
             .store
@@ -203,6 +218,10 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::NodeNetworkTeardown(j) => teardown::node_network(j, &lease, &env).await,
         Job::TeardownFinish(j) => finish::run(j, &lease, &env).await,
         Job::AuditRemove(j) => audit::run(j, &lease, &env).await,
+        Job::Baseline(j) => baseline::run(j, &lease, &env).await,
+        Job::Power(j) => power::run(j, &lease, &env).await,
+        Job::Reset(j) => reset::run(j, &lease, &env).await,
+        Job::Schedule(j) => schedule::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -261,6 +280,10 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Destroy(j) => (j.vm.key.clone(), "destroy"),
         Job::TeardownFinish(j) => (format!("teardown:{}", j.epoch), "finish"),
         Job::AuditRemove(j) => (j.object.describe(), "audit-remove"),
+        Job::Baseline(j) => (j.vm.key.clone(), "baseline"),
+        Job::Power(j) => (j.vm.key.clone(), j.action.as_str()),
+        Job::Reset(j) => (j.vm.key.clone(), "reset"),
+        Job::Schedule(j) => (format!("schedule:{}", j.event), "schedule"),
     }
 }
 
@@ -272,6 +295,8 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         Job::Network(j) => Some(&j.vm.node),
         Job::Permission(j) => Some(&j.vm.node),
         Job::Start(j) => Some(&j.vm.node),
+        Job::Baseline(j) => Some(&j.vm.node),
+        Job::Power(_) | Job::Reset(_) | Job::Schedule(_) => None,
         Job::Student(_)
         | Job::StudentTeardown(_)
         | Job::NodeNetwork(_)

@@ -23,6 +23,10 @@ pub enum Job {
     NodeNetworkTeardown(NodeNetworkJob),
     TeardownFinish(TeardownFinishJob),
     AuditRemove(crate::jobs::audit::AuditRemoveJob),
+    Baseline(crate::jobs::baseline::BaselineJob),
+    Power(crate::jobs::power::PowerJob),
+    Reset(crate::jobs::reset::ResetJob),
+    Schedule(crate::jobs::schedule::ScheduleJob),
 }
 
 impl Job {
@@ -39,6 +43,10 @@ impl Job {
             Job::NodeNetworkTeardown(_) => "node-network-teardown",
             Job::TeardownFinish(_) => "teardown-finish",
             Job::AuditRemove(_) => "audit-remove",
+            Job::Baseline(_) => "baseline",
+            Job::Power(_) => "power",
+            Job::Reset(_) => "reset",
+            Job::Schedule(_) => "schedule",
         }
     }
 
@@ -53,6 +61,10 @@ impl Job {
             Job::Destroy(j) => &j.vm.deployment,
             Job::TeardownFinish(j) => &j.deployment,
             Job::AuditRemove(j) => &j.audit,
+            Job::Baseline(j) => &j.vm.deployment,
+            Job::Power(j) => &j.vm.deployment,
+            Job::Reset(j) => &j.vm.deployment,
+            Job::Schedule(j) => &j.deployment,
         }
     }
 
@@ -74,6 +86,10 @@ pub const KINDS: &[&str] = &[
     "node-network-teardown",
     "teardown-finish",
     "audit-remove",
+    "baseline",
+    "power",
+    "reset",
+    "schedule",
 ];
 
 /// Which VM a job is about.
@@ -335,5 +351,10 @@ pub mod keys {
     }
     pub fn prune_finish(dep: &str, round: &str) -> String {
         format!("{dep}/prune/{round}/finish")
+    }
+    /// One VM's part of operation `op` (`start`, `stop`, `shutdown`, `reset`): each
+    /// operation's keys are new, so it runs even when an earlier one's jobs are kept done.
+    pub fn op_vm(dep: &str, op: &str, vm: &str, action: &str) -> String {
+        format!("{dep}/op/{op}/vm/{vm}/{action}")
     }
 }

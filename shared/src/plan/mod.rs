@@ -95,6 +95,9 @@ pub struct Plan {
     pub name: String,
     pub role: String,
     pub start: bool,
+    /// Take the baseline snapshot (`labfleet-baseline`) before the first start.
+    #[serde(default)]
+    pub baseline: bool,
     pub students: Vec<StudentPlan>,
     pub vms: Vec<VmPlan>,
     pub node_networks: Vec<NodeNetworkJob>,
@@ -415,6 +418,7 @@ pub fn build(
         name: d.name.clone(),
         role: d.role.clone(),
         start: d.start,
+        baseline: d.baseline,
         students,
         vms,
         node_networks,
@@ -557,13 +561,27 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             )
             .after([clone_key.clone()]),
         );
+        let mut start_gate = vec![net_key, perm_key];
+        if plan.baseline {
+            let key = jobs::keys::vm_step(scope, &v.key, "baseline");
+            out.push(
+                spec(
+                    key.clone(),
+                    Job::Baseline(jobs::baseline::BaselineJob { vm: vm.clone() }),
+                )
+                .after(start_gate),
+            );
+            start_gate = vec![key];
+        }
         if plan.start {
+            let slot = jobs::power::start_slot(&plan.cluster, &v.node);
             out.push(
                 spec(
                     jobs::keys::vm_step(scope, &v.key, "start"),
                     Job::Start(StartJob { vm }),
                 )
-                .after([net_key, perm_key]),
+                .after(start_gate)
+                .slots([slot]),
             );
         }
     }
@@ -573,6 +591,9 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
 /// The steps every VM of `plan` goes through (for status).
 pub fn vm_steps(plan: &Plan) -> Vec<&'static str> {
     let mut v = vec!["clone", "network", "permission"];
+    if plan.baseline {
+        v.push("baseline");
+    }
     if plan.start {
         v.push("start");
     }

@@ -38,6 +38,7 @@ mod latency;
 mod lenient;
 mod migrate;
 mod network;
+mod snapshot;
 mod storage;
 mod task;
 mod tls;
@@ -66,6 +67,7 @@ pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
 pub use migrate::MigrateParams;
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;
+pub use snapshot::SnapshotEntry;
 pub use storage::ContentEntry;
 pub use task::{
     LOG_TAIL_LINES, TaskLogLine, TaskOutcome, TaskStatus, WaitOptions, parse_exitstatus,

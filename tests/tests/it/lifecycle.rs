@@ -70,11 +70,22 @@ pub(crate) fn handout(dir: &Path, id: &str) -> Vec<Row> {
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("student,password,account,vm,vmid,node"));
+    assert_eq!(
+        lines.next(),
+        Some("student,password,account,vm,vmid,node,console")
+    );
     lines
         .map(|l| {
             let f: Vec<&str> = l.split(',').collect();
-            assert_eq!(f.len(), 6, "{l}");
+            assert_eq!(f.len(), 7, "{l}");
+            // The console link names the row's VM and node, on the cluster's host and port.
+            if !f[4].is_empty() {
+                let tail = format!("/?console=kvm&novnc=1&vmid={}&node={}", f[4], f[5]);
+                assert!(
+                    f[6].starts_with("https://127.0.0.1:") && f[6].ends_with(&tail),
+                    "{l}"
+                );
+            }
             Row {
                 student: f[0].into(),
                 password: f[1].into(),

@@ -3,6 +3,7 @@
 //! `labfleet_tests` library (`tests/src`).
 mod audit;
 mod capacity;
+mod classroom;
 mod cli;
 mod compose;
 mod lifecycle;
@@ -13,6 +14,7 @@ mod pve_client_hostile;
 mod queue;
 mod redis_tls;
 mod reliability;
+mod schedule;
 mod sim;
 mod ui;
 mod web;

@@ -120,7 +120,7 @@ impl Default for RigOpts {
 
 /// The shared lab and a fleet of worker processes on it.
 pub(crate) struct Rig {
-    lab: Lab,
+    pub(crate) lab: Lab,
     pub(crate) fleet: Fleet,
     caps: Caps,
 }
@@ -171,7 +171,7 @@ impl Rig {
         self.store.queue()
     }
 
-    async fn submit(&self) -> (String, Plan) {
+    pub(crate) async fn submit(&self) -> (String, Plan) {
         self.lab.submit().await.unwrap()
     }
 

@@ -79,6 +79,11 @@ fn every_subcommand_help_has_an_example() {
         "serve",
         "workers",
         "audit",
+        "start",
+        "stop",
+        "shutdown",
+        "reset",
+        "schedule",
     ];
     for sub in subs {
         let o = producer(&[sub, "--help"], Duration::from_secs(20));
