@@ -158,39 +158,50 @@ async fn power_of_a_class_with_the_start_cap_selectors_and_repeats() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(live_running, "status --live never saw the student's start");
-    // The same through the binary: `status --live --json` has each VM's power.
-    let st = Command::new(bin("producer"))
-        .arg("--data-dir")
-        .arg(rig.data.path())
-        .arg("--redis")
-        .arg(&rig.redis_url)
-        .args(["--json", "status", &id, "--live"])
-        .env("LABFLEET_SECRET_KEY", rig.key.to_base64().expose())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let doc: Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
-    let power: Vec<(&str, &str)> = doc["vms"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .map(|x| {
-                    (
-                        x["name"].as_str().unwrap_or(""),
-                        x["power"].as_str().unwrap_or(""),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(power.len(), 8, "{doc}");
-    for (name, p) in power {
-        let want = if name == "student-pc-student3" {
+    // The same through the binary: `status --live --json` has each VM's power. The live
+    // view comes from /cluster/resources, which Proxmox refreshes every few seconds: the
+    // stops of a moment ago may still show as running, so ask until it settles.
+    let want = |name: &str| {
+        if name == "student-pc-student3" {
             "running"
         } else {
             "stopped"
-        };
-        assert_eq!(p, want, "{name}");
+        }
+    };
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for _ in 0..80 {
+        let st = Command::new(bin("producer"))
+            .arg("--data-dir")
+            .arg(rig.data.path())
+            .arg("--redis")
+            .arg(&rig.redis_url)
+            .args(["--json", "status", &id, "--live"])
+            .env("LABFLEET_SECRET_KEY", rig.key.to_base64().expose())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let doc: Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        seen = doc["vms"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|x| {
+                        (
+                            x["name"].as_str().unwrap_or("").to_owned(),
+                            x["power"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if seen.len() == 8 && seen.iter().all(|(n, p)| p == want(n)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    for (name, p) in &seen {
+        assert_eq!(p, want(name), "{name}");
     }
     let second = op(
         &rig,
