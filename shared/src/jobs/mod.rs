@@ -17,6 +17,7 @@ pub mod clone;
 pub mod counters;
 pub mod destroy;
 pub mod finish;
+pub mod lost_reply;
 pub mod network;
 pub mod node_network;
 pub mod payload;

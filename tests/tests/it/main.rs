@@ -4,6 +4,7 @@
 mod cli;
 mod compose;
 mod lifecycle;
+mod lost_replies;
 mod metrics;
 mod pipeline;
 mod pve_client;

@@ -1,0 +1,160 @@
+//! Lost replies (issue 13): Proxmox ran the call but its answer never came (a 596 after the
+//! proxy timeout, a connection dropped after the work). Built on `reliability`'s `Rig`: real
+//! redis-server, the simulator in-process over HTTPS, worker processes.
+//!
+//! Each test first asserts that its faults fired, then checks through the simulator and Redis
+//! that every VM exists exactly once, that the clone caps held (a clone whose reply was lost
+//! keeps its slots until its task is found again), and that no disk was left on a storage.
+//! `LABFLEET_FULL=1` runs the full sizes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use labfleet_tests::fleet::WorkerOpts;
+use labfleet_tests::wait::wait_for;
+use pve_sim::{Fault, FaultPlan};
+use serde_json::Value;
+use shared::pve::Method;
+
+use crate::reliability::{Auth, Rig, RigOpts, SERIAL, chaos};
+
+fn full() -> bool {
+    std::env::var("LABFLEET_FULL").is_ok_and(|v| v == "1")
+}
+
+/// Three VMs per student: two linked clones of the linux template (replicated on every
+/// node, local storage) and a router linked from shared storage with `target`.
+const THREE_MACHINES: &str = "name: lost-lab\nmachines:\n  - {device_type: linux, name: student-pc, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}, {bridge: hq.100}]}\n  - {device_type: linux, name: student-srv, template_node: pve1, template_vmid: 100, networks: [{bridge: vmbr0}]}\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}, {bridge: hq}]}\n";
+
+/// The clone calls of the simulated cluster's templates (and their replicas).
+const CLONE_PATHS: &str = "[\"/nodes/pve1/qemu/100/clone\", \"/nodes/pve2/qemu/101/clone\", \"/nodes/pve3/qemu/102/clone\", \"/nodes/pve1/qemu/120/clone\"]";
+
+/// Volumes on the cluster's storages that no VM names: leaked disks. Read through the API
+/// (`GET /nodes/{node}/storage/{storage}/content`), as an admin would.
+async fn leaked_volumes(rig: &Rig) -> Vec<String> {
+    let pve = rig.pve();
+    let vms: BTreeSet<u32> = rig.sim.vms().iter().map(|v| v.vmid).collect();
+    let mut out = BTreeSet::new();
+    for node in ["pve1", "pve2", "pve3"] {
+        for storage in ["local-lvm", "ceph-vm"] {
+            let path = format!("/nodes/{node}/storage/{storage}/content");
+            let list = pve.raw_call(Method::GET, &path, &[]).await.unwrap();
+            for v in list.as_array().cloned().unwrap_or_default() {
+                let owner = v.get("vmid").and_then(Value::as_u64).unwrap_or(0) as u32;
+                if !vms.contains(&owner) {
+                    out.insert(v["volid"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Every clone call's reply is lost half the time (596 after the proxy timeout, or the
+/// connection dropped after the call ran) while tasks run long: each clone is found again by
+/// its task or its VM, keeps its slots meanwhile, and is made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_lost_clone_replies_clone_nothing_twice_and_keep_the_caps() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let users = if full() { 40 } else { 8 };
+    let mut rig = Rig::new(RigOpts {
+        users,
+        time_scale: 0.1,
+        ..RigOpts::default()
+    })
+    .await;
+    rig.sim.set_faults(
+        FaultPlan::from_yaml(&format!(
+            "requests: {{rate: 0.6, weight_596_after_commit: 3, weight_reset_after_commit: 1, paths: {CLONE_PATHS}}}\nslow_task_rate: 1\nslow_task_factor: 20\n"
+        ))
+        .unwrap(),
+    );
+    for _ in 0..3 {
+        rig.fleet.spawn();
+    }
+    let (id, plan) = rig.submit().await;
+    rig.wait_state(
+        &id,
+        "done",
+        Duration::from_secs(if full() { 600 } else { 120 }),
+    )
+    .await;
+    let injected = rig.faults();
+    eprintln!("l1: {} VMs, faults {injected:?}", plan.vms.len());
+    for k in ["request_596_after_commit", "request_reset_after_commit"] {
+        assert!(
+            injected.get(k).copied().unwrap_or(0) > 0,
+            "no {k} fault: {injected:?}"
+        );
+    }
+    rig.check_outcome(&id, &[&plan], 0).await;
+    assert_eq!(leaked_volumes(&rig).await, Vec::<String>::new());
+}
+
+/// The "done when" of issue 13: 20 students x 3 VMs under 20% request faults that include
+/// lost replies, storage-lock timeouts, half-made clones, a node outage and workers SIGKILLed
+/// every few seconds: every VM exactly once, no orphan, no leaked disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_lost_replies_kills_and_an_outage_leave_every_vm_once_and_no_disk() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let users = if full() { 100 } else { 20 };
+    let mut rig = Rig::new(RigOpts {
+        users,
+        time_scale: 0.1,
+        auth: Auth::Password,
+        deployment: THREE_MACHINES.to_owned(),
+        workers: WorkerOpts {
+            backoff_cap: 2.0,
+            ..WorkerOpts::default()
+        },
+        ..RigOpts::default()
+    })
+    .await;
+    let faults = FaultPlan::from_yaml(
+        "requests: {rate: 0.2, weight_596: 1, weight_500: 1, weight_reset: 1, weight_596_after_commit: 2, weight_reset_after_commit: 2}\nlock_timeout_rate: 0.1\nclone_half_fail_rate: 0.1\n",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        rig.fleet.spawn();
+    }
+    let (id, plan) = rig.submit().await;
+    assert_eq!(plan.vms.len(), users * 3);
+    rig.sim.set_faults(faults.clone());
+    rig.sim.inject(Fault::LockTimeouts { count: 2 });
+    rig.sim.inject(Fault::CloneHalfFail { count: 2 });
+    wait_for(Duration::from_secs(60), "clones running", || async {
+        rig.running_clones() > 0
+    })
+    .await;
+    rig.sim.inject(Fault::NodeOffline {
+        node: "pve2".into(),
+        duration: Duration::from_millis(1500),
+    });
+    let deadline = Duration::from_secs(if full() { 900 } else { 150 });
+    let report = chaos(&mut rig, &id, (2.0, 4.0), deadline).await;
+    let injected = rig.faults();
+    eprintln!(
+        "l2: {} VMs, {} kills ({} hit a claimed job), faults {injected:?}",
+        plan.vms.len(),
+        report.kills,
+        report.hits
+    );
+    for k in [
+        "request_596",
+        "request_500",
+        "request_reset",
+        "request_596_after_commit",
+        "request_reset_after_commit",
+        "lock_timeout",
+        "clone_half_fail",
+    ] {
+        assert!(
+            injected.get(k).copied().unwrap_or(0) > 0,
+            "no {k} fault: {injected:?}"
+        );
+    }
+    assert!(report.hits >= 1, "no kill hit a claimed job: {report:?}");
+    rig.check_outcome(&id, &[&plan], 0).await;
+    let leaked = leaked_volumes(&rig).await;
+    assert!(leaked.is_empty(), "disks left on the storages: {leaked:?}");
+}
