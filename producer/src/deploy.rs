@@ -677,6 +677,8 @@ pub struct Status {
     pub vms: Vec<VmStatus>,
     pub setup_failures: Vec<String>,
     pub quarantined: Vec<serde_json::Value>,
+    /// Disks its destroys left behind that no worker could free (`crate::leaks`).
+    pub leaked: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -825,6 +827,7 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, Failure> {
         vms,
         setup_failures: Vec::new(),
         quarantined: quarantined_of(store, &rec).await?,
+        leaked: crate::leaks::leaked_of_record(store, &rec).await?,
     })
 }
 
@@ -917,6 +920,7 @@ fn torn_down(rec: &DeploymentRecord) -> Status {
         vms: Vec::new(),
         setup_failures: Vec::new(),
         quarantined: Vec::new(),
+        leaked: Vec::new(),
     }
 }
 
@@ -926,7 +930,9 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
     let rec = record(store, id).await?;
     if rec.phase == Phase::TornDown {
-        return Ok(torn_down(&rec));
+        let mut s = torn_down(&rec);
+        s.leaked = crate::leaks::leaked_of_record(store, &rec).await?;
+        return Ok(s);
     }
     let plan = plan_of(store, &rec, rec.vm_epoch()).await?.ok_or_else(|| {
         Failure::new(
@@ -1039,6 +1045,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, Failure> {
         vms,
         setup_failures,
         quarantined: quarantined_of(store, &rec).await?,
+        leaked: crate::leaks::leaked_of_record(store, &rec).await?,
     })
 }
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cmd;
 pub mod deploy;
 pub mod exit;
+pub mod leaks;
 pub mod output;
 pub mod serve;
 

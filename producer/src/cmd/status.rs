@@ -189,6 +189,7 @@ fn print_details(st: &Status, out: &mut Out) {
     for f in &st.setup_failures {
         out.line(format!("setup failed: {f}"));
     }
+    crate::leaks::print(out, &st.leaked);
     for q in &st.quarantined {
         out.line(format!(
             "quarantined VMID {} on {} ({}): {}",

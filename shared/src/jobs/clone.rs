@@ -29,6 +29,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::alloc::{self, Space};
+use crate::jobs::leaks;
 use crate::jobs::lost_reply::{self, CloneSearch};
 use crate::jobs::state::{Quarantined, VmFacts};
 use crate::jobs::{
@@ -235,7 +236,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
             Err(e) => return Err(pve_error(e)),
         };
         // From here on our clone task runs: a failure keeps the slots.
-        record(j, lease, env, vmid, Some(&upid), &quarantined)
+        record_since(j, lease, env, vmid, Some(&upid), &quarantined, since)
             .await
             .map_err(keep_slots)?;
         match env.wait_task(&pve, &upid, lease).await? {
@@ -418,6 +419,24 @@ async fn clean_up(
     quarantined: &mut Vec<u32>,
 ) -> Result<u32, JobError> {
     lease.check().await?;
+    // Another clone of ours into this VMID may still run (a call whose reply was lost came
+    // to run late): its `lock: clone` is not a half-made VM yet.
+    let since = env
+        .store
+        .one_vm(scope_of_key(lease.job_key()), &j.vm.key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|f| f.since)
+        .unwrap_or_else(Utc::now);
+    match lost_reply::find_clone(pve, &j.source_node, j.source_vmid, vmid, since).await {
+        Ok(CloneSearch::Found { running: true, .. } | CloneSearch::Undecided) => {
+            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+        }
+        Ok(_) => {}
+        Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
+        Err(_) => {}
+    }
     let skiplock = env.clusters.can_skiplock(&j.vm.cluster);
     if skiplock {
         let p = DestroyParams {
@@ -427,8 +446,19 @@ async fn clean_up(
         };
         match pve.destroy_vm(node, vmid, &p).await {
             Ok(upid) => {
-                env.wait(pve, &upid, lease).await?;
+                let outcome = env
+                    .wait_outcome(pve, &upid, lease)
+                    .await?
+                    .map_err(pve_error)?;
                 tracing::warn!(vmid, node, "removed a half-made VM before cloning again");
+                let d = leaks::Destroyed {
+                    cluster: &j.vm.cluster,
+                    deployment: &j.vm.deployment,
+                    vm: &j.vm.key,
+                    vmid,
+                    node,
+                };
+                leaks::free_after_destroy(env, pve, lease, &d, Some(&upid), outcome).await?;
                 return Ok(vmid);
             }
             Err(PveError::NotFound { .. }) => return Ok(vmid),
@@ -462,20 +492,9 @@ async fn clean_up(
 }
 
 /// Records the VMID about to be cloned into (and the UPID once known) before anything else
-/// happens, only while this lease holds: what a re-delivery starts from.
-async fn record(
-    j: &CloneJob,
-    lease: &Lease,
-    env: &Env,
-    vmid: u32,
-    upid: Option<&Upid>,
-    quarantined: &[u32],
-) -> Result<(), JobError> {
-    record_since(j, lease, env, vmid, upid, quarantined, Utc::now()).await
-}
-
-/// [`record`] with the time of the clone call the facts are about (a task search for a
-/// call whose reply was lost starts there).
+/// happens, only while this lease holds: what a re-delivery starts from. `since` is the time
+/// of the clone call the facts are about (a task search for a call whose reply was lost
+/// starts there).
 async fn record_since(
     j: &CloneJob,
     lease: &Lease,

@@ -74,6 +74,7 @@ pub async fn find_clone(
         )
         .await?;
     let mut undecided = list.total.is_some_and(|t| t > MAX_CANDIDATES);
+    let mut ended = None;
     for t in list.tasks {
         let Ok(upid) = t.upid.parse::<Upid>() else {
             continue;
@@ -85,16 +86,25 @@ pub async fn find_clone(
         let (lines, _) = pve.task_log(&upid, 0, 0).await?;
         let named: Vec<u32> = lines.iter().filter_map(|l| vm_disk_owner(&l.t)).collect();
         if named.contains(&newid) {
-            return Ok(CloneSearch::Found { upid, running });
+            // Two calls into one VMID (the first one's reply lost) make two tasks: the one
+            // still running is the one that matters.
+            if running {
+                return Ok(CloneSearch::Found { upid, running });
+            }
+            ended.get_or_insert(upid);
+            continue;
         }
         if running && !late && named.is_empty() {
             undecided = true;
         }
     }
-    Ok(if undecided {
-        CloneSearch::Undecided
-    } else {
-        CloneSearch::NotFound
+    Ok(match ended {
+        _ if undecided => CloneSearch::Undecided,
+        Some(upid) => CloneSearch::Found {
+            upid,
+            running: false,
+        },
+        None => CloneSearch::NotFound,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod clone;
 pub mod counters;
 pub mod destroy;
 pub mod finish;
+pub mod leaks;
 pub mod lost_reply;
 pub mod network;
 pub mod node_network;
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use payload::*;
 
 use crate::clusters::{Clusters, ConnectError};
-use crate::pve::{PveClient, PveError, Upid, WaitOptions};
+use crate::pve::{PveClient, PveError, TaskOutcome, Upid, WaitOptions};
 use crate::queue::{JobError, Lease, Queue};
 use state::{StepState, Store};
 
@@ -117,6 +118,16 @@ impl Env {
         upid: &Upid,
         lease: &Lease,
     ) -> Result<Result<(), PveError>, JobError> {
+        Ok(self.wait_outcome(pve, upid, lease).await?.map(|_| ()))
+    }
+
+    /// Like [`Env::wait_task`], with how the task ended (`OK` or `WARNINGS: n`).
+    pub async fn wait_outcome(
+        &self,
+        pve: &PveClient,
+        upid: &Upid,
+        lease: &Lease,
+    ) -> Result<Result<TaskOutcome, PveError>, JobError> {
         let cancel = self.shutdown.child_token();
         // A job holds its node and storage slots until it sees its task end, so the poll
         // interval is slot time: start at 100 ms and stay under 1 s (a linked clone takes a
@@ -134,7 +145,7 @@ impl Env {
             _ = lease.lost() => return Err(JobError::LeaseLost),
         };
         match r {
-            Ok(_) => Ok(Ok(())),
+            Ok(o) => Ok(Ok(o)),
             Err(PveError::Cancelled) => Err(JobError::Deferred),
             Err(e) => Ok(Err(e)),
         }

@@ -32,6 +32,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use super::config::{Auth, ClientConfig};
 use super::error::{MAX_RESPONSE_BYTES, ParamErrors, PveError};
+use super::gate::{ApiGate, node_of};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
@@ -200,6 +201,8 @@ struct Inner {
     presented: PresentedCert,
     /// Shared by every `wait_task` of this client and its clones.
     pub(crate) watcher: TaskWatcher,
+    /// Bounds the protected calls per node across processes, when set (`gate.rs`).
+    gate: std::sync::OnceLock<Arc<dyn ApiGate>>,
 }
 
 /// A client for one Proxmox VE cluster. Cheap to clone; clones share the connection pool,
@@ -261,10 +264,17 @@ impl PveClient {
                 limiter: Semaphore::new(config.max_concurrent_requests),
                 counters: Counters::default(),
                 watcher: TaskWatcher::default(),
+                gate: std::sync::OnceLock::new(),
                 presented,
                 config,
             }),
         })
+    }
+
+    /// Puts every protected call of this client (and its clones) behind `gate`; the first
+    /// gate set stays.
+    pub fn set_api_gate(&self, gate: Arc<dyn ApiGate>) {
+        let _ = self.inner.gate.set(gate);
     }
 
     pub(crate) fn watcher(&self) -> &TaskWatcher {
@@ -431,6 +441,12 @@ impl PveClient {
     ) -> Result<Envelope, PveError> {
         let mut retried = false;
         let mut read_tries = 0u32;
+        // A protected call (any write; the login does not come here) waits for room on
+        // its node's API workers and holds it until its answer is in.
+        let _pass = match self.inner.gate.get() {
+            Some(g) if method != Method::GET => Some(g.enter(node_of(path)).await),
+            _ => None,
+        };
         loop {
             let creds = self.credentials().await?;
             let result = self

@@ -34,10 +34,12 @@ mod client;
 mod cluster;
 mod config;
 pub mod error;
+mod gate;
 mod latency;
 mod lenient;
 mod migrate;
 mod network;
+mod storage;
 mod task;
 mod tls;
 mod upid;
@@ -61,10 +63,12 @@ pub use error::{
     ConnectFailure, ErrorClass, MAX_MESSAGE_BYTES, MAX_PARAM_ERRORS, MAX_RESPONSE_BYTES,
     MessageKind, ParamErrors, PveError,
 };
+pub use gate::{ApiGate, ApiPass};
 pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
 pub use migrate::MigrateParams;
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;
+pub use storage::StorageVolume;
 pub use task::{
     LOG_TAIL_LINES, TaskLogLine, TaskOutcome, TaskStatus, WaitOptions, parse_exitstatus,
 };

@@ -158,3 +158,90 @@ async fn l2_lost_replies_kills_and_an_outage_leave_every_vm_once_and_no_disk() {
     let leaked = leaked_volumes(&rig).await;
     assert!(leaked.is_empty(), "disks left on the storages: {leaked:?}");
 }
+
+/// A destroy that cannot take its storage lock leaves the disk behind with a warning: the
+/// destroy job frees it (`DELETE .../storage/{s}/content/{volume}`); what cannot be freed
+/// either is listed by `status` and by the teardown's output (text and `--json`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l3_disks_a_destroy_left_behind_are_freed_or_listed() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut rig = Rig::new(RigOpts {
+        users: 3,
+        time_scale: 0.1,
+        ..RigOpts::default()
+    })
+    .await;
+    for _ in 0..2 {
+        rig.fleet.spawn();
+    }
+    let (id, plan) = rig.submit().await;
+    rig.wait_state(&id, "done", Duration::from_secs(60)).await;
+
+    // The first destroys' storage locks time out: their disks stay; the workers free them.
+    rig.sim.inject(Fault::LockTimeouts { count: 3 });
+    producer::deploy::teardown(&rig.store, &id)
+        .await
+        .map_err(|f| f.error)
+        .unwrap();
+    rig.wait_state(&id, "torn-down", Duration::from_secs(60))
+        .await;
+    let leaked_first = rig
+        .faults()
+        .get("destroy_leaked_volume")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        leaked_first >= 1,
+        "no destroy left a disk: {:?}",
+        rig.faults()
+    );
+    assert_eq!(leaked_volumes(&rig).await, Vec::<String>::new());
+    let st = producer::deploy::status(&rig.store, &id)
+        .await
+        .map_err(|f| f.error)
+        .unwrap();
+    assert!(st.leaked.is_empty(), "{:?}", st.leaked);
+    let non_template = rig.sim.vms().iter().filter(|v| !v.template).count();
+    assert_eq!(non_template, 0);
+
+    // Deployed again, then torn down while every storage lock times out: nothing can be
+    // freed, and the teardown says so, volume by volume.
+    let (id2, _) = rig.submit().await;
+    assert_eq!(id2, id);
+    rig.wait_state(&id, "done", Duration::from_secs(60)).await;
+    rig.sim
+        .set_faults(FaultPlan::from_yaml("lock_timeout_rate: 1\n").unwrap());
+    let out = crate::reliability::producer(&rig, &["teardown", &id, "--wait"], &["--json"]);
+    assert!(
+        out.status.success(),
+        "teardown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The last JSON document printed is the outcome (progress may come before it).
+    let json: Value = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap_or_else(|| panic!("no JSON in the teardown's output: {stdout}"));
+    let listed: BTreeSet<String> = json["leaked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["volid"].as_str().unwrap().to_owned())
+        .collect();
+    let on_storage: BTreeSet<String> = leaked_volumes(&rig).await.into_iter().collect();
+    assert_eq!(
+        listed.len(),
+        plan.vms.len(),
+        "one disk per VM listed: {stdout}"
+    );
+    assert_eq!(listed, on_storage, "the listed disks are the ones left");
+    let text = crate::reliability::producer(&rig, &["status", &id], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(
+        text.matches("leaked disk ").count(),
+        plan.vms.len(),
+        "status lists every leaked disk:\n{text}"
+    );
+}

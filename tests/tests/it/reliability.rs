@@ -478,10 +478,12 @@ pub(crate) async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: 
     let mut report = Chaos::default();
     let mut pending: Vec<(String, String, Instant)> = Vec::new();
     loop {
-        assert!(
-            start.elapsed() < deadline,
-            "deployment not done after {deadline:?} of chaos ({report:?})"
-        );
+        if start.elapsed() >= deadline {
+            panic!(
+                "deployment not done after {deadline:?} of chaos ({report:?})\n{}",
+                rig.diagnose(id).await
+            );
+        }
         let mut still = Vec::new();
         for (key, victim, at) in pending.drain(..) {
             let f = rig.job_fields(&key, &["state", "worker"]).await;
