@@ -8,6 +8,7 @@
 //! [`resolve_secret`] when a connection is made. How the files are read is fixed by
 //! `config-semantics` (see data/README.md).
 
+mod api_caps;
 mod ids;
 mod issue;
 mod model;
@@ -16,6 +17,7 @@ mod read;
 
 use std::path::{Path, PathBuf};
 
+pub use api_caps::DEFAULT_API_PER_NODE;
 pub use ids::{DEFAULT_PVE_PORT, DnsLabel, HostPort, NodeName, UserId, VMID_MAX, VMID_MIN, VmId};
 pub use issue::{ConfigError, Issue};
 pub use model::{

@@ -34,6 +34,8 @@ pub struct Connection {
     pub caps: Caps,
     /// Most concurrent HTTP requests one process sends to this cluster.
     pub max_requests: u32,
+    /// Most concurrent protected calls all workers make to one node (`max_parallel_api`).
+    pub api_per_node: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -539,6 +541,13 @@ fn connection_from_raw(
         None => DEFAULT_MAX_REQUESTS,
     };
 
+    let api_per_node =
+        super::api_caps::per_node(raw.max_parallel_api.as_ref()).unwrap_or_else(|e| {
+            let i = cx.at(e.at, e.message);
+            hint(i, e.hint);
+            super::api_caps::DEFAULT_API_PER_NODE
+        });
+
     Some(Connection {
         name: name.to_owned(),
         host: host?,
@@ -547,6 +556,7 @@ fn connection_from_raw(
         tls: tls?,
         caps,
         max_requests,
+        api_per_node,
     })
 }
 

@@ -12,6 +12,7 @@
 //! ([`PveError::is_transient`]), never by message text. Only workers run handlers; the
 //! producer reuses the checks for `plan`, `retry` and `teardown`.
 
+pub mod api_slots;
 pub mod cache;
 pub mod clone;
 pub mod counters;

@@ -245,3 +245,54 @@ async fn l3_disks_a_destroy_left_behind_are_freed_or_listed() {
         "status lists every leaked disk:\n{text}"
     );
 }
+
+/// Runs a 12-student deployment with 3 workers of 4 jobs each against nodes with one API
+/// worker each, the workers capped at `per_node` protected calls per node; returns the
+/// simulator's `api_workers` stats.
+async fn api_run(per_node: u32) -> Value {
+    let mut rig = Rig::new(RigOpts {
+        users: 12,
+        time_scale: 0.25,
+        sim_setup: Some(|sc| sc.cluster.api.workers_per_node = 1),
+        ..RigOpts::default()
+    })
+    .await;
+    let path = rig.data.path().join("connections.yml");
+    let mut yaml = std::fs::read_to_string(&path).unwrap();
+    yaml += &format!("  max_parallel_api: {{per_node: {per_node}}}\n");
+    std::fs::write(&path, yaml).unwrap();
+    for _ in 0..3 {
+        rig.fleet.spawn();
+    }
+    let (id, plan) = rig.submit().await;
+    rig.wait_state(&id, "done", Duration::from_secs(120)).await;
+    rig.check_outcome(&id, &[&plan], 0).await;
+    rig.sim.stats()["api_workers"].clone()
+}
+
+/// `max_parallel_api.per_node`: the workers together never make more protected calls to a
+/// node than it has API workers, so none waits in pvedaemon's queue for long (and none
+/// reaches the proxy timeout), where the same run with a cap of 12 queues there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l4_protected_calls_are_capped_per_node_across_workers() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let capped = api_run(1).await;
+    let uncapped = api_run(12).await;
+    eprintln!("l4: capped at 1: {capped}\nl4: capped at 12: {uncapped}");
+    let total = |v: &Value, k: &str| {
+        v[k].as_object()
+            .map(|m| m.values().filter_map(Value::as_f64).sum::<f64>())
+            .unwrap_or(0.0)
+    };
+    let (calls, queued) = (total(&capped, "calls"), total(&capped, "queued_calls"));
+    assert!(calls > 0.0, "no protected call counted: {capped}");
+    assert_eq!(capped["proxy_timeouts"], 0, "{capped}");
+    // A call that finds its node's worker free may still be counted as queued when the
+    // machine is slow to schedule it (a millisecond of simulated time is 0.25 ms here).
+    assert!(
+        capped["wait_seconds_total"].as_f64().unwrap() * 4.0
+            < uncapped["wait_seconds_total"].as_f64().unwrap(),
+        "calls waited in the queue about as long with the cap as without: {capped} vs {uncapped}"
+    );
+    assert!(queued <= calls, "{capped}");
+}
