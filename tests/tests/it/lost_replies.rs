@@ -239,6 +239,7 @@ async fn l3_disks_a_destroy_left_behind_are_freed_or_listed() {
     assert_eq!(listed, on_storage, "the listed disks are the ones left");
     let text = crate::reliability::producer(&rig, &["status", &id], &[]);
     let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("l3: producer status:\n{text}\nl3: producer --json teardown --wait:\n{stdout}");
     assert_eq!(
         text.matches("leaked disk ").count(),
         plan.vms.len(),
