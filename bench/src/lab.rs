@@ -74,7 +74,12 @@ pub struct Lab {
 }
 
 pub async fn start_sim(time_scale: f64) -> anyhow::Result<SimHandle> {
-    let mut sc = SimConfig::from_cluster_file(&root().join("data/sim/cluster.yml"))?;
+    start_sim_with(&root().join("data/sim/cluster.yml"), time_scale).await
+}
+
+/// The simulator with another cluster file (a class's own, under `bench/data/<class>/`).
+pub async fn start_sim_with(cluster: &Path, time_scale: f64) -> anyhow::Result<SimHandle> {
+    let mut sc = SimConfig::from_cluster_file(cluster)?;
     sc.time_scale = time_scale;
     Sim::start(sc).await
 }
@@ -83,7 +88,16 @@ impl Lab {
     pub async fn new(spec: &LabSpec) -> anyhow::Result<Lab> {
         // Durability as the README asks of production (AOF, fsync every second).
         let redis = RedisServer::start_with(RedisOptions::default());
-        let sim = start_sim(spec.time_scale).await?;
+        // A class may bring its own cluster (`bench/data/<class>/cluster.yml`).
+        let own = root()
+            .join("bench/data")
+            .join(&spec.class)
+            .join("cluster.yml");
+        let sim = if own.exists() {
+            start_sim_with(&own, spec.time_scale).await?
+        } else {
+            start_sim(spec.time_scale).await?
+        };
         let data = tempfile::tempdir()?;
         let conn = std::fs::read_to_string(root().join("bench/data/connections.yml.in"))?
             .replace("{port}", &sim.addr().port().to_string())

@@ -687,7 +687,8 @@ pub async fn scale(students: usize, workers: usize, conc: usize) -> anyhow::Resu
 
 /// What a request template is for.
 fn request_kind(key: &str) -> &'static str {
-    if key.contains("/tasks/") {
+    // Task status and log reads, and the task watcher's `GET /nodes/{node}/tasks`.
+    if key.contains("/tasks/") || key.ends_with("/tasks") {
         "poll"
     } else if key.contains("/access/ticket") {
         "login"
