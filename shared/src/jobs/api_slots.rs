@@ -4,7 +4,8 @@
 //! Like the clone slots, the holders of one node's room are kept in Redis under the queue's
 //! hash tag: `api:<cluster>/<node>` is a ZSET of pass id -> lease end (ms, Redis time). A pass
 //! is taken by one script that first drops holders whose lease ended (a worker killed
-//! mid-call gives its room back after [`PASS_LEASE`]), then adds itself if the count is
+//! mid-call gives its room back after [`PASS_LEASE`], 6 s: a pass is renewed while its call
+//! runs), then adds itself if the count is
 //! under the cap; it is given back (ZREM) when the call's answer is in. Cluster-wide calls
 //! (`/access`, `/pools`) count against `api:<cluster>/@entry`, the node the connection
 //! talks to. When Redis cannot be asked, the call goes ahead uncounted: the cap protects
@@ -18,11 +19,24 @@ use rand::Rng;
 use crate::pve::{ApiGate, ApiPass};
 use crate::queue::Queue;
 
-/// How long a pass is held at most: the client's 30 s request timeout and some margin.
-pub const PASS_LEASE: Duration = Duration::from_secs(40);
+/// A pass's lease: renewed every third of it while its call runs, so the pass of a worker
+/// killed mid-call frees within this long.
+pub const PASS_LEASE: Duration = Duration::from_secs(6);
 
 /// How often a call waiting for room asks again (with jitter up to as much again).
 const RETRY: Duration = Duration::from_millis(15);
+
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return 1
+",
+    )
+});
 
 static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -78,15 +92,32 @@ impl ApiSlots {
     }
 }
 
-/// Gives a pass back when dropped.
+/// Gives a pass back when dropped; renews its lease meanwhile.
 struct Held {
     queue: Queue,
     key: String,
     id: String,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+fn renew(queue: Queue, key: String, id: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PASS_LEASE / 3).await;
+            let mut c = queue.connection();
+            let _: Result<i64, _> = RENEW
+                .key(&key)
+                .arg(&id)
+                .arg(PASS_LEASE.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await;
+        }
+    })
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        self.renewing.abort();
         let (queue, key, id) = (
             self.queue.clone(),
             std::mem::take(&mut self.key),
@@ -116,10 +147,12 @@ impl ApiGate for ApiSlots {
             loop {
                 match self.take(&key, &id).await {
                     Ok(true) => {
+                        let renewing = renew(self.queue.clone(), key.clone(), id.clone());
                         return ApiPass::holding(Held {
                             queue: self.queue.clone(),
                             key,
                             id,
+                            renewing,
                         });
                     }
                     Ok(false) => {

@@ -131,7 +131,24 @@ async fn l2_lost_replies_kills_and_an_outage_leave_every_vm_once_and_no_disk() {
         duration: Duration::from_millis(1500),
     });
     let deadline = Duration::from_secs(if full() { 900 } else { 150 });
-    let report = chaos(&mut rig, &id, (3.0, 5.0), deadline).await;
+    let run = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(chaos(
+        &mut rig,
+        &id,
+        (3.0, 5.0),
+        deadline,
+    )))
+    .await;
+    let report = match run {
+        Ok(r) => r,
+        Err(p) => {
+            if let Ok(dir) = std::env::var("LABFLEET_KEEP_LOGS") {
+                for (name, log) in rig.fleet.logs() {
+                    let _ = std::fs::write(format!("{dir}/{name}.log"), log);
+                }
+            }
+            std::panic::resume_unwind(p);
+        }
+    };
     let injected = rig.faults();
     eprintln!(
         "l2: {} VMs, {} kills ({} hit a claimed job), faults {injected:?}",
