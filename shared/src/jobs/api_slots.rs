@@ -7,8 +7,8 @@
 //! mid-call gives its room back after [`PASS_LEASE`], 6 s: a pass is renewed while its call
 //! runs), then adds itself if the count is
 //! under the cap; it is given back (ZREM) when the call's answer is in. Cluster-wide calls
-//! (`/access`, `/pools`) count against `api:<cluster>/@entry`, the node the connection
-//! talks to. When Redis cannot be asked, the call goes ahead uncounted: the cap protects
+//! (`/access`, `/pools`) count against the node the connection talks to (the client learns
+//! it from `GET /cluster/status`), or `api:<cluster>/@entry` when it could not. When Redis cannot be asked, the call goes ahead uncounted: the cap protects
 //! Proxmox's queue, it must not stop a deployment.
 
 use std::sync::{Arc, LazyLock};

@@ -24,8 +24,8 @@ impl ApiPass {
 }
 
 /// Room for protected calls, per node. `node` is the `{node}` of a `/nodes/{node}/...`
-/// path, or `None` for cluster-wide calls (`/access`, `/pools`), which the node the
-/// connection talks to runs.
+/// path or, for cluster-wide calls (`/access`, `/pools`), the node the connection talks to
+/// (learned once from `GET /cluster/status`); `None` when that could not be learned.
 pub trait ApiGate: Send + Sync {
     fn enter<'a>(
         &'a self,

@@ -294,8 +294,8 @@ async fn api_run(per_node: u32) -> Value {
 }
 
 /// `max_parallel_api.per_node`: the workers together never make more protected calls to a
-/// node than it has API workers, so none waits in pvedaemon's queue for long (and none
-/// reaches the proxy timeout), where the same run with a cap of 12 queues there.
+/// node than it has API workers, so calls wait far less in pvedaemon's queue (and none
+/// reaches the proxy timeout) than in the same run with a cap of 12.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l4_protected_calls_are_capped_per_node_across_workers() {
     let _one_at_a_time = SERIAL.lock().await;
@@ -311,9 +311,10 @@ async fn l4_protected_calls_are_capped_per_node_across_workers() {
     assert!(calls > 0.0, "no protected call counted: {capped}");
     assert_eq!(capped["proxy_timeouts"], 0, "{capped}");
     // A call that finds its node's worker free may still be counted as queued when the
-    // machine is slow to schedule it (a millisecond of simulated time is 0.25 ms here).
+    // machine is slow to schedule it (a millisecond of simulated time is 0.25 ms here), and
+    // a pass is given back just after its answer arrives: some waiting remains.
     assert!(
-        capped["wait_seconds_total"].as_f64().unwrap() * 4.0
+        capped["wait_seconds_total"].as_f64().unwrap() * 10.0
             < uncapped["wait_seconds_total"].as_f64().unwrap(),
         "calls waited in the queue about as long with the cap as without: {capped} vs {uncapped}"
     );
