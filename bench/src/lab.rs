@@ -55,6 +55,14 @@ impl Lab {
         o.time_scale = spec.time_scale;
         o.caps = spec.caps;
         o.redis = LabRedis::Single(RedisOptions::default());
+        // A class may bring its own cluster (`bench/data/<class>/cluster.yml`).
+        let own = root()
+            .join("bench/data")
+            .join(&spec.class)
+            .join("cluster.yml");
+        if own.exists() {
+            o.cluster_file = Some(own);
+        }
         Ok(Lab(labfleet_tests::lab::Lab::start(o).await?))
     }
 

@@ -730,7 +730,8 @@ fn cli_figures(lab: &Lab, id: &str) -> anyhow::Result<CliFigures> {
 
 /// What a request template is for.
 fn request_kind(key: &str) -> &'static str {
-    if key.contains("/tasks/") {
+    // Task status and log reads, and the task watcher's `GET /nodes/{node}/tasks`.
+    if key.contains("/tasks/") || key.ends_with("/tasks") {
         "poll"
     } else if key.contains("/access/ticket") {
         "login"

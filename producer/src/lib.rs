@@ -6,6 +6,7 @@ pub mod cmd;
 pub mod console;
 pub mod deploy;
 pub mod exit;
+pub mod leaks;
 pub mod operation;
 pub mod output;
 pub mod serve;

@@ -397,10 +397,7 @@ async fn volumes(
         if s.shared && !seen_shared.insert(s.storage.clone()) {
             continue;
         }
-        for e in pve
-            .storage_content(&s.node, &s.storage, Some("images"))
-            .await?
-        {
+        for e in pve.storage_content(&s.node, &s.storage, None).await? {
             if refs.contains(&e.volid) {
                 continue;
             }

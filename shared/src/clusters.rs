@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Connection, Connections, Credential, TlsSetting, resolve_secret};
-use crate::pve::{Auth, ClientConfig, PveClient, PveError, TlsPolicy};
+use crate::pve::{ApiGate, Auth, ClientConfig, PveClient, PveError, TlsPolicy};
 use crate::secret::{SecretError, SecretKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,12 @@ pub struct Clusters {
     connections: Arc<Connections>,
     key: Option<SecretKey>,
     clients: Arc<Mutex<HashMap<String, PveClient>>>,
+    /// Makes the API gate of a cluster's client from its name and `max_parallel_api`.
+    gates: Option<Arc<GateMaker>>,
 }
+
+/// Makes a cluster's [`ApiGate`] from its name and its cap per node.
+pub type GateMaker = dyn Fn(&str, u32) -> Arc<dyn ApiGate> + Send + Sync;
 
 impl Clusters {
     pub fn new(connections: Connections, key: Option<SecretKey>) -> Clusters {
@@ -72,7 +77,15 @@ impl Clusters {
             connections: Arc::new(connections),
             key,
             clients: Arc::default(),
+            gates: None,
         }
+    }
+
+    /// Every client made from now on puts its protected calls behind the gate `make`
+    /// returns for its cluster (the worker's: `jobs::api_slots`, counted in Redis).
+    pub fn with_api_gates(mut self, make: Arc<GateMaker>) -> Clusters {
+        self.gates = Some(make);
+        self
     }
 
     pub fn connections(&self) -> &Connections {
@@ -95,6 +108,9 @@ impl Clusters {
             .get(cluster)
             .ok_or_else(|| ConnectError::UnknownCluster(cluster.to_owned()))?;
         let client = PveClient::new(client_config(conn, self.key.as_ref())?)?;
+        if let Some(make) = &self.gates {
+            client.set_api_gate(make(cluster, conn.api_per_node));
+        }
         map.insert(cluster.to_owned(), client.clone());
         Ok(client)
     }

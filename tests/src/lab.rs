@@ -67,6 +67,8 @@ pub struct LabOpts {
     pub auth: Auth,
     pub caps: Caps,
     pub redis: LabRedis,
+    /// The simulated cluster's file (default `data/sim/cluster.yml`).
+    pub cluster_file: Option<std::path::PathBuf>,
     /// The simulator's seed (fault draws); `None`: the cluster file's.
     pub seed: Option<u64>,
     /// Changes the simulated cluster before it starts (objects an earlier version made).
@@ -87,6 +89,7 @@ impl LabOpts {
             auth: Auth::Token,
             caps: Caps::default(),
             redis: LabRedis::Single(RedisOptions::default()),
+            cluster_file: None,
             seed: None,
             sim_setup: None,
             key: None,
@@ -163,8 +166,10 @@ impl Lab {
             (_, Some(s)) => s.url(),
             _ => unreachable!("one of the two runs"),
         };
-        let mut sc =
-            SimConfig::from_cluster_file(&crate::bins::root().join("data/sim/cluster.yml"))?;
+        let cluster = o
+            .cluster_file
+            .unwrap_or_else(|| crate::bins::root().join("data/sim/cluster.yml"));
+        let mut sc = SimConfig::from_cluster_file(&cluster)?;
         sc.time_scale = o.time_scale;
         if let Some(seed) = o.seed {
             sc.seed = seed;

@@ -79,8 +79,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
             )
         })?;
     warn_about_redis(&queue).await;
+    let slots_queue = queue.clone();
+    let gates: Arc<shared::clusters::GateMaker> = Arc::new(move |cluster: &str, cap: u32| {
+        shared::jobs::api_slots::ApiSlots::new(slots_queue.clone(), cluster, cap)
+            as Arc<dyn shared::pve::ApiGate>
+    });
     let env = Env::new(
-        Clusters::new(connections, key),
+        Clusters::new(connections, key).with_api_gates(gates),
         queue.clone(),
         cfg.timing.clone(),
         shutdown.child_token(),

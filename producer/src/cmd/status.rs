@@ -241,6 +241,7 @@ fn print_table(st: &Status, power: &std::collections::BTreeMap<String, String>, 
     for f in &st.setup_failures {
         out.line(format!("setup failed: {f}"));
     }
+    crate::leaks::print(out, &st.leaked);
     for q in &st.quarantined {
         out.line(format!(
             "quarantined VMID {} on {} ({}): {}",

@@ -7,6 +7,7 @@ use crate::cli::Global;
 use crate::cmd::{context, progress};
 use crate::deploy::{self, DeploymentState};
 use crate::exit::{Exit, Failure};
+use crate::leaks;
 use crate::output::Out;
 
 pub async fn run(
@@ -49,12 +50,18 @@ pub async fn run(
         }
         if p.finished {
             bar.finish();
+            // The deployment's id is `<name>@<cluster>`.
+            let cluster = id.rsplit_once('@').map(|(_, c)| c).unwrap_or_default();
+            let leaked = leaks::leaked_of(&store, cluster, &id).await?;
             if g.json {
-                out.json(
-                    &serde_json::json!({"id": id, "state": DeploymentState::TornDown.as_str()}),
-                );
+                out.json(&serde_json::json!({
+                    "id": id,
+                    "state": DeploymentState::TornDown.as_str(),
+                    "leaked": leaked
+                }));
             } else {
                 out.line(format!("{id} torn down"));
+                leaks::print(out, &leaked);
             }
             return Ok(Exit::Ok);
         }

@@ -121,6 +121,8 @@ pub struct Status {
     pub vms: Vec<VmStatus>,
     pub setup_failures: Vec<String>,
     pub quarantined: Vec<serde_json::Value>,
+    /// Disks its destroys left behind that no worker could free (`crate::leaks`).
+    pub leaked: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -232,6 +234,7 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, DeployError> {
         vms,
         setup_failures: Vec::new(),
         quarantined: quarantined_of(store, &rec).await?,
+        leaked: crate::leaks::leaked_of_record(store, &rec).await?,
     })
 }
 
@@ -311,6 +314,7 @@ fn torn_down(rec: &DeploymentRecord) -> Status {
         vms: Vec::new(),
         setup_failures: Vec::new(),
         quarantined: Vec::new(),
+        leaked: Vec::new(),
     }
 }
 
@@ -319,7 +323,9 @@ fn torn_down(rec: &DeploymentRecord) -> Status {
 pub async fn status(store: &Store, id: &str) -> Result<Status, DeployError> {
     let rec = record(store, id).await?;
     if rec.phase == Phase::TornDown {
-        return Ok(torn_down(&rec));
+        let mut s = torn_down(&rec);
+        s.leaked = crate::leaks::leaked_of_record(store, &rec).await?;
+        return Ok(s);
     }
     let plan = vm_plan(store, &rec).await?;
     let steps = store.steps(&rec.vm_scope()).await?;
@@ -408,6 +414,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, DeployError> {
         vms,
         setup_failures,
         quarantined: quarantined_of(store, &rec).await?,
+        leaked: crate::leaks::leaked_of_record(store, &rec).await?,
     })
 }
 

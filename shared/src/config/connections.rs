@@ -74,6 +74,12 @@ fn connection_from_raw(
     let max_requests = max_requests_from_raw(raw, cx);
     let (operating, more) = super::operating::from_raw(cx.file, raw.memory_overcommit.as_ref());
     cx.issues.extend(more);
+    let api_per_node =
+        super::api_caps::per_node(raw.max_parallel_api.as_ref()).unwrap_or_else(|e| {
+            let i = cx.at(e.at, e.message);
+            hint(i, e.hint);
+            super::api_caps::DEFAULT_API_PER_NODE
+        });
     let starts_per_node = super::classroom::starts_per_node(
         raw.max_parallel_starts.as_ref(),
         cx.file,
@@ -90,6 +96,7 @@ fn connection_from_raw(
         starts_per_node,
         max_requests,
         operating,
+        api_per_node,
     })
 }
 

@@ -8,6 +8,7 @@
 //! [`resolve_secret`] when a connection is made. How the files are read is fixed by
 //! `config-semantics` (see data/README.md).
 
+mod api_caps;
 mod classroom;
 mod connections;
 mod convert;
@@ -24,6 +25,7 @@ mod users;
 
 use std::path::{Path, PathBuf};
 
+pub use api_caps::DEFAULT_API_PER_NODE;
 pub use classroom::DEFAULT_STARTS_PER_NODE;
 pub use connections::parse_fingerprint;
 pub use ids::{DEFAULT_PVE_PORT, DnsLabel, HostPort, NodeName, UserId, VMID_MAX, VMID_MIN, VmId};

@@ -34,6 +34,8 @@ pub struct Connection {
     pub max_requests: u32,
     /// `memory_overcommit` (`config::operating`).
     pub operating: super::operating::Operating,
+    /// Most concurrent protected calls all workers make to one node (`max_parallel_api`).
+    pub api_per_node: u32,
 }
 
 #[derive(Debug, Clone)]

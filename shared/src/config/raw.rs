@@ -28,6 +28,7 @@ pub struct RawConnection {
     pub ca_file: Option<Spanned<String>>,
     pub verify_tls: Option<Spanned<bool>>,
     pub max_parallel_clones: Option<Spanned<RawCaps>>,
+    pub max_parallel_api: Option<Spanned<super::api_caps::RawApiCaps>>,
     pub max_requests: Option<Spanned<u32>>,
     pub memory_overcommit: Option<Spanned<f64>>,
     pub max_parallel_starts: Option<Spanned<RawStartCaps>>,

@@ -212,6 +212,25 @@ fn caps_are_read_and_bounded() {
 }
 
 #[test]
+fn api_cap_per_node_defaults_to_the_api_workers_and_is_bounded() {
+    let base = "lab:\n  host: a\n  user: root@pam\n  password: x\n";
+    assert_eq!(conns(base).unwrap().clusters["lab"].api_per_node, 3);
+    let set = format!("{base}  max_parallel_api: {{per_node: 5}}\n");
+    assert_eq!(conns(&set).unwrap().clusters["lab"].api_per_node, 5);
+    let zero = format!("{base}  max_parallel_api: {{per_node: 0}}\n");
+    let i = one_issue(conns(&zero));
+    assert!(
+        i.message
+            .contains("max_parallel_api.per_node 0 is out of range 1-64"),
+        "{i:?}"
+    );
+    assert_eq!(i.line, 5);
+    assert!(i.hint.unwrap_or_default().contains("pvedaemon"));
+    let typo = format!("{base}  max_parallel_api: {{per_nod: 2}}\n");
+    assert!(conns(&typo).is_err());
+}
+
+#[test]
 fn every_semantic_problem_is_reported_at_once() {
     let t = r#"machines:
   - device_type: "mac"

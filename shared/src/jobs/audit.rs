@@ -232,7 +232,7 @@ async fn remove_volume(
         return Ok(());
     }
     let content = pve
-        .storage_content(node, storage, Some("images"))
+        .storage_content(node, storage, None)
         .await
         .map_err(pve_error)?;
     if !content.iter().any(|e| e.volid == volid) {

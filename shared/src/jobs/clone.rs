@@ -29,6 +29,8 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::alloc::{self, Space};
+use crate::jobs::leaks;
+use crate::jobs::lost_reply::{self, CloneSearch};
 use crate::jobs::state::{Quarantined, VmFacts};
 use crate::jobs::{
     CloneJob, Env, epoch_of_scope, find_marker, marker, pve_error, retryable, scope_of_key,
@@ -101,7 +103,13 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
     // A previous attempt may have started a clone: find out what became of it.
     if let Some(f) = &prior {
         let mut task_ended = false;
-        if let Some(upid) = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok()) {
+        let mut known = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok());
+        // A call made without learning its UPID (its reply lost, or the worker died right
+        // after it): look for its task before anything is retried or cleaned.
+        if let (None, Some(since)) = (&known, f.since) {
+            known = find_lost_clone(j, lease, env, &pve, vmid, since, &quarantined).await?;
+        }
+        if let Some(upid) = known {
             task_ended = true;
             match pve.task_status(&upid).await {
                 Ok(st) if st.is_running() => {
@@ -173,7 +181,14 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
 
     // Clone, moving to a new VMID when the reserved one turns out to be taken.
     for _ in 0..5 {
-        record(j, lease, env, vmid, None, &quarantined).await?;
+        // Our own earlier call into this VMID may still come to run (its reply was lost):
+        // the task search then starts from that call, not from this one.
+        let since = prior
+            .as_ref()
+            .filter(|f| f.vmid == vmid && f.upid.is_none())
+            .and_then(|f| f.since)
+            .unwrap_or_else(Utc::now);
+        record_since(j, lease, env, vmid, None, &quarantined, since).await?;
         lease.check().await?;
         let params = CloneParams {
             newid: vmid,
@@ -192,8 +207,12 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                         return finish(j, lease, env, &pve, vmid, None, &quarantined).await;
                     }
                     Found::Unfinished { .. }
-                        if maybe_ours_in_flight && Some(vmid) == prior_vmid =>
+                        if (maybe_ours_in_flight && Some(vmid) == prior_vmid)
+                            || reserved_for_us(env, &space, &owner, vmid).await? =>
                     {
+                        record_since(j, lease, env, vmid, None, &quarantined, since)
+                            .await
+                            .map_err(keep_slots)?;
                         // Our own earlier call's clone, still running: wait for it.
                         return Err(JobError::DeferredFor(Duration::from_secs(3)));
                     }
@@ -203,15 +222,21 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                     }
                 }
             }
-            // No answer (the connection failed or timed out): the call may have reached
-            // Proxmox and started a clone, so the slots stay taken across the retry.
-            Err(e @ (PveError::Connect { .. } | PveError::Timeout { .. })) => {
-                return Err(keep_slots(pve_error(e)));
+            // No answer, or a proxy's in its place (596, 502-504, a dropped connection):
+            // the call may have started a clone. Its slots stay taken, and its task is looked
+            // for now; not found yet, the job comes back (keeping them) and looks again
+            // before it clones anything.
+            Err(e) if lost_reply::may_have_run(&e) => {
+                tracing::warn!(vmid, error = %e, "clone call without an answer; looking for its task");
+                match find_lost_clone(j, lease, env, &pve, vmid, since, &quarantined).await? {
+                    Some(u) => u,
+                    None => return Err(JobError::DeferredFor(Duration::from_secs(2))),
+                }
             }
             Err(e) => return Err(pve_error(e)),
         };
         // From here on our clone task runs: a failure keeps the slots.
-        record(j, lease, env, vmid, Some(&upid), &quarantined)
+        record_since(j, lease, env, vmid, Some(&upid), &quarantined, since)
             .await
             .map_err(keep_slots)?;
         match env.wait_task(&pve, &upid, lease).await? {
@@ -257,6 +282,18 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
                         )
                         .await?;
                         continue;
+                    }
+                    Found::Unfinished { .. }
+                        if collision(&msg, vmid)
+                            && reserved_for_us(env, &space, &owner, vmid).await? =>
+                    {
+                        // Another clone into our own reserved VMID: an earlier call of ours
+                        // whose reply was lost came to run. Wait for it (by the task search
+                        // from that call) instead of leaving it behind under a new VMID.
+                        record_since(j, lease, env, vmid, None, &quarantined, since)
+                            .await
+                            .map_err(keep_slots)?;
+                        return Err(JobError::DeferredFor(Duration::from_secs(3)));
                     }
                     Found::Unfinished { .. } | Found::Foreign => {
                         vmid = new_vmid(j, env, &space, &owner).await?;
@@ -378,6 +415,24 @@ async fn clean_up(
     quarantined: &mut Vec<u32>,
 ) -> Result<u32, JobError> {
     lease.check().await?;
+    // Another clone of ours into this VMID may still run (a call whose reply was lost came
+    // to run late): its `lock: clone` is not a half-made VM yet.
+    let since = env
+        .store
+        .one_vm(scope_of_key(lease.job_key()), &j.vm.key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|f| f.since)
+        .unwrap_or_else(Utc::now);
+    match lost_reply::find_clone(pve, &j.source_node, j.source_vmid, vmid, since).await {
+        Ok(CloneSearch::Found { running: true, .. } | CloneSearch::Undecided) => {
+            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+        }
+        Ok(_) => {}
+        Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
+        Err(_) => {}
+    }
     let skiplock = env.clusters.can_skiplock(&j.vm.cluster);
     if skiplock {
         let p = DestroyParams {
@@ -387,8 +442,19 @@ async fn clean_up(
         };
         match pve.destroy_vm(node, vmid, &p).await {
             Ok(upid) => {
-                env.wait(pve, &upid, lease).await?;
+                let outcome = env
+                    .wait_outcome(pve, &upid, lease)
+                    .await?
+                    .map_err(pve_error)?;
                 tracing::warn!(vmid, node, "removed a half-made VM before cloning again");
+                let d = leaks::Destroyed {
+                    cluster: &j.vm.cluster,
+                    deployment: &j.vm.deployment,
+                    vm: &j.vm.key,
+                    vmid,
+                    node,
+                };
+                leaks::free_after_destroy(env, pve, lease, &d, Some(&upid), outcome).await?;
                 return Ok(vmid);
             }
             Err(PveError::NotFound { .. }) => return Ok(vmid),
@@ -422,14 +488,17 @@ async fn clean_up(
 }
 
 /// Records the VMID about to be cloned into (and the UPID once known) before anything else
-/// happens, only while this lease holds: what a re-delivery starts from.
-async fn record(
+/// happens, only while this lease holds: what a re-delivery starts from. `since` is the time
+/// of the clone call the facts are about (a task search for a call whose reply was lost
+/// starts there).
+async fn record_since(
     j: &CloneJob,
     lease: &Lease,
     env: &Env,
     vmid: u32,
     upid: Option<&Upid>,
     quarantined: &[u32],
+    since: chrono::DateTime<Utc>,
 ) -> Result<(), JobError> {
     let scope = scope_of_key(lease.job_key());
     let facts = VmFacts {
@@ -438,9 +507,44 @@ async fn record(
         node: j.vm.node.clone(),
         upid: upid.map(|u| u.to_string()),
         quarantined: quarantined.to_vec(),
-        since: Some(Utc::now()),
+        since: Some(since),
     };
     env.store.put_vm(lease, scope, &j.vm.key, &facts).await
+}
+
+/// Looks for the task of a clone call into `vmid` made at `since` whose reply was lost.
+/// Found, its UPID is recorded (a failure to record keeps the slots) and returned. A clone
+/// from the same source that runs and names no volume yet may be ours: the job comes back
+/// later (keeping its slots) until it does or ends, within the task deadline. `None`: no
+/// task of ours, or a node that does not list its tasks (the VM itself is inspected next).
+async fn find_lost_clone(
+    j: &CloneJob,
+    lease: &Lease,
+    env: &Env,
+    pve: &PveClient,
+    vmid: u32,
+    since: chrono::DateTime<Utc>,
+    quarantined: &[u32],
+) -> Result<Option<Upid>, JobError> {
+    match lost_reply::find_clone(pve, &j.source_node, j.source_vmid, vmid, since).await {
+        Ok(CloneSearch::Found { upid, running }) => {
+            tracing::info!(vmid, %upid, running, "found the task of a clone whose reply was lost");
+            record_since(j, lease, env, vmid, Some(&upid), quarantined, since)
+                .await
+                .map_err(keep_slots)?;
+            Ok(Some(upid))
+        }
+        Ok(CloneSearch::Undecided)
+            if Utc::now() - since
+                < chrono::Duration::from_std(env.timing.task_deadline)
+                    .unwrap_or(chrono::TimeDelta::MAX) =>
+        {
+            Err(JobError::DeferredFor(Duration::from_secs(2)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if retryable(&e) => Err(keep_slots(pve_error(e))),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Confirms the VM and records its facts.

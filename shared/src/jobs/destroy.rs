@@ -14,8 +14,11 @@ use chrono::Utc;
 
 use crate::alloc::{self, Space};
 use crate::jobs::state::{Quarantined, VmFacts};
-use crate::jobs::{DestroyJob, Env, epoch_of_scope, find_marker, pve_error, scope, scope_of_key};
-use crate::pve::{DestroyParams, PveError, Upid};
+use crate::jobs::{
+    DestroyJob, Env, epoch_of_scope, find_marker, leaks, lost_reply, pve_error, retryable, scope,
+    scope_of_key,
+};
+use crate::pve::{DestroyParams, PveError, TaskOutcome, Upid};
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
@@ -60,7 +63,9 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
     let vmid = t.facts.vmid;
     let pve = env.pve(t.cluster)?;
     let Some(node) = crate::jobs::locate(&pve, vmid).await? else {
-        return Ok(());
+        // Gone: by an earlier attempt's destroy, perhaps one whose end this job never saw
+        // (its reply lost, its worker killed). What that destroy left behind is freed now.
+        return after_gone(t, &pve, lease, env).await;
     };
     let cfg = match pve.vm_config(&node, vmid).await {
         Ok(c) => c,
@@ -148,11 +153,68 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
         skiplock,
         ..DestroyParams::default()
     };
-    match pve.destroy_vm(&node, vmid, &p).await {
-        Ok(upid) => env.wait(&pve, &upid, lease).await,
-        Err(PveError::NotFound { .. }) => Ok(()),
-        Err(e) => Err(pve_error(e)),
-    }
+    let since = Utc::now();
+    let upid = match pve.destroy_vm(&node, vmid, &p).await {
+        Ok(upid) => upid,
+        Err(PveError::NotFound { .. }) => return Ok(()),
+        // The destroy may have started: wait for its task when the node lists it.
+        Err(e) if lost_reply::may_have_run(&e) => {
+            match lost_reply::find_task(&pve, &node, vmid, "qmdestroy", since).await {
+                Ok(Some((upid, _))) => upid,
+                _ => return Err(pve_error(e)),
+            }
+        }
+        Err(e) => return Err(pve_error(e)),
+    };
+    let outcome = match env.wait_outcome(&pve, &upid, lease).await? {
+        Ok(o) => o,
+        Err(e) => return Err(pve_error(e)),
+    };
+    let d = leaks::Destroyed {
+        cluster: t.cluster,
+        deployment: t.deployment,
+        vm: t.key,
+        vmid,
+        node: &node,
+    };
+    leaks::free_after_destroy(env, &pve, lease, &d, Some(&upid), outcome).await
+}
+
+/// The VM is gone: the newest destroy of its VMID on its recorded node (within the task
+/// deadline) may have left disks behind, and leaks recorded before may be freeable now.
+async fn after_gone(
+    t: &Target<'_>,
+    pve: &crate::pve::PveClient,
+    lease: &Lease,
+    env: &Env,
+) -> Result<(), JobError> {
+    let since = Utc::now()
+        - chrono::Duration::from_std(env.timing.task_deadline).unwrap_or(chrono::TimeDelta::zero());
+    let node = t.facts.node.as_str();
+    let (upid, outcome) =
+        match lost_reply::find_task(pve, node, t.facts.vmid, "qmdestroy", since).await {
+            Ok(Some((upid, false))) => match pve.task_status(&upid).await {
+                Ok(st) => match st.exitstatus.as_deref().map(crate::pve::parse_exitstatus) {
+                    Some(Ok(o)) => (Some(upid), o),
+                    _ => (None, TaskOutcome::Ok),
+                },
+                Err(e) if retryable(&e) => return Err(pve_error(e)),
+                Err(_) => (None, TaskOutcome::Ok),
+            },
+            Ok(Some((upid, true))) => match env.wait_outcome(pve, &upid, lease).await? {
+                Ok(o) => (Some(upid), o),
+                Err(e) => return Err(pve_error(e)),
+            },
+            Ok(None) | Err(_) => (None, TaskOutcome::Ok),
+        };
+    let d = leaks::Destroyed {
+        cluster: t.cluster,
+        deployment: t.deployment,
+        vm: t.key,
+        vmid: t.facts.vmid,
+        node,
+    };
+    leaks::free_after_destroy(env, pve, lease, &d, upid.as_ref(), outcome).await
 }
 
 /// Whether the VMID is reserved in Redis for this VM (a half-made clone at a VMID somebody

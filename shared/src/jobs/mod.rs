@@ -15,6 +15,7 @@
 //! ([`PveError::is_transient`]), never by message text. Only workers run handlers; the
 //! producer reuses the checks for `plan`, `retry` and `teardown`.
 
+pub mod api_slots;
 pub mod audit;
 pub mod baseline;
 pub mod cache;
@@ -22,6 +23,8 @@ pub mod clone;
 pub mod counters;
 pub mod destroy;
 pub mod finish;
+pub mod leaks;
+pub mod lost_reply;
 pub mod network;
 pub mod node_network;
 pub mod payload;
@@ -48,7 +51,7 @@ pub use payload::*;
 pub use retry::queue_config;
 
 use crate::clusters::{Clusters, ConnectError};
-use crate::pve::{PveClient, PveError, Upid, WaitOptions};
+use crate::pve::{PveClient, PveError, TaskOutcome, Upid, WaitOptions};
 use crate::queue::{JobError, Lease, Queue};
 use state::{StepState, Store};
 
@@ -126,6 +129,16 @@ impl Env {
         upid: &Upid,
         lease: &Lease,
     ) -> Result<Result<(), PveError>, JobError> {
+        Ok(self.wait_outcome(pve, upid, lease).await?.map(|_| ()))
+    }
+
+    /// Like [`Env::wait_task`], with how the task ended (`OK` or `WARNINGS: n`).
+    pub async fn wait_outcome(
+        &self,
+        pve: &PveClient,
+        upid: &Upid,
+        lease: &Lease,
+    ) -> Result<Result<TaskOutcome, PveError>, JobError> {
         let cancel = self.shutdown.child_token();
         // A job holds its node and storage slots until it sees its task end, so the poll
         // interval is slot time: start at 100 ms and stay under 1 s (a linked clone takes a
@@ -143,7 +156,7 @@ impl Env {
             _ = lease.lost() => return Err(JobError::LeaseLost),
         };
         match r {
-            Ok(_) => Ok(Ok(())),
+            Ok(o) => Ok(Ok(o)),
             Err(PveError::Cancelled) => Err(JobError::Deferred),
             Err(e) => Ok(Err(e)),
         }

@@ -35,6 +35,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use super::config::{Auth, ClientConfig};
 use super::error::{MAX_RESPONSE_BYTES, ParamErrors, PveError};
+use super::gate::{ApiGate, node_of};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
@@ -203,6 +204,11 @@ struct Inner {
     presented: PresentedCert,
     /// Shared by every `wait_task` of this client and its clones.
     pub(crate) watcher: TaskWatcher,
+    /// Bounds the protected calls per node across processes, when set (`gate.rs`).
+    gate: std::sync::OnceLock<Arc<dyn ApiGate>>,
+    /// The node the connection talks to (`local` in `GET /cluster/status`), looked up once
+    /// for the gate's cluster-wide calls; `None` when it could not be learned.
+    entry_node: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// A client for one Proxmox VE cluster. Cheap to clone; clones share the connection pool,
@@ -264,10 +270,44 @@ impl PveClient {
                 limiter: Semaphore::new(config.max_concurrent_requests),
                 counters: Counters::default(),
                 watcher: TaskWatcher::default(),
+                gate: std::sync::OnceLock::new(),
+                entry_node: tokio::sync::OnceCell::new(),
                 presented,
                 config,
             }),
         })
+    }
+
+    /// Puts every protected call of this client (and its clones) behind `gate`; the first
+    /// gate set stays.
+    pub fn set_api_gate(&self, gate: Arc<dyn ApiGate>) {
+        let _ = self.inner.gate.set(gate);
+    }
+
+    /// The node whose pvedaemon runs the cluster-wide calls (`/access`, `/pools`): the one
+    /// `GET /cluster/status` marks `local`. Asked once per client; `None` if it cannot be
+    /// learned (the gate then counts those calls apart).
+    async fn entry_node(&self) -> Option<String> {
+        self.inner
+            .entry_node
+            .get_or_init(|| async {
+                let env = Box::pin(self.request(
+                    Method::GET,
+                    "/cluster/status",
+                    &Params::new(),
+                    RequestKind::Other,
+                ))
+                .await
+                .ok()?;
+                env.data.as_array()?.iter().find_map(|e| {
+                    let local = e.get("local").and_then(super::lenient::value_to_u64) == Some(1);
+                    (e.get("type").and_then(Value::as_str) == Some("node") && local)
+                        .then(|| e.get("name").and_then(Value::as_str).map(str::to_owned))
+                        .flatten()
+                })
+            })
+            .await
+            .clone()
     }
 
     pub(crate) fn watcher(&self) -> &TaskWatcher {
@@ -434,6 +474,18 @@ impl PveClient {
     ) -> Result<Envelope, PveError> {
         let mut retried = false;
         let mut read_tries = 0u32;
+        // A protected call (any write; the login does not come here) waits for room on
+        // its node's API workers and holds it until its answer is in.
+        let _pass = match self.inner.gate.get() {
+            Some(g) if method != Method::GET => {
+                let node = match node_of(path) {
+                    Some(n) => Some(n.to_owned()),
+                    None => self.entry_node().await,
+                };
+                Some(g.enter(node.as_deref()).await)
+            }
+            _ => None,
+        };
         loop {
             let creds = self.credentials().await?;
             let result = self

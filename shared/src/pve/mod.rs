@@ -34,6 +34,7 @@ mod client;
 mod cluster;
 mod config;
 pub mod error;
+mod gate;
 mod latency;
 mod lenient;
 mod migrate;
@@ -63,12 +64,13 @@ pub use error::{
     ConnectFailure, ErrorClass, MAX_MESSAGE_BYTES, MAX_PARAM_ERRORS, MAX_RESPONSE_BYTES,
     MessageKind, ParamErrors, PveError,
 };
+pub use gate::{ApiGate, ApiPass};
 pub use latency::{LATENCY_BUCKETS, LatencySnapshot};
 pub use migrate::MigrateParams;
 pub use network::{NetworkCreate, NetworkIface, NetworkList};
 pub use reqwest::Method;
 pub use snapshot::SnapshotEntry;
-pub use storage::ContentEntry;
+pub use storage::StorageVolume;
 pub use task::{
     LOG_TAIL_LINES, TaskLogLine, TaskOutcome, TaskStatus, WaitOptions, parse_exitstatus,
 };

@@ -7,6 +7,7 @@ mod classroom;
 mod cli;
 mod compose;
 mod lifecycle;
+mod lost_replies;
 mod metrics;
 mod pipeline;
 mod pve_client;

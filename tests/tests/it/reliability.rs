@@ -269,14 +269,14 @@ impl Rig {
     }
 
     /// Clone tasks running in the simulator right now.
-    fn running_clones(&self) -> u64 {
+    pub(crate) fn running_clones(&self) -> u64 {
         self.sim.stats()["running_clones"]["nodes"]
             .as_object()
             .map(|m| m.values().filter_map(Value::as_u64).sum())
             .unwrap_or(0)
     }
 
-    fn faults(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn faults(&self) -> BTreeMap<String, u64> {
         self.sim.stats()["faults_injected"]
             .as_object()
             .map(|m| {
@@ -301,7 +301,12 @@ impl Rig {
     /// planned VM exists exactly once, complete, with our marker; no orphan (a VM that is not
     /// a template and not in the plan or without its marker); caps never exceeded; each clone
     /// ran to its end once (`extra_clones` for clones the test made itself); nothing in flight.
-    async fn check_outcome(&self, id: &str, plans: &[&Plan], extra_clones: u64) -> Value {
+    pub(crate) async fn check_outcome(
+        &self,
+        id: &str,
+        plans: &[&Plan],
+        extra_clones: u64,
+    ) -> Value {
         let planned: BTreeMap<&str, &shared::plan::VmPlan> = plans
             .iter()
             .flat_map(|p| p.vms.iter())
@@ -389,10 +394,10 @@ impl Rig {
 
 /// What a chaos run did.
 #[derive(Debug, Default)]
-struct Chaos {
-    kills: usize,
+pub(crate) struct Chaos {
+    pub(crate) kills: usize,
     /// Kills of a worker that held a claimed job.
-    hits: usize,
+    pub(crate) hits: usize,
     /// Kills of a worker that held a clone job while clone tasks ran.
     clone_hits: usize,
     /// Time from a kill until each job the victim held was claimed by another worker.
@@ -404,17 +409,19 @@ struct Chaos {
 /// Kills a worker every `every` (seeded jitter) until the deployment is done, restarting one
 /// each time, preferring a worker that holds a claimed job (a clone while clones run, until
 /// one such kill happened).
-async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: Duration) -> Chaos {
+pub(crate) async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: Duration) -> Chaos {
     let mut rng = Rng(seed());
     let start = Instant::now();
     let mut next_kill = start + rng.secs(every.0, every.1);
     let mut report = Chaos::default();
     let mut pending: Vec<(String, String, Instant)> = Vec::new();
     loop {
-        assert!(
-            start.elapsed() < deadline,
-            "deployment not done after {deadline:?} of chaos ({report:?})"
-        );
+        if start.elapsed() >= deadline {
+            panic!(
+                "deployment not done after {deadline:?} of chaos ({report:?})\n{}",
+                rig.diagnose(id).await
+            );
+        }
         let mut still = Vec::new();
         for (key, victim, at) in pending.drain(..) {
             let f = rig.job_fields(&key, &["state", "worker"]).await;
