@@ -1,6 +1,8 @@
 //! `/nodes/{node}/qemu/*`: list, status, power actions, destroy and template conversion,
 //! with PVE's synchronous checks, the config `lock` property, config flocks and storage
-//! locks. The config (`vm_config`) and clone (`clone`) endpoints have files of their own.
+//! locks. The config (`vm_config`), clone (`clone`), snapshot and guest-shutdown (`snapshot`,
+//! `power`) endpoints have files of their own; what stays here shares the VM's flock and
+//! lock checks, which is why it is one file of a little over 600 lines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

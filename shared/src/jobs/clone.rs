@@ -63,18 +63,37 @@ pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError>
     }
 }
 
+/// What one attempt of a clone job works with.
+struct Ctx<'a> {
+    j: &'a CloneJob,
+    lease: &'a Lease,
+    env: &'a Env,
+    pve: PveClient,
+    space: Space,
+    owner: String,
+    me: Me<'a>,
+}
+
+/// A finished clone, as the steps below return it: `None` (nothing more to do) or the error.
+fn done(r: Result<(), JobError>) -> Result<Option<u32>, JobError> {
+    r.map(|()| None)
+}
+
 async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let dep = &j.vm.deployment;
     let key = &j.vm.key;
-    let pve = env.pve(&j.vm.cluster)?;
     let q = env.store.queue();
-    let space = Space::vmids(q, &j.vm.cluster);
-    let owner = crate::plan::vm_owner(dep, key);
     let scope = scope_of_key(lease.job_key());
     let epoch = epoch_of_scope(scope);
-    let my_marker = marker(dep, key, epoch);
-    let me = Me { j, epoch };
-
+    let c = Ctx {
+        j,
+        lease,
+        env,
+        pve: env.pve(&j.vm.cluster)?,
+        space: Space::vmids(q, &j.vm.cluster),
+        owner: crate::plan::vm_owner(dep, key),
+        me: Me { j, epoch },
+    };
     let prior = env
         .store
         .one_vm(scope, key)
@@ -82,7 +101,7 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
         .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
     let mut vmid = match &prior {
         Some(f) => f.vmid,
-        None => alloc::lookup(q, &space, &owner)
+        None => alloc::lookup(q, &c.space, &c.owner)
             .await
             .map_err(|e| JobError::Retry(e.to_string()))?
             .unwrap_or(j.vmid),
@@ -91,105 +110,129 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
         .as_ref()
         .map(|f| f.quarantined.clone())
         .unwrap_or_default();
+    // A previous attempt may have started a clone: find out what became of it.
+    if let Some(f) = &prior {
+        match resume(&c, f, vmid, &mut quarantined).await? {
+            None => return Ok(()),
+            Some(v) => vmid = v,
+        }
+    }
+    clone_into(&c, prior.as_ref(), vmid, &mut quarantined).await
+}
 
-    // A previous attempt that recorded a VMID but no UPID may have made the clone call
-    // anyway (the worker died in between): a clone in progress at that VMID may be ours.
-    let maybe_ours_in_flight = prior.as_ref().is_some_and(|f| f.upid.is_none());
-    let prior_vmid = prior.as_ref().map(|f| f.vmid);
+/// What became of a previous attempt's clone (`f`, at `vmid`): finished (`None`), or the
+/// VMID to clone into now.
+async fn resume(
+    c: &Ctx<'_>,
+    f: &VmFacts,
+    mut vmid: u32,
+    quarantined: &mut Vec<u32>,
+) -> Result<Option<u32>, JobError> {
     let recent = |since: Option<chrono::DateTime<Utc>>| {
         since.is_some_and(|t| Utc::now() - t < chrono::TimeDelta::seconds(10))
     };
-
-    // A previous attempt may have started a clone: find out what became of it.
-    if let Some(f) = &prior {
-        let mut task_ended = false;
-        let mut known = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok());
-        // A call made without learning its UPID (its reply lost, or the worker died right
-        // after it): look for its task before anything is retried or cleaned.
-        if let (None, Some(since)) = (&known, f.since) {
-            known = find_lost_clone(j, lease, env, &pve, vmid, since, &quarantined).await?;
-        }
-        if let Some(upid) = known {
-            task_ended = true;
-            match pve.task_status(&upid).await {
-                Ok(st) if st.is_running() => {
-                    tracing::info!(vmid, %upid, "clone of a previous attempt still running; waiting for it");
-                    match env.wait_task(&pve, &upid, lease).await? {
-                        Ok(()) => {
-                            return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined)
-                                .await;
-                        }
-                        // It ended and failed: look at what it left below.
-                        Err(PveError::TaskFailed { .. }) => {}
-                        // Could not learn how it ended (past the task deadline, polls
-                        // failing): it may still run, so nothing is cleaned up and the slots
-                        // stay taken; the next attempt asks again.
-                        Err(e) => return Err(keep_slots(pve_error(e))),
+    let mut task_ended = false;
+    let mut known = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok());
+    // A call made without learning its UPID (its reply lost, or the worker died right
+    // after it): look for its task before anything is retried or cleaned.
+    if let (None, Some(since)) = (&known, f.since) {
+        known = find_lost_clone(c.j, c.lease, c.env, &c.pve, vmid, since, quarantined).await?;
+    }
+    if let Some(upid) = known {
+        task_ended = true;
+        match c.pve.task_status(&upid).await {
+            Ok(st) if st.is_running() => {
+                tracing::info!(vmid, %upid, "clone of a previous attempt still running; waiting for it");
+                match c.env.wait_task(&c.pve, &upid, c.lease).await? {
+                    Ok(()) => {
+                        let r = finish(c.j, c.lease, c.env, &c.pve, vmid, Some(upid), quarantined);
+                        return done(r.await);
                     }
+                    // It ended and failed: look at what it left below.
+                    Err(PveError::TaskFailed { .. }) => {}
+                    // Could not learn how it ended (past the task deadline, polls
+                    // failing): it may still run, so nothing is cleaned up and the slots
+                    // stay taken; the next attempt asks again.
+                    Err(e) => return Err(keep_slots(pve_error(e))),
                 }
-                Ok(_) => {}
-                // Cannot tell whether that clone still runs: keep its slots.
-                Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
-                // Task unknown (e.g. node reinstalled): inspect the VMID instead.
-                Err(PveError::NotFound { .. }) => {}
-                Err(e) => return Err(pve_error(e)),
             }
-        }
-        match inspect(&pve, &me, vmid).await? {
-            Found::Ours => return finish(j, lease, env, &pve, vmid, None, &quarantined).await,
-            // A call made just before the crash may not have written its config yet.
-            Found::Nothing if !task_ended && recent(f.since) => {
-                return Err(JobError::DeferredFor(Duration::from_secs(2)));
-            }
-            Found::Nothing => {}
-            Found::Unfinished { .. }
-                if !task_ended
-                    && f.since.is_none_or(|t| {
-                        Utc::now() - t
-                            < chrono::Duration::from_std(env.timing.task_deadline)
-                                .unwrap_or(chrono::TimeDelta::MAX)
-                    }) =>
-            {
-                // A clone whose task we never learned (the worker died between the call and
-                // recording its UPID) may still be running: wait for it without spending an
-                // attempt, until the clone deadline says it is half-made.
-                return Err(JobError::DeferredFor(Duration::from_secs(3)));
-            }
-            Found::Unfinished { .. } if !reserved_for_us(env, &space, &owner, vmid).await? => {
-                vmid = new_vmid(j, env, &space, &owner).await?;
-            }
-            Found::Unfinished { node, lock } => {
-                vmid = clean_up(
-                    j,
-                    lease,
-                    env,
-                    &pve,
-                    &space,
-                    &owner,
-                    vmid,
-                    &node,
-                    &lock,
-                    &mut quarantined,
-                )
-                .await?;
-            }
-            Found::Foreign => {
-                vmid = new_vmid(j, env, &space, &owner).await?;
-            }
+            Ok(_) => {}
+            // Cannot tell whether that clone still runs: keep its slots.
+            Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
+            // Task unknown (e.g. node reinstalled): inspect the VMID instead.
+            Err(PveError::NotFound { .. }) => {}
+            Err(e) => return Err(pve_error(e)),
         }
     }
+    match inspect(&c.pve, &c.me, vmid).await? {
+        Found::Ours => {
+            return done(finish(c.j, c.lease, c.env, &c.pve, vmid, None, quarantined).await);
+        }
+        // A call made just before the crash may not have written its config yet.
+        Found::Nothing if !task_ended && recent(f.since) => {
+            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+        }
+        Found::Nothing => {}
+        Found::Unfinished { .. }
+            if !task_ended
+                && f.since.is_none_or(|t| {
+                    Utc::now() - t
+                        < chrono::Duration::from_std(c.env.timing.task_deadline)
+                            .unwrap_or(chrono::TimeDelta::MAX)
+                }) =>
+        {
+            // A clone whose task we never learned (the worker died between the call and
+            // recording its UPID) may still be running: wait for it without spending an
+            // attempt, until the clone deadline says it is half-made.
+            return Err(JobError::DeferredFor(Duration::from_secs(3)));
+        }
+        Found::Unfinished { .. } if !reserved_for_us(c.env, &c.space, &c.owner, vmid).await? => {
+            vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
+        }
+        Found::Unfinished { node, lock } => {
+            vmid = clean_up(
+                c.j,
+                c.lease,
+                c.env,
+                &c.pve,
+                &c.space,
+                &c.owner,
+                vmid,
+                &node,
+                &lock,
+                quarantined,
+            )
+            .await?;
+        }
+        Found::Foreign => {
+            vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
+        }
+    }
+    Ok(Some(vmid))
+}
 
-    // Clone, moving to a new VMID when the reserved one turns out to be taken.
+/// Clones into `vmid`, moving to a new VMID when the reserved one turns out to be taken.
+async fn clone_into(
+    c: &Ctx<'_>,
+    prior: Option<&VmFacts>,
+    mut vmid: u32,
+    quarantined: &mut Vec<u32>,
+) -> Result<(), JobError> {
+    let j = c.j;
+    // A previous attempt that recorded a VMID but no UPID may have made the clone call
+    // anyway (the worker died in between): a clone in progress at that VMID may be ours.
+    let maybe_ours_in_flight = prior.is_some_and(|f| f.upid.is_none());
+    let prior_vmid = prior.map(|f| f.vmid);
+    let my_marker = marker(&j.vm.deployment, &j.vm.key, c.me.epoch);
     for _ in 0..5 {
         // Our own earlier call into this VMID may still come to run (its reply was lost):
         // the task search then starts from that call, not from this one.
         let since = prior
-            .as_ref()
             .filter(|f| f.vmid == vmid && f.upid.is_none())
             .and_then(|f| f.since)
             .unwrap_or_else(Utc::now);
-        record_since(j, lease, env, vmid, None, &quarantined, since).await?;
-        lease.check().await?;
+        record_since(j, c.lease, c.env, vmid, None, quarantined, since).await?;
+        c.lease.check().await?;
         let params = CloneParams {
             newid: vmid,
             name: Some(j.name.clone()),
@@ -199,36 +242,34 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
             full: Some(j.full),
             storage: if j.full { j.storage.clone() } else { None },
         };
-        let upid = match pve.clone_vm(&j.source_node, j.source_vmid, &params).await {
+        let upid = match c.pve.clone_vm(&j.source_node, j.source_vmid, &params).await {
             Ok(u) => u,
-            Err(PveError::AlreadyExists { .. }) => {
-                match inspect(&pve, &me, vmid).await? {
-                    Found::Ours => {
-                        return finish(j, lease, env, &pve, vmid, None, &quarantined).await;
-                    }
-                    Found::Unfinished { .. }
-                        if (maybe_ours_in_flight && Some(vmid) == prior_vmid)
-                            || reserved_for_us(env, &space, &owner, vmid).await? =>
-                    {
-                        record_since(j, lease, env, vmid, None, &quarantined, since)
-                            .await
-                            .map_err(keep_slots)?;
-                        // Our own earlier call's clone, still running: wait for it.
-                        return Err(JobError::DeferredFor(Duration::from_secs(3)));
-                    }
-                    _ => {
-                        vmid = new_vmid(j, env, &space, &owner).await?;
-                        continue;
-                    }
+            Err(PveError::AlreadyExists { .. }) => match inspect(&c.pve, &c.me, vmid).await? {
+                Found::Ours => {
+                    return finish(j, c.lease, c.env, &c.pve, vmid, None, quarantined).await;
                 }
-            }
+                Found::Unfinished { .. }
+                    if (maybe_ours_in_flight && Some(vmid) == prior_vmid)
+                        || reserved_for_us(c.env, &c.space, &c.owner, vmid).await? =>
+                {
+                    record_since(j, c.lease, c.env, vmid, None, quarantined, since)
+                        .await
+                        .map_err(keep_slots)?;
+                    // Our own earlier call's clone, still running: wait for it.
+                    return Err(JobError::DeferredFor(Duration::from_secs(3)));
+                }
+                _ => {
+                    vmid = new_vmid(j, c.env, &c.space, &c.owner).await?;
+                    continue;
+                }
+            },
             // No answer, or a proxy's in its place (596, 502-504, a dropped connection):
             // the call may have started a clone. Its slots stay taken, and its task is looked
             // for now; not found yet, the job comes back (keeping them) and looks again
             // before it clones anything.
             Err(e) if lost_reply::may_have_run(&e) => {
                 tracing::warn!(vmid, error = %e, "clone call without an answer; looking for its task");
-                match find_lost_clone(j, lease, env, &pve, vmid, since, &quarantined).await? {
+                match find_lost_clone(j, c.lease, c.env, &c.pve, vmid, since, quarantined).await? {
                     Some(u) => u,
                     None => return Err(JobError::DeferredFor(Duration::from_secs(2))),
                 }
@@ -236,76 +277,90 @@ async fn clone_vm(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError
             Err(e) => return Err(pve_error(e)),
         };
         // From here on our clone task runs: a failure keeps the slots.
-        record_since(j, lease, env, vmid, Some(&upid), &quarantined, since)
+        record_since(j, c.lease, c.env, vmid, Some(&upid), quarantined, since)
             .await
             .map_err(keep_slots)?;
-        match env.wait_task(&pve, &upid, lease).await? {
-            Ok(()) => return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await,
+        match c.env.wait_task(&c.pve, &upid, c.lease).await? {
+            Ok(()) => {
+                return finish(j, c.lease, c.env, &c.pve, vmid, Some(upid), quarantined).await;
+            }
             // Could not learn the outcome (polls failing, or past the deadline): the task
             // may still run, so the job keeps its node and storage slots across the retry;
             // the next attempt finds the task by its recorded UPID.
             Err(e) if !matches!(e, PveError::TaskFailed { .. }) => {
                 return Err(keep_slots(pve_error(e)));
             }
-            Err(err) => {
-                let msg = match &err {
-                    PveError::TaskFailed { exitstatus, .. } => exitstatus.clone(),
-                    other => other.to_string(),
-                };
-                match inspect(&pve, &me, vmid).await? {
-                    Found::Ours => {
-                        return finish(j, lease, env, &pve, vmid, Some(upid), &quarantined).await;
-                    }
-                    Found::Nothing if collision(&msg, vmid) => {
-                        vmid = new_vmid(j, env, &space, &owner).await?;
-                        continue;
-                    }
-                    Found::Nothing => return Err(task_error(err, msg)),
-                    Found::Unfinished { node, lock }
-                        if !collision(&msg, vmid)
-                            && reserved_for_us(env, &space, &owner, vmid).await? =>
-                    {
-                        // Our task died and left a half-made VM: remove or quarantine it,
-                        // then clone again (under a new VMID if quarantined).
-                        tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
-                        vmid = clean_up(
-                            j,
-                            lease,
-                            env,
-                            &pve,
-                            &space,
-                            &owner,
-                            vmid,
-                            &node,
-                            &lock,
-                            &mut quarantined,
-                        )
-                        .await?;
-                        continue;
-                    }
-                    Found::Unfinished { .. }
-                        if collision(&msg, vmid)
-                            && reserved_for_us(env, &space, &owner, vmid).await? =>
-                    {
-                        // Another clone into our own reserved VMID: an earlier call of ours
-                        // whose reply was lost came to run. Wait for it (by the task search
-                        // from that call) instead of leaving it behind under a new VMID.
-                        record_since(j, lease, env, vmid, None, &quarantined, since)
-                            .await
-                            .map_err(keep_slots)?;
-                        return Err(JobError::DeferredFor(Duration::from_secs(3)));
-                    }
-                    Found::Unfinished { .. } | Found::Foreign => {
-                        vmid = new_vmid(j, env, &space, &owner).await?;
-                        continue;
-                    }
-                }
-            }
+            Err(err) => match after_failed_task(c, vmid, upid, err, since, quarantined).await? {
+                None => return Ok(()),
+                Some(v) => vmid = v,
+            },
         }
     }
     Err(JobError::Retry(
         "VMIDs kept colliding; retrying later".into(),
     ))
+}
+
+/// Our clone task into `vmid` failed: what it left decides. Finished after all (`None`), or
+/// the VMID to clone into next.
+async fn after_failed_task(
+    c: &Ctx<'_>,
+    vmid: u32,
+    upid: Upid,
+    err: PveError,
+    since: chrono::DateTime<Utc>,
+    quarantined: &mut Vec<u32>,
+) -> Result<Option<u32>, JobError> {
+    let msg = match &err {
+        PveError::TaskFailed { exitstatus, .. } => exitstatus.clone(),
+        other => other.to_string(),
+    };
+    match inspect(&c.pve, &c.me, vmid).await? {
+        Found::Ours => {
+            done(finish(c.j, c.lease, c.env, &c.pve, vmid, Some(upid), quarantined).await)
+        }
+        Found::Nothing if collision(&msg, vmid) => {
+            Ok(Some(new_vmid(c.j, c.env, &c.space, &c.owner).await?))
+        }
+        Found::Nothing => Err(task_error(err, msg)),
+        Found::Unfinished { node, lock }
+            if !collision(&msg, vmid)
+                && reserved_for_us(c.env, &c.space, &c.owner, vmid).await? =>
+        {
+            // Our task died and left a half-made VM: remove or quarantine it, then clone
+            // again (under a new VMID if quarantined).
+            tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
+            let next = clean_up(
+                c.j,
+                c.lease,
+                c.env,
+                &c.pve,
+                &c.space,
+                &c.owner,
+                vmid,
+                &node,
+                &lock,
+                quarantined,
+            )
+            .await?;
+            Ok(Some(next))
+        }
+        Found::Unfinished { .. }
+            if collision(&msg, vmid)
+                && reserved_for_us(c.env, &c.space, &c.owner, vmid).await? =>
+        {
+            // Another clone into our own reserved VMID: an earlier call of ours whose reply
+            // was lost came to run. Wait for it (by the task search from that call) instead
+            // of leaving it behind under a new VMID.
+            record_since(c.j, c.lease, c.env, vmid, None, quarantined, since)
+                .await
+                .map_err(keep_slots)?;
+            Err(JobError::DeferredFor(Duration::from_secs(3)))
+        }
+        Found::Unfinished { .. } | Found::Foreign => {
+            Ok(Some(new_vmid(c.j, c.env, &c.space, &c.owner).await?))
+        }
+    }
 }
 
 /// A retry that keeps the job's slots: a clone task of ours may still run (see
