@@ -343,10 +343,15 @@ pub async fn power_states(
     id: &str,
     live: Option<&shared::pve::PveClient>,
 ) -> Result<BTreeMap<String, String>, Failure> {
-    let (rec, plan) = deploy::load(store, id).await?;
+    let mut out = BTreeMap::new();
+    let (rec, plan) = match deploy::load(store, id).await {
+        Ok(v) => v,
+        // Torn down: no VM is left to have a power state.
+        Err(deploy::DeployError::NoPlan { .. }) => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
     let scope = rec.vm_scope();
     let redis = |e| Failure::new(Exit::RedisUnreachable, e);
-    let mut out = BTreeMap::new();
     let vms = plan.vms.iter().chain(&plan.retired);
     match live {
         Some(pve) => {

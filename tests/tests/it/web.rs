@@ -435,7 +435,20 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     let field = admin.get("#confirm").await;
     admin.type_into(&field, &id).await;
     admin.click(&admin.get("#confirm-teardown").await).await;
-    assert!(admin.current_url().await.ends_with(&page(&id)));
+    // The form posts and redirects to the deployment page; wait for the navigation.
+    let mut url = String::new();
+    for _ in 0..50 {
+        url = admin.current_url().await;
+        if url.ends_with(&page(&id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        url.ends_with(&page(&id)),
+        "after the teardown: {url}\n{}",
+        admin.source().await
+    );
     wait_live(&admin).await;
     mark(&admin, 3).await;
     wait_for(Duration::from_secs(90), "the grid is empty", || async {
