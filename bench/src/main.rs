@@ -74,6 +74,7 @@ impl ClassArgs {
                 linked_per_storage: self.linked_per_storage,
                 full_per_storage: self.full_per_storage,
                 max_requests: None,
+                memory_overcommit: None,
             },
         }
     }
@@ -197,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 linked_per_storage,
                 full_per_storage: None,
                 max_requests,
+                memory_overcommit: None,
             };
             scenarios::overhead(students, workers, concurrency, caps, rounds).await
         }

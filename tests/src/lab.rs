@@ -44,6 +44,8 @@ pub struct Caps {
     pub linked_per_storage: Option<u32>,
     pub full_per_storage: Option<u32>,
     pub max_requests: Option<u32>,
+    /// `memory_overcommit` (`None`: labfleet's default, 1.5).
+    pub memory_overcommit: Option<f64>,
 }
 
 /// Which Redis the lab runs.
@@ -128,6 +130,9 @@ pub fn connection_yaml(name: &str, port: u16, fingerprint: &str, auth: Auth, cap
     }
     if let Some(v) = caps.max_requests {
         out.push_str(&format!("  max_requests: {v}\n"));
+    }
+    if let Some(v) = caps.memory_overcommit {
+        out.push_str(&format!("  memory_overcommit: {v}\n"));
     }
     out
 }

@@ -77,6 +77,7 @@ impl From<Caps> for labfleet_tests::lab::Caps {
             linked_per_storage: Some(c.linked_per_storage as u32),
             full_per_storage: Some(2),
             max_requests: None,
+            memory_overcommit: None,
         }
     }
 }
