@@ -114,7 +114,32 @@ pub async fn record(
     lease.hset_fenced(&key, &[(vm, &json)]).await
 }
 
+/// Whether a later operation on this VM already ran: this job was delivered again after its
+/// worker died or Redis lost its ack, and acting now would undo that later one (a start of
+/// last week's class after this week's shutdown). Known by the VM's power record, written
+/// by another operation after this job was enqueued.
+async fn superseded(j: &PowerJob, lease: &Lease, env: &Env) -> Result<bool, JobError> {
+    let redis = |e: crate::queue::QueueError| JobError::Retry(format!("redis: {e}"));
+    let q = env.store.queue();
+    let Some(created) = q.created_at(lease.job_key()).await.map_err(redis)? else {
+        return Ok(false);
+    };
+    let mut c = q.connection();
+    let key = env.store.key_power(scope_of_key(lease.job_key()));
+    let rec: Option<String> = redis::AsyncCommands::hget(&mut c, &key, &j.vm.key)
+        .await
+        .map_err(|e| redis(e.into()))?;
+    let Some(rec) = rec.and_then(|r| serde_json::from_str::<PowerRecord>(&r).ok()) else {
+        return Ok(false);
+    };
+    Ok(rec.by != j.op && rec.at.timestamp_millis() > created)
+}
+
 pub async fn run(j: &PowerJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
+    if superseded(j, lease, env).await? {
+        tracing::info!(vm = %j.vm.key, op = %j.op, "a later operation already ran on this VM; nothing to do");
+        return Ok(());
+    }
     let facts = require_vm(env, lease, &j.vm).await?;
     let pve = env.pve(&j.vm.cluster)?;
     let (node, vmid) = (facts.node.as_str(), facts.vmid);

@@ -235,6 +235,13 @@ impl Queue {
         }
     }
 
+    /// When job `key` was enqueued (ms since the epoch, Redis' clock), if it exists.
+    pub async fn created_at(&self, key: &str) -> Result<Option<i64>, QueueError> {
+        let mut c = self.connection();
+        let v: Option<i64> = c.hget(self.keys.job(key), "created_at").await?;
+        Ok(v)
+    }
+
     /// The shared connection, for the caller's own reads.
     pub fn connection(&self) -> RedisConn {
         self.conn.clone()
