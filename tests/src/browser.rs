@@ -234,11 +234,19 @@ impl Browser {
         ok.then(|| Element(v["value"][ELEMENT].as_str().unwrap_or_default().to_owned()))
     }
 
-    /// The element matching `css`; panics when there is none.
+    /// The element matching `css`, waiting up to 10 s for it (a click that submits a form
+    /// returns before the next page has loaded); panics when there is none by then.
     pub async fn get(&self, css: &str) -> Element {
-        self.find(css)
-            .await
-            .unwrap_or_else(|| panic!("no element {css} on the page"))
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.find(css).await {
+                return e;
+            }
+            if std::time::Instant::now() >= end {
+                panic!("no element {css} on the page after 10 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn click(&self, e: &Element) {
