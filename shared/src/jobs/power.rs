@@ -60,6 +60,13 @@ pub fn start_slot(cluster: &str, node: &str) -> String {
     format!("start-node:{cluster}/{node}")
 }
 
+/// The key that serializes every job changing one VM's power (`power`, `reset`, the
+/// deployment's `start`): a power job delivered again after its worker died keeps it into
+/// the re-delivery, so a later operation on the VM waits for it instead of racing it.
+pub fn vm_mutex(scope: &str, vm: &str) -> String {
+    format!("mutex:power/{scope}/{vm}")
+}
+
 /// The power state labfleet last brought a VM to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PowerRecord {
@@ -71,6 +78,10 @@ pub struct PowerRecord {
     /// How it got there when it matters: `forced after 120 s` for a shutdown that fell back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// When the job that wrote it was enqueued (ms, Redis' clock): orders operations
+    /// without trusting worker clocks. Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueued: Option<i64>,
 }
 
 impl Store {
@@ -103,11 +114,18 @@ pub async fn record(
     by: &str,
     note: Option<String>,
 ) -> Result<(), JobError> {
+    let enqueued = env
+        .store
+        .queue()
+        .created_at(lease.job_key())
+        .await
+        .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
     let rec = PowerRecord {
         state: if running { "running" } else { "stopped" }.into(),
         at: Utc::now(),
         by: by.to_owned(),
         note,
+        enqueued,
     };
     let json = serde_json::to_string(&rec).expect("serializes");
     let key = env.store.key_power(scope_of_key(lease.job_key()));
@@ -117,7 +135,8 @@ pub async fn record(
 /// Whether a later operation on this VM already ran: this job was delivered again after its
 /// worker died or Redis lost its ack, and acting now would undo that later one (a start of
 /// last week's class after this week's shutdown). Known by the VM's power record, written
-/// by another operation after this job was enqueued.
+/// by another operation enqueued after this job. The VM's power mutex ([`vm_mutex`]) keeps
+/// the two from running at once, so the record read here is not about to change.
 async fn superseded(j: &PowerJob, lease: &Lease, env: &Env) -> Result<bool, JobError> {
     let redis = |e: crate::queue::QueueError| JobError::Retry(format!("redis: {e}"));
     let q = env.store.queue();
@@ -132,7 +151,8 @@ async fn superseded(j: &PowerJob, lease: &Lease, env: &Env) -> Result<bool, JobE
     let Some(rec) = rec.and_then(|r| serde_json::from_str::<PowerRecord>(&r).ok()) else {
         return Ok(false);
     };
-    Ok(rec.by != j.op && rec.at.timestamp_millis() > created)
+    let later = rec.enqueued.unwrap_or_else(|| rec.at.timestamp_millis());
+    Ok(rec.by != j.op && later > created)
 }
 
 pub async fn run(j: &PowerJob, lease: &Lease, env: &Env) -> Result<(), JobError> {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::power::{DEFAULT_SHUTDOWN_TIMEOUT, PowerAction, PowerJob, start_slot};
+use crate::jobs::power::{DEFAULT_SHUTDOWN_TIMEOUT, PowerAction, PowerJob, start_slot, vm_mutex};
 use crate::jobs::state::Phase;
 use crate::jobs::{Env, Job, VmRef, keys, teardown_jobs};
 use crate::plan::Plan;
@@ -129,7 +129,8 @@ async fn power(j: &ScheduleJob, lease: &Lease, env: &Env, epoch: u32) -> Result<
             job.kind(),
             job.to_value(),
         )
-        .group(sc.clone());
+        .group(sc.clone())
+        .slots([vm_mutex(&sc, &v.key)]);
         if action == PowerAction::Start {
             spec = spec.slots([start_slot(&plan.cluster, &f.node)]);
         }

@@ -579,13 +579,14 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         }
         if plan.start {
             let slot = jobs::power::start_slot(&plan.cluster, &v.node);
+            let mutex = jobs::power::vm_mutex(scope, &v.key);
             out.push(
                 spec(
                     jobs::keys::vm_step(scope, &v.key, "start"),
                     Job::Start(StartJob { vm }),
                 )
                 .after(start_gate)
-                .slots([slot]),
+                .slots([slot, mutex]),
             );
         }
     }

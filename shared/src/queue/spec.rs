@@ -61,7 +61,9 @@ impl JobSpec {
         self
     }
 
-    /// Adds concurrency keys.
+    /// Adds concurrency keys. A key named `mutex:...` is held by one job at a time (cap 1
+    /// without [`crate::queue::Queue::set_cap`]), e.g. to serialize the jobs that change one
+    /// VM.
     pub fn slots(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.slot_keys.extend(keys.into_iter().map(Into::into));
         self

@@ -737,6 +737,46 @@ async fn slots_are_kept_across_a_lost_lease_and_freed_if_not_redelivered() {
     assert_eq!(q.slot_stats("node2").await.unwrap().held, 0);
 }
 
+/// A `mutex:` key is held by one job at a time with no cap set, across a lost lease too:
+/// a power job re-delivered after its worker died runs before the VM's next operation, never
+/// beside it (it::schedule saw a late start race a shutdown and start the class again).
+#[tokio::test]
+async fn a_mutex_key_is_held_by_one_job_at_a_time_across_a_lost_lease() {
+    let r = RedisServer::start();
+    let q = queue(&r, cfg().lease(ms(300))).await;
+    q.enqueue(&noop("start").slots(["mutex:power/d#0/vm1"]))
+        .await
+        .unwrap();
+    q.enqueue(&noop("other-vm").slots(["mutex:power/d#0/vm2"]))
+        .await
+        .unwrap();
+    let first = q.claim("dead-worker", 2).await.unwrap().jobs;
+    assert_eq!(first.len(), 2, "different VMs do not wait for each other");
+    let other = first.iter().find(|j| j.key == "other-vm").unwrap();
+    q.ack("other-vm", &other.token).await.unwrap();
+    q.enqueue(&noop("shutdown").slots(["mutex:power/d#0/vm1"]))
+        .await
+        .unwrap();
+    assert!(
+        q.claim("w2", 2).await.unwrap().jobs.is_empty(),
+        "the shutdown waits while the start holds the VM"
+    );
+    assert_eq!(state(&q, "shutdown").await, "waiting");
+    // The start's worker dies: the re-delivered start still goes first.
+    tokio::time::sleep(ms(400)).await;
+    assert_eq!(q.reap().await.unwrap().requeued, 1);
+    let c = q.claim("w2", 2).await.unwrap().jobs;
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].key, "start");
+    q.ack("start", &c[0].token).await.unwrap();
+    assert_eq!(q.claim("w2", 2).await.unwrap().jobs[0].key, "shutdown");
+    assert_eq!(
+        q.slot_stats("mutex:power/d#0/vm1").await.unwrap().held,
+        1,
+        "held by the shutdown now"
+    );
+}
+
 // 7. Retries ----------------------------------------------------------------------------------
 
 #[tokio::test]

@@ -42,7 +42,14 @@ local function schedule(id, old, group, at)
   end
 end
 
+-- A key named `mutex:...` is held by one job at a time without a `caps` entry (one key per
+-- object, e.g. a VM's power, would otherwise need one entry each).
+local function is_mutex(s)
+  return string.sub(s, 1, 6) == 'mutex:'
+end
+
 local function cap_of(s)
+  if is_mutex(s) then return 1 end
   local c = redis.call('HGET', P .. 'caps', s)
   if not c then return nil end
   return tonumber(c)
@@ -83,9 +90,11 @@ local function try_slots(id, slots)
   for _, s in ipairs(slots) do
     local sk = P .. 'slot:' .. s
     redis.call('SADD', sk, id)
-    local held = redis.call('SCARD', sk)
-    local hwm = tonumber(redis.call('HGET', P .. 'slothwm', s) or '0')
-    if held > hwm then redis.call('HSET', P .. 'slothwm', s, held) end
+    if not is_mutex(s) then
+      local held = redis.call('SCARD', sk)
+      local hwm = tonumber(redis.call('HGET', P .. 'slothwm', s) or '0')
+      if held > hwm then redis.call('HSET', P .. 'slothwm', s, held) end
+    end
   end
   redis.call('ZREM', P .. 'slotheld', id)
   return nil
