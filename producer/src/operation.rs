@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
-use shared::jobs::power::{PowerAction, PowerJob, start_slot, vm_mutex};
+use shared::jobs::power::{PowerAction, PowerJob, slot_keys, start_slot};
 use shared::jobs::reset::ResetJob;
 use shared::jobs::state::{Phase, Store};
 use shared::jobs::{Job, VmRef, keys};
@@ -235,13 +235,12 @@ pub async fn start(store: &Store, id: &str, req: &OpRequest) -> Result<OpReport,
             }),
             OpKind::Reset => Job::Reset(ResetJob { vm, op: op.clone() }),
         };
-        let mut spec = JobSpec::new(key.clone(), job.kind(), job.to_value())
-            .group(scope.clone())
-            .slots([vm_mutex(&scope, &v.key)]);
-        if matches!(req.kind, OpKind::Power(PowerAction::Start) | OpKind::Reset) {
-            spec = spec.slots([start_slot(&plan.cluster, &row.node)]);
-        }
-        specs.push(spec);
+        let starts = matches!(req.kind, OpKind::Power(PowerAction::Start) | OpKind::Reset);
+        specs.push(
+            JobSpec::new(key.clone(), job.kind(), job.to_value())
+                .group(scope.clone())
+                .slots(slot_keys(&scope, &v.key, &plan.cluster, &row.node, starts)),
+        );
         row.job = Some(key);
         row.state = "queued".into();
         vms.push(row);

@@ -67,6 +67,17 @@ pub fn vm_mutex(scope: &str, vm: &str) -> String {
     format!("mutex:power/{scope}/{vm}")
 }
 
+/// The concurrency keys of a job that changes the power of VM `vm` (in `scope`, on `node`
+/// of `cluster`): always the VM's [`vm_mutex`], and the node's [`start_slot`] when it may
+/// start the VM (a start, a reset of a running VM).
+pub fn slot_keys(scope: &str, vm: &str, cluster: &str, node: &str, starts: bool) -> Vec<String> {
+    let mut keys = vec![vm_mutex(scope, vm)];
+    if starts {
+        keys.push(start_slot(cluster, node));
+    }
+    keys
+}
+
 /// The power state labfleet last brought a VM to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PowerRecord {
@@ -114,18 +125,12 @@ pub async fn record(
     by: &str,
     note: Option<String>,
 ) -> Result<(), JobError> {
-    let enqueued = env
-        .store
-        .queue()
-        .created_at(lease.job_key())
-        .await
-        .map_err(|e| JobError::Retry(format!("redis: {e}")))?;
     let rec = PowerRecord {
         state: if running { "running" } else { "stopped" }.into(),
         at: Utc::now(),
         by: by.to_owned(),
         note,
-        enqueued,
+        enqueued: Some(lease.enqueued_at()),
     };
     let json = serde_json::to_string(&rec).expect("serializes");
     let key = env.store.key_power(scope_of_key(lease.job_key()));
@@ -139,11 +144,7 @@ pub async fn record(
 /// the two from running at once, so the record read here is not about to change.
 async fn superseded(j: &PowerJob, lease: &Lease, env: &Env) -> Result<bool, JobError> {
     let redis = |e: crate::queue::QueueError| JobError::Retry(format!("redis: {e}"));
-    let q = env.store.queue();
-    let Some(created) = q.created_at(lease.job_key()).await.map_err(redis)? else {
-        return Ok(false);
-    };
-    let mut c = q.connection();
+    let mut c = env.store.queue().connection();
     let key = env.store.key_power(scope_of_key(lease.job_key()));
     let rec: Option<String> = redis::AsyncCommands::hget(&mut c, &key, &j.vm.key)
         .await
@@ -152,7 +153,7 @@ async fn superseded(j: &PowerJob, lease: &Lease, env: &Env) -> Result<bool, JobE
         return Ok(false);
     };
     let later = rec.enqueued.unwrap_or_else(|| rec.at.timestamp_millis());
-    Ok(rec.by != j.op && later > created)
+    Ok(rec.by != j.op && later > lease.enqueued_at())
 }
 
 pub async fn run(j: &PowerJob, lease: &Lease, env: &Env) -> Result<(), JobError> {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::power::{DEFAULT_SHUTDOWN_TIMEOUT, PowerAction, PowerJob, start_slot, vm_mutex};
+use crate::jobs::power::{DEFAULT_SHUTDOWN_TIMEOUT, PowerAction, PowerJob, slot_keys};
 use crate::jobs::state::Phase;
 use crate::jobs::{Env, Job, VmRef, keys, teardown_jobs};
 use crate::plan::Plan;
@@ -124,17 +124,16 @@ async fn power(j: &ScheduleJob, lease: &Lease, env: &Env, epoch: u32) -> Result<
             action,
             timeout_secs: (action == PowerAction::Shutdown).then_some(DEFAULT_SHUTDOWN_TIMEOUT),
         });
-        let mut spec = JobSpec::new(
-            keys::op_vm(&sc, &op, &v.key, tag),
-            job.kind(),
-            job.to_value(),
-        )
-        .group(sc.clone())
-        .slots([vm_mutex(&sc, &v.key)]);
-        if action == PowerAction::Start {
-            spec = spec.slots([start_slot(&plan.cluster, &f.node)]);
-        }
-        specs.push(spec);
+        let starts = action == PowerAction::Start;
+        specs.push(
+            JobSpec::new(
+                keys::op_vm(&sc, &op, &v.key, tag),
+                job.kind(),
+                job.to_value(),
+            )
+            .group(sc.clone())
+            .slots(slot_keys(&sc, &v.key, &plan.cluster, &f.node, starts)),
+        );
     }
     tracing::info!(deployment = %j.deployment, event = %j.event, jobs = specs.len(), "schedule: power jobs queued");
     lease.add_followups(specs);

@@ -578,15 +578,19 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             start_gate = vec![key];
         }
         if plan.start {
-            let slot = jobs::power::start_slot(&plan.cluster, &v.node);
-            let mutex = jobs::power::vm_mutex(scope, &v.key);
             out.push(
                 spec(
                     jobs::keys::vm_step(scope, &v.key, "start"),
                     Job::Start(StartJob { vm }),
                 )
                 .after(start_gate)
-                .slots([slot, mutex]),
+                .slots(jobs::power::slot_keys(
+                    scope,
+                    &v.key,
+                    &plan.cluster,
+                    &v.node,
+                    true,
+                )),
             );
         }
     }

@@ -77,6 +77,11 @@ impl Lease {
         self.inner.job.attempt
     }
 
+    /// When this job was enqueued (ms since the epoch, Redis' clock), as read at its claim.
+    pub fn enqueued_at(&self) -> i64 {
+        self.inner.job.created_at
+    }
+
     /// Attempts allowed.
     pub fn max_attempts(&self) -> u32 {
         self.inner.job.max_attempts

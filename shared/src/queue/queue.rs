@@ -56,6 +56,8 @@ pub struct ClaimedJob {
     pub payload: String,
     /// Group, if any.
     pub group: Option<String>,
+    /// When the job was enqueued (ms since the epoch, Redis' clock).
+    pub created_at: i64,
 }
 
 /// The answer of one `claim` call.
@@ -235,13 +237,6 @@ impl Queue {
         }
     }
 
-    /// When job `key` was enqueued (ms since the epoch, Redis' clock), if it exists.
-    pub async fn created_at(&self, key: &str) -> Result<Option<i64>, QueueError> {
-        let mut c = self.connection();
-        let v: Option<i64> = c.hget(self.keys.job(key), "created_at").await?;
-        Ok(v)
-    }
-
     /// The shared connection, for the caller's own reads.
     pub fn connection(&self) -> RedisConn {
         self.conn.clone()
@@ -343,7 +338,7 @@ impl Queue {
     /// its attempt counted and a fresh lease token. Jobs whose keys are full are parked in
     /// place (no attempt spent) and skipped.
     pub async fn claim(&self, worker: &str, max: usize) -> Result<Claim, QueueError> {
-        type Row = (String, String, u32, u32, u32, String, String, String);
+        type Row = (String, String, u32, u32, u32, String, String, String, i64);
         let token_prefix = uuid::Uuid::new_v4().simple().to_string();
         let (hint, rows): (i64, Vec<Row>) = self
             .eval(
@@ -362,17 +357,26 @@ impl Queue {
             jobs: rows
                 .into_iter()
                 .map(
-                    |(key, token, attempt, max_attempts, lease_losses, kind, payload, group)| {
-                        ClaimedJob {
-                            key,
-                            token,
-                            attempt,
-                            max_attempts,
-                            lease_losses,
-                            kind,
-                            payload,
-                            group: (!group.is_empty()).then_some(group),
-                        }
+                    |(
+                        key,
+                        token,
+                        attempt,
+                        max_attempts,
+                        lease_losses,
+                        kind,
+                        payload,
+                        group,
+                        created_at,
+                    )| ClaimedJob {
+                        key,
+                        token,
+                        attempt,
+                        max_attempts,
+                        lease_losses,
+                        kind,
+                        payload,
+                        group: (!group.is_empty()).then_some(group),
+                        created_at,
                     },
                 )
                 .collect(),

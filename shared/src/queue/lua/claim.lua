@@ -1,5 +1,6 @@
 -- ARGV: prefix, worker id, lease ms, token prefix, max jobs, max parks per call.
--- Returns {wait_ms_hint, {{id, token, attempt, max_attempts, lease_losses, kind, payload, group}...}}
+-- Returns {wait_ms_hint, {{id, token, attempt, max_attempts, lease_losses, kind, payload, group,
+-- created_at}...}}
 local worker, lease, tp = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local k, max_parks = tonumber(ARGV[5]), tonumber(ARGV[6])
 
@@ -22,7 +23,7 @@ while n < k and parks < max_parks do
   local id, score = r[1], r[2]
   local key = jk(id)
   local f = redis.call('HMGET', key, 'state', 'slots', 'kind', 'payload', 'max_attempts',
-    'lease_losses', 'group')
+    'lease_losses', 'group', 'created_at')
   if f[1] == 'ready' then
     local blocked = try_slots(id, split(f[2]))
     if blocked then
@@ -39,7 +40,8 @@ while n < k and parks < max_parks do
       redis.call('HSET', key, 'token', token, 'worker', worker, 'lease_until', lu, 'started_at', NOW)
       transition(id, 'ready', 'running', f[7])
       redis.call('ZADD', P .. 'inflight', lu, id)
-      out[#out + 1] = {id, token, attempt, tonumber(f[5]), tonumber(f[6]), f[3], f[4], f[7] or ''}
+      out[#out + 1] = {id, token, attempt, tonumber(f[5]), tonumber(f[6]), f[3], f[4], f[7] or '',
+        tonumber(f[8]) or 0}
     end
   end
 end
