@@ -179,6 +179,20 @@ async fn login(b: &Browser, serve: &Serve, token: &str) {
     b.click(&b.get("#login").await).await;
 }
 
+/// Logs in with a good token and waits until the browser has left the login page: the
+/// click returns before the form's POST is answered, and a page read (or a `goto`) that
+/// comes first still sees the login page, without the session cookie (a CI run asserted on
+/// `/login` while the redirect to `/` was on its way).
+async fn log_in(b: &Browser, serve: &Serve, token: &str) {
+    login(b, serve, token).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the login to lead away from /login",
+        || async { !b.current_url().await.ends_with("/login") },
+    )
+    .await;
+}
+
 /// The form's CSRF token on the current page.
 async fn csrf_of(b: &Browser) -> String {
     b.eval(
@@ -249,7 +263,7 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     );
 
     // The admin logs in: an HttpOnly, SameSite=Strict cookie.
-    login(&admin, &serve, ADMIN_TOKEN).await;
+    log_in(&admin, &serve, ADMIN_TOKEN).await;
     assert!(
         admin.current_url().await.ends_with('/'),
         "{}",
@@ -332,7 +346,7 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     // A viewer sees the page but no buttons; retry, teardown and the handout are refused
     // even with the viewer's own valid CSRF token.
     let viewer = driver.browser().await;
-    login(&viewer, &serve, VIEWER_TOKEN).await;
+    log_in(&viewer, &serve, VIEWER_TOKEN).await;
     viewer.goto(&serve.url(&page(&id))).await;
     wait_live(&viewer).await;
     assert_eq!(cells(&viewer).await.len(), 6);
