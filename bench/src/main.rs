@@ -75,6 +75,7 @@ impl ClassArgs {
                 full_per_storage: self.full_per_storage,
                 max_requests: None,
                 memory_overcommit: None,
+                node_lost_after: None,
             },
         }
     }
@@ -199,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
                 full_per_storage: None,
                 max_requests,
                 memory_overcommit: None,
+                node_lost_after: None,
             };
             scenarios::overhead(students, workers, concurrency, caps, rounds).await
         }

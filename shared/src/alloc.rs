@@ -54,6 +54,26 @@ return n
     )
 });
 
+/// `KEYS[1]` id -> owner, `KEYS[2]` owner -> id. ARGV: from, to, allowed ids. Moves the
+/// reservation of `from` to `to` if it is one of the allowed ids; returns it, or 0.
+static RENAME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local id = redis.call('HGET', KEYS[2], ARGV[1])
+if not id then return 0 end
+for i = 3, #ARGV do
+  if ARGV[i] == id then
+    redis.call('HSET', KEYS[1], id, ARGV[2])
+    redis.call('HSET', KEYS[2], ARGV[2], id)
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    return tonumber(id)
+  end
+end
+return 0
+"#,
+    )
+});
+
 /// One allocation space (VMIDs of a cluster, or bridges of a node).
 pub struct Space {
     ids: String,
@@ -252,6 +272,28 @@ pub async fn replace(
     }
     let got = reserve(q, space, &[owner.to_owned()], min, max, taken).await?;
     Ok(got[owner])
+}
+
+/// Hands the reservation `from` holds to `to`, only if it is one of `allowed` (so a retry
+/// never hands over a number `from` was given since). Returns the number handed over.
+pub async fn rename(
+    q: &Queue,
+    space: &Space,
+    from: &str,
+    to: &str,
+    allowed: &[u32],
+) -> Result<Option<u32>, AllocError> {
+    let mut conn = q.connection();
+    let mut inv = RENAME.key(&space.ids);
+    inv.key(&space.owners).arg(from).arg(to);
+    for a in allowed {
+        inv.arg(*a);
+    }
+    let n: u32 = inv
+        .invoke_async(&mut conn)
+        .await
+        .map_err(QueueError::from)?;
+    Ok((n != 0).then_some(n))
 }
 
 /// Frees the reservations of `owners`.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Connection, Connections, Credential, TlsSetting, resolve_secret};
-use crate::pve::{ApiGate, Auth, ClientConfig, PveClient, PveError, TlsPolicy};
+use crate::pve::{ApiGate, Auth, ClientConfig, PveClient, PveError, TlsPolicy, UnreachableHook};
 use crate::secret::{SecretError, SecretKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,12 @@ pub struct Clusters {
     clients: Arc<Mutex<HashMap<String, PveClient>>>,
     /// Makes the API gate of a cluster's client from its name and `max_parallel_api`.
     gates: Option<Arc<GateMaker>>,
+    /// Makes the hook a cluster's client tells of unanswered nodes (595), by cluster name.
+    watches: Option<Arc<WatchMaker>>,
 }
+
+/// Makes a cluster's [`UnreachableHook`] from its name.
+pub type WatchMaker = dyn Fn(&str) -> UnreachableHook + Send + Sync;
 
 /// Makes a cluster's [`ApiGate`] from its name and its cap per node.
 pub type GateMaker = dyn Fn(&str, u32) -> Arc<dyn ApiGate> + Send + Sync;
@@ -78,6 +83,7 @@ impl Clusters {
             key,
             clients: Arc::default(),
             gates: None,
+            watches: None,
         }
     }
 
@@ -85,6 +91,13 @@ impl Clusters {
     /// returns for its cluster (the worker's: `jobs::api_slots`, counted in Redis).
     pub fn with_api_gates(mut self, make: Arc<GateMaker>) -> Clusters {
         self.gates = Some(make);
+        self
+    }
+
+    /// Every client made from now on reports the nodes that do not answer (595) to the hook
+    /// `make` returns for its cluster (the worker's: `jobs::node_loss::hook`).
+    pub fn with_node_watch(mut self, make: Arc<WatchMaker>) -> Clusters {
+        self.watches = Some(make);
         self
     }
 
@@ -110,6 +123,9 @@ impl Clusters {
         let client = PveClient::new(client_config(conn, self.key.as_ref())?)?;
         if let Some(make) = &self.gates {
             client.set_api_gate(make(cluster, conn.api_per_node));
+        }
+        if let Some(make) = &self.watches {
+            client.on_unreachable_node(make(cluster));
         }
         map.insert(cluster.to_owned(), client.clone());
         Ok(client)

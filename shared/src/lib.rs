@@ -17,6 +17,7 @@ pub mod plan;
 pub mod pve;
 pub mod queue;
 mod redact;
+pub mod replan;
 pub mod scheduler;
 pub mod secret;
 pub mod telemetry;

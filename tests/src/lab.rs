@@ -46,6 +46,8 @@ pub struct Caps {
     pub max_requests: Option<u32>,
     /// `memory_overcommit` (`None`: labfleet's default, 1.5).
     pub memory_overcommit: Option<f64>,
+    /// `node_lost_after` (`None`: labfleet's default, 120s).
+    pub node_lost_after: Option<&'static str>,
 }
 
 /// Which Redis the lab runs.
@@ -133,6 +135,9 @@ pub fn connection_yaml(name: &str, port: u16, fingerprint: &str, auth: Auth, cap
     }
     if let Some(v) = caps.memory_overcommit {
         out.push_str(&format!("  memory_overcommit: {v}\n"));
+    }
+    if let Some(v) = caps.node_lost_after {
+        out.push_str(&format!("  node_lost_after: {v}\n"));
     }
     out
 }

@@ -84,8 +84,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         shared::jobs::api_slots::ApiSlots::new(slots_queue.clone(), cluster, cap)
             as Arc<dyn shared::pve::ApiGate>
     });
+    let watch_queue = queue.clone();
+    let watches: Arc<shared::clusters::WatchMaker> =
+        Arc::new(move |cluster: &str| shared::jobs::node_loss::hook(watch_queue.clone(), cluster));
     let env = Env::new(
-        Clusters::new(connections, key).with_api_gates(gates),
+        Clusters::new(connections, key)
+            .with_api_gates(gates)
+            .with_node_watch(watches),
         queue.clone(),
         cfg.timing.clone(),
         shutdown.child_token(),
@@ -118,6 +123,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         Duration::from_millis(500),
         beat_stop.clone(),
     ));
+    // Every worker watches the nodes its calls found unanswered (`jobs::node_loss`).
+    let watching = tokio::spawn(shared::jobs::node_loss::run(
+        env.clone(),
+        Duration::from_millis(500),
+        beat_stop.clone(),
+    ));
     let backend = LeaseBackend::<Job>::new(queue, opts);
     let worker = WorkerBuilder::new("labfleet")
         .backend(backend)
@@ -138,6 +149,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     beat_stop.cancel();
     let _ = beating.await;
     let _ = scheduling.await;
+    let _ = watching.await;
     worker?;
     if let Some(task) = metrics {
         let _ = task.await;

@@ -242,6 +242,27 @@ fn print_table(st: &Status, power: &std::collections::BTreeMap<String, String>, 
         out.line(format!("setup failed: {f}"));
     }
     crate::leaks::print(out, &st.leaked);
+    for m in &st.moves {
+        let vms: Vec<String> = m
+            .vms
+            .iter()
+            .map(|(k, old, new)| format!("{k} {old}->{new}"))
+            .collect();
+        out.line(match &m.to {
+            Some(to) => format!(
+                "moved {} from {} to {}: {} ({})",
+                m.user,
+                m.from,
+                to,
+                m.why,
+                vms.join(", ")
+            ),
+            None => format!("not moved {} (on {}): {}", m.user, m.from, m.why),
+        });
+    }
+    for d in &st.left_on_lost_nodes {
+        out.line(format!("left on a lost node, removed when it is back: {d}"));
+    }
     for q in &st.quarantined {
         out.line(format!(
             "quarantined VMID {} on {} ({}): {}",

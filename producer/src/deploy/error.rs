@@ -76,6 +76,20 @@ pub enum DeployError {
     Encode(#[from] serde_json::Error),
 }
 
+impl From<shared::replan::ReplanError> for DeployError {
+    fn from(e: shared::replan::ReplanError) -> DeployError {
+        use shared::replan::ReplanError as R;
+        match e {
+            R::Placement(p) => DeployError::Placement(p),
+            R::CapacityRefused { cluster, refusals } => {
+                DeployError::CapacityRefused { cluster, refusals }
+            }
+            R::Alloc(a) => DeployError::Alloc(a),
+            R::VmidTaken { vmid } => DeployError::VmidTaken { vmid },
+        }
+    }
+}
+
 impl DeployError {
     pub fn proxmox(what: &'static str, source: PveError) -> DeployError {
         DeployError::Proxmox { what, source }

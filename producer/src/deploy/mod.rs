@@ -1,14 +1,12 @@
 //! The producer's side of a deployment, one file per concern: `connect` (Redis, Proxmox),
-//! `facts` (what the cluster has), `capacity` (placement by the figures `submit` enforces,
-//! exit 7), `allocate` (facts -> placement -> pure draft -> one allocation step -> plan), `submit`, `status` and `teardown`. Planning itself is pure (`shared::plan`); this
+//! `allocate` (the producer's face of `shared::replan`: facts -> placement by the
+//! capacity figures `submit` enforces, exit 7 -> pure draft -> one allocation step -> plan), `submit`, `status` and `teardown`. Planning itself is pure (`shared::plan`); this
 //! module does the I/O. Every function returns a [`DeployError`], whose variant decides the
 //! exit code (in [`DeployError::exit`], the only place).
 
 mod allocate;
-mod capacity;
 mod connect;
 mod error;
-mod facts;
 mod status;
 mod submit;
 mod teardown;
@@ -16,7 +14,7 @@ mod teardown;
 pub use allocate::{AllocMode, Allocation, allocate, make_plan};
 pub use connect::{connect_pve, connect_queue};
 pub use error::{DeployError, pve_exit};
-pub use facts::gather_facts;
+pub use shared::replan::gather_facts;
 pub use status::{
     DeploymentState, Listing, Status, VmState, VmStatus, overall_state, status, summary,
 };

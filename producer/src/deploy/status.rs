@@ -123,6 +123,34 @@ pub struct Status {
     pub quarantined: Vec<serde_json::Value>,
     /// Disks its destroys left behind that no worker could free (`crate::leaks`).
     pub leaked: Vec<serde_json::Value>,
+    /// Students of a lost node: moved (and where) or not (and why) (`shared::jobs::replace`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<shared::jobs::node_loss::Move>,
+    /// What moves left on lost nodes, removed when each is back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_on_lost_nodes: Vec<String>,
+}
+
+/// The moves of the active epoch's students and what they left on lost nodes.
+async fn moves_of(
+    store: &Store,
+    rec: &DeploymentRecord,
+) -> Result<(Vec<shared::jobs::node_loss::Move>, Vec<String>), DeployError> {
+    if rec.phase != Phase::Active {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let moves: Vec<_> = store.moves(&rec.scope()).await?.into_values().collect();
+    let left = store
+        .debris(&rec.cluster)
+        .await?
+        .into_values()
+        .filter(|d| match d {
+            shared::jobs::node_loss::Debris::Vm { deployment, .. }
+            | shared::jobs::node_loss::Debris::Bridge { deployment, .. } => deployment == &rec.id,
+        })
+        .map(|d| d.describe())
+        .collect();
+    Ok((moves, left))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -224,6 +252,7 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, DeployError> {
     let g = store.queue().group_stats(&rec.scope()).await?;
     let teardown = prior_teardowns(store, &rec).await?;
     let state = overall_state(&rec, totals.vms, &counts, false, &g, &teardown);
+    let (moves, left_on_lost_nodes) = moves_of(store, &rec).await?;
     Ok(Status {
         id: id.to_owned(),
         state,
@@ -235,6 +264,8 @@ pub async fn summary(store: &Store, id: &str) -> Result<Status, DeployError> {
         setup_failures: Vec::new(),
         quarantined: quarantined_of(store, &rec).await?,
         leaked: crate::leaks::leaked_of_record(store, &rec).await?,
+        moves,
+        left_on_lost_nodes,
     })
 }
 
@@ -315,6 +346,8 @@ fn torn_down(rec: &DeploymentRecord) -> Status {
         setup_failures: Vec::new(),
         quarantined: Vec::new(),
         leaked: Vec::new(),
+        moves: Vec::new(),
+        left_on_lost_nodes: Vec::new(),
     }
 }
 
@@ -404,6 +437,7 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, DeployError> {
         &g,
         &teardown,
     );
+    let (moves, left_on_lost_nodes) = moves_of(store, &rec).await?;
     Ok(Status {
         id: id.to_owned(),
         state,
@@ -415,6 +449,8 @@ pub async fn status(store: &Store, id: &str) -> Result<Status, DeployError> {
         setup_failures,
         quarantined: quarantined_of(store, &rec).await?,
         leaked: crate::leaks::leaked_of_record(store, &rec).await?,
+        moves,
+        left_on_lost_nodes,
     })
 }
 

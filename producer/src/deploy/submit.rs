@@ -90,7 +90,7 @@ pub async fn submit_with(
         };
         rec.totals = Some(totals_of(&plan));
         let sealed = seal_passwords(&plan, &id, key)?;
-        set_caps(cfg, &plan, store).await?;
+        shared::replan::set_caps(store.queue(), &plan, &cfg.connection().caps).await?;
         let plan_json = serde_json::to_string(&plan)?;
         let sealed_json = serde_json::to_string(&sealed)?;
         // Before the jobs: a worker's step record reads the VM steps to derive the VM's state.
@@ -103,6 +103,7 @@ pub async fn submit_with(
             tracing::info!(deployment = %id, "deployment changed while submitting; reading it again");
             continue;
         }
+        keep_files(cfg, store, &rec).await?;
         let done = enqueue(store, &rec, &plan, &sealed, pruned.as_ref()).await?;
         install_schedule(cfg, store, &id, &plan).await?;
         return Ok((id, plan, done));
@@ -111,6 +112,34 @@ pub async fn submit_with(
         id,
         doing: "submitting",
     })
+}
+
+/// Keeps the deployment and users files with the epoch's plan, so that a worker can plan the
+/// epoch again when a node is lost (`shared::jobs::replace`). Files that cannot be read again
+/// (moved since the submit read them) are not kept: such students are then reported, not moved.
+async fn keep_files(
+    cfg: &Config,
+    store: &Store,
+    rec: &DeploymentRecord,
+) -> Result<(), DeployError> {
+    let files = match shared::config::StoredFiles::read(cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "the files cannot be kept for re-placement");
+            return Ok(());
+        }
+    };
+    let json = serde_json::to_string(&files)?;
+    let mut c = store.queue().connection();
+    redis::AsyncCommands::hset::<_, _, _, ()>(
+        &mut c,
+        store.key_deployment(&rec.id),
+        shared::jobs::replace::files_field(rec.epoch),
+        json,
+    )
+    .await
+    .map_err(shared::queue::QueueError::from)?;
+    Ok(())
 }
 
 /// The record a submit writes: the same epoch while active, the next one after (or during)
@@ -275,25 +304,4 @@ fn seal_passwords(
         sealed.insert(u.to_owned(), key.seal(&student_password(key, id, u)));
     }
     Ok(sealed)
-}
-
-/// Sets the clone caps the plan's slots need.
-async fn set_caps(cfg: &Config, plan: &Plan, store: &Store) -> Result<(), DeployError> {
-    let caps = cfg.connection().caps;
-    let mut cap_set = BTreeMap::new();
-    for v in &plan.vms {
-        for (slot, cap) in plan::clone_slots(
-            &plan.cluster,
-            &v.source,
-            v.full,
-            v.storage.as_deref(),
-            &caps,
-        ) {
-            cap_set.insert(slot, cap);
-        }
-    }
-    for (slot, cap) in cap_set {
-        store.queue().set_cap(&slot, Some(cap)).await?;
-    }
-    Ok(())
 }

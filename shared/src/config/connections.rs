@@ -72,7 +72,11 @@ fn connection_from_raw(
     let tls = tls_from_raw(name, raw, cx, whole);
     let caps = caps_from_raw(raw, cx);
     let max_requests = max_requests_from_raw(raw, cx);
-    let (operating, more) = super::operating::from_raw(cx.file, raw.memory_overcommit.as_ref());
+    let (operating, more) = super::operating::from_raw(
+        cx.file,
+        raw.memory_overcommit.as_ref(),
+        raw.node_lost_after.as_ref(),
+    );
     cx.issues.extend(more);
     let api_per_node =
         super::api_caps::per_node(raw.max_parallel_api.as_ref()).unwrap_or_else(|e| {

@@ -17,6 +17,7 @@ mod ids;
 mod issue;
 mod model;
 mod operating;
+pub use operating::DEFAULT_NODE_LOST_AFTER;
 mod parse;
 mod raw;
 mod read;
@@ -216,6 +217,69 @@ fn resolve_cluster(
             "add `cluster: <name>` to deployment_config.yml or pass --cluster; defined: {}",
             names.join(", ")
         ))),
+    }
+}
+
+/// The deployment and users files as a submit read them, kept with the epoch's plan so that
+/// a worker can plan that epoch again (`jobs::replace`, when a node is lost) with the same
+/// placement code as the producer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredFiles {
+    pub deployment: String,
+    pub users: String,
+}
+
+impl StoredFiles {
+    /// Reads the two files of `cfg` again (as the submit that planned `cfg` saw them).
+    pub fn read(cfg: &Config) -> Result<StoredFiles, ConfigError> {
+        let deployment =
+            read::read_text(&cfg.paths.deployment).map_err(|i| ConfigError::new(vec![i]))?;
+        let users = read::read_text(&cfg.paths.users).map_err(|i| ConfigError::new(vec![i]))?;
+        Ok(StoredFiles { deployment, users })
+    }
+
+    /// The configuration these files make with `connections` (a worker's own), for
+    /// deployment `name` on `cluster`: validated as `producer validate` does.
+    pub fn config(
+        &self,
+        connections: Connections,
+        cluster: &str,
+        name: &str,
+    ) -> Result<Config, ConfigError> {
+        let paths = DataPaths::in_dir(format!("(stored with deployment {name}@{cluster})"));
+        let mut issues = Vec::new();
+        let deployment = parse_deployment(&self.deployment, &paths.deployment, name)
+            .map_err(|e| issues.extend(e))
+            .ok();
+        let users = parse_users(&self.users, &paths.users)
+            .map_err(|e| issues.extend(e))
+            .ok();
+        if let (Some(d), Some(u)) = (&deployment, &users) {
+            issues.extend(deployment::cross_check(
+                d,
+                u,
+                &paths.deployment,
+                &paths.users,
+            ));
+        }
+        if !connections.clusters.contains_key(cluster) {
+            issues.push(Issue::new(
+                &paths.connections,
+                1,
+                1,
+                format!("cluster {cluster:?} is not defined in this worker's connections.yml"),
+            ));
+        }
+        if !issues.is_empty() {
+            return Err(ConfigError::new(issues));
+        }
+        Ok(Config {
+            paths,
+            connections,
+            deployment: deployment.expect("no issues"),
+            users: users.expect("no issues"),
+            cluster: cluster.to_owned(),
+        })
     }
 }
 

@@ -1,8 +1,10 @@
 //! How labfleet operates on one cluster, beyond connecting to it: `memory_overcommit` (how
 //! much configured VM memory a node may be given, as a multiple of its memory; `submit`
-//! refuses more).
+//! refuses more) and `node_lost_after` (how long a node may stay offline or unreachable
+//! before the workers take it for lost and re-place its students, `jobs::replace`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_saphyr::Spanned;
 
@@ -13,12 +15,18 @@ use crate::capacity::DEFAULT_MEMORY_OVERCOMMIT;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Operating {
     pub memory_overcommit: f64,
+    pub node_lost_after: Duration,
 }
+
+/// A node offline or unreachable this long is lost (Proxmox' own HA fences a node after
+/// about two minutes without quorum; a reboot of a lab server takes less).
+pub const DEFAULT_NODE_LOST_AFTER: Duration = Duration::from_secs(120);
 
 impl Default for Operating {
     fn default() -> Operating {
         Operating {
             memory_overcommit: DEFAULT_MEMORY_OVERCOMMIT,
+            node_lost_after: DEFAULT_NODE_LOST_AFTER,
         }
     }
 }
@@ -28,7 +36,11 @@ fn issue<T>(file: &Path, s: &Spanned<T>, msg: String, hint: &str) -> Issue {
 }
 
 /// The keys as written (each optional), checked; every problem is returned.
-pub fn from_raw(file: &Path, memory_overcommit: Option<&Spanned<f64>>) -> (Operating, Vec<Issue>) {
+pub fn from_raw(
+    file: &Path,
+    memory_overcommit: Option<&Spanned<f64>>,
+    node_lost_after: Option<&Spanned<String>>,
+) -> (Operating, Vec<Issue>) {
     let mut out = Operating::default();
     let mut issues = Vec::new();
     if let Some(v) = memory_overcommit {
@@ -43,6 +55,25 @@ pub fn from_raw(file: &Path, memory_overcommit: Option<&Spanned<f64>>) -> (Opera
             ));
         }
     }
+    if let Some(v) = node_lost_after {
+        match super::schedule::parse_duration(&v.value) {
+            Ok(secs) if (1..=86_400).contains(&secs) => {
+                out.node_lost_after = Duration::from_secs(secs)
+            }
+            Ok(secs) => issues.push(issue(
+                file,
+                v,
+                format!("node_lost_after {secs}s is out of range 1s-1d"),
+                "how long a node may stay offline before its students are moved, e.g. 120s (the default) or 10m",
+            )),
+            Err(e) => issues.push(issue(
+                file,
+                v,
+                format!("node_lost_after: {e}"),
+                "how long a node may stay offline before its students are moved, e.g. 120s (the default) or 10m",
+            )),
+        }
+    }
     (out, issues)
 }
 
@@ -50,6 +81,7 @@ pub fn from_raw(file: &Path, memory_overcommit: Option<&Spanned<f64>>) -> (Opera
 mod tests {
     use crate::config::parse_connections;
     use std::path::Path;
+    use std::time::Duration;
 
     const BASE: &str = "lab:\n  host: \"127.0.0.1:8006\"\n  user: root@pam\n  password: x\n";
 
@@ -68,5 +100,26 @@ mod tests {
                 .contains("memory_overcommit 0 is out of range 0.1-100")
         );
         assert!(e[0].hint.as_deref().unwrap().contains("1.5 (the default)"));
+    }
+
+    #[test]
+    fn node_lost_after_defaults_reads_and_is_checked() {
+        let f = Path::new("connections.yml");
+        let c = parse_connections(BASE, f).unwrap();
+        assert_eq!(
+            c.clusters["lab"].operating.node_lost_after,
+            Duration::from_secs(120)
+        );
+        let c = parse_connections(&format!("{BASE}  node_lost_after: 2m30s\n"), f).unwrap();
+        assert_eq!(
+            c.clusters["lab"].operating.node_lost_after,
+            Duration::from_secs(150)
+        );
+        for bad in ["0s", "2 minutes", "3d"] {
+            let e = parse_connections(&format!("{BASE}  node_lost_after: {bad}\n"), f).unwrap_err();
+            assert_eq!(e.len(), 1, "{bad}");
+            assert_eq!(e[0].line, 5, "{}", e[0]);
+            assert!(e[0].message.contains("node_lost_after"), "{}", e[0]);
+        }
     }
 }

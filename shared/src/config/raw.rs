@@ -31,6 +31,7 @@ pub struct RawConnection {
     pub max_parallel_api: Option<Spanned<super::api_caps::RawApiCaps>>,
     pub max_requests: Option<Spanned<u32>>,
     pub memory_overcommit: Option<Spanned<f64>>,
+    pub node_lost_after: Option<Spanned<String>>,
     pub max_parallel_starts: Option<Spanned<RawStartCaps>>,
 }
 

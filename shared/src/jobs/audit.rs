@@ -56,6 +56,7 @@ pub async fn run(j: &AuditRemoveJob, lease: &Lease, env: &Env) -> Result<(), Job
                 key,
                 epoch: *epoch,
                 facts: &facts,
+                owner: crate::plan::vm_owner(deployment, key),
             };
             crate::jobs::destroy::remove(&t, lease, env).await
         }

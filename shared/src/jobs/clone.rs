@@ -508,6 +508,7 @@ async fn clean_up(
                     vm: &j.vm.key,
                     vmid,
                     node,
+                    owner: &crate::plan::vm_owner(&j.vm.deployment, &j.vm.key),
                 };
                 leaks::free_after_destroy(env, pve, lease, &d, Some(&upid), outcome).await?;
                 return Ok(vmid);

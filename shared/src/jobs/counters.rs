@@ -181,7 +181,9 @@ fn job_node(job: &Job) -> Option<(&str, &str)> {
         | Job::StudentTeardown(_)
         | Job::TeardownFinish(_)
         | Job::Schedule(_)
+        | Job::Replace(_)
         | Job::AuditRemove(_) => None,
+        Job::NodeDebris(j) => Some((&j.cluster, &j.node)),
         Job::NodeNetwork(j) | Job::NodeNetworkTeardown(j) => Some((&j.cluster, &j.node)),
         Job::Clone(j) => Some((&j.vm.cluster, &j.source_node)),
         Job::Network(j) => Some((&j.vm.cluster, &j.vm.node)),

@@ -44,6 +44,7 @@ pub async fn run(j: &DestroyJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         key: &j.vm.key,
         epoch: vm_epoch,
         facts: &facts,
+        owner: crate::plan::vm_owner(&j.vm.deployment, &j.vm.key),
     };
     remove(&target, lease, env).await
 }
@@ -56,6 +57,8 @@ pub struct Target<'a> {
     /// The epoch that made it: only its marker proves it ours.
     pub epoch: u32,
     pub facts: &'a VmFacts,
+    /// The owner of its VMID's reservation (`plan::vm_owner`, or a lost node's debris owner).
+    pub owner: String,
 }
 
 /// Removes the VM if it is there and ours (see the module header). Converges.
@@ -176,6 +179,7 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
         vm: t.key,
         vmid,
         node: &node,
+        owner: &t.owner,
     };
     leaks::free_after_destroy(env, &pve, lease, &d, Some(&upid), outcome).await
 }
@@ -213,6 +217,7 @@ async fn after_gone(
         vm: t.key,
         vmid: t.facts.vmid,
         node,
+        owner: &t.owner,
     };
     leaks::free_after_destroy(env, pve, lease, &d, upid.as_ref(), outcome).await
 }
@@ -224,5 +229,5 @@ async fn reserved_for_us(t: &Target<'_>, env: &Env) -> Result<bool, JobError> {
     let owner = alloc::owner_of(q, &Space::vmids(q, t.cluster), t.facts.vmid)
         .await
         .map_err(|e| JobError::Retry(e.to_string()))?;
-    Ok(owner.as_deref() == Some(crate::plan::vm_owner(t.deployment, t.key).as_str()))
+    Ok(owner.as_deref() == Some(t.owner.as_str()))
 }

@@ -84,6 +84,7 @@ async fn finish_teardown(
         ops.del.push(store.key_op_memo(&vm_scope));
         ops.hdel.push(crate::jobs::state::plan_field(vm_epoch));
         ops.hdel.push(crate::jobs::state::sealed_field(vm_epoch));
+        ops.hdel.push(crate::jobs::replace::files_field(vm_epoch));
         if torn_down {
             ops.del.push(store.key_events(id));
             ops.hdel.push("vmsteps".into());
@@ -328,6 +329,7 @@ async fn verify(
             key,
             epoch,
             facts: f,
+            owner: crate::plan::vm_owner(&j.deployment, key),
         };
         destroy::remove(&t, lease, env).await?;
     }

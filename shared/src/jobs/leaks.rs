@@ -54,6 +54,8 @@ pub struct Destroyed<'a> {
     pub vmid: u32,
     /// The node the destroy ran on (a local storage's volume is freed there).
     pub node: &'a str,
+    /// The owner its VMID's reservation must have for its disks to be ours.
+    pub owner: &'a str,
 }
 
 impl Store {
@@ -119,7 +121,7 @@ pub async fn free_after_destroy(
     let owner = alloc::owner_of(q, &Space::vmids(q, d.cluster), d.vmid)
         .await
         .map_err(|e| JobError::Retry(e.to_string()))?;
-    if owner.as_deref() != Some(crate::plan::vm_owner(d.deployment, d.vm).as_str()) {
+    if owner.as_deref() != Some(d.owner) {
         return Ok(());
     }
     let mut volids: Vec<String> = env

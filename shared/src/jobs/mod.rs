@@ -3,7 +3,9 @@
 //! `destroy`, `teardown` (per student and per node), `finish` (a teardown's last job),
 //! `audit` (`audit-remove`: one unowned object `producer audit --fix` found);
 //! `baseline` (the snapshot a reset returns to), and the operations on a deployment's VMs:
-//! `power` (start, stop, shutdown) and `reset`; `schedule` (one event of a schedule).
+//! `power` (start, stop, shutdown) and `reset`; `schedule` (one event of a schedule);
+//! `replace` and `node-debris` (students moved off a lost node, and what the move left
+//! there removed when it is back; `node_loss` notices the loss).
 //! `payload` holds what sits in Redis, `state` the deployment's records, `teardown_jobs`
 //! the (pure) job list of a teardown or a prune, `cache` the per-process cluster facts.
 //!
@@ -21,15 +23,18 @@ pub mod baseline;
 pub mod cache;
 pub mod clone;
 pub mod counters;
+pub mod debris;
 pub mod destroy;
 pub mod finish;
 pub mod leaks;
 pub mod lost_reply;
 pub mod network;
+pub mod node_loss;
 pub mod node_network;
 pub mod payload;
 pub mod permission;
 pub mod power;
+pub mod replace;
 pub mod reset;
 mod retry;
 pub mod schedule;
@@ -212,6 +217,8 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
             | Job::Power(_)
             | Job::Reset(_)
             | Job::Schedule(_)
+            | Job::Replace(_)
+            | Job::NodeDebris(_)
     );
     if records {
         let _ = env
@@ -235,6 +242,8 @@ pub async fn run(job: Job, lease: Lease, env: Arc<Env>) -> Result<(), JobError> 
         Job::Power(j) => power::run(j, &lease, &env).await,
         Job::Reset(j) => reset::run(j, &lease, &env).await,
         Job::Schedule(j) => schedule::run(j, &lease, &env).await,
+        Job::Replace(j) => replace::run(j, &lease, &env).await,
+        Job::NodeDebris(j) => debris::run(j, &lease, &env).await,
     };
     let outcome = match &result {
         Ok(()) => Some((StepState::Done, None)),
@@ -297,6 +306,8 @@ pub fn subject_and_step(job: &Job) -> (String, &'static str) {
         Job::Power(j) => (j.vm.key.clone(), j.action.as_str()),
         Job::Reset(j) => (j.vm.key.clone(), "reset"),
         Job::Schedule(j) => (format!("schedule:{}", j.event), "schedule"),
+        Job::Replace(j) => (format!("node:{}", j.node), "replace"),
+        Job::NodeDebris(j) => (format!("node:{}", j.node), "debris"),
     }
 }
 
@@ -309,7 +320,9 @@ pub fn vm_node(job: &Job) -> Option<&str> {
         Job::Permission(j) => Some(&j.vm.node),
         Job::Start(j) => Some(&j.vm.node),
         Job::Baseline(j) => Some(&j.vm.node),
-        Job::Power(_) | Job::Reset(_) | Job::Schedule(_) => None,
+        Job::Power(_) | Job::Reset(_) | Job::Schedule(_) | Job::Replace(_) | Job::NodeDebris(_) => {
+            None
+        }
         Job::Student(_)
         | Job::StudentTeardown(_)
         | Job::NodeNetwork(_)

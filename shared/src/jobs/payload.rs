@@ -27,6 +27,8 @@ pub enum Job {
     Power(crate::jobs::power::PowerJob),
     Reset(crate::jobs::reset::ResetJob),
     Schedule(crate::jobs::schedule::ScheduleJob),
+    Replace(crate::jobs::replace::ReplaceJob),
+    NodeDebris(crate::jobs::replace::NodeDebrisJob),
 }
 
 impl Job {
@@ -47,6 +49,8 @@ impl Job {
             Job::Power(_) => "power",
             Job::Reset(_) => "reset",
             Job::Schedule(_) => "schedule",
+            Job::Replace(_) => "replace",
+            Job::NodeDebris(_) => "node-debris",
         }
     }
 
@@ -65,6 +69,8 @@ impl Job {
             Job::Power(j) => &j.vm.deployment,
             Job::Reset(j) => &j.vm.deployment,
             Job::Schedule(j) => &j.deployment,
+            Job::Replace(j) => &j.deployment,
+            Job::NodeDebris(j) => &j.cluster,
         }
     }
 
@@ -90,6 +96,8 @@ pub const KINDS: &[&str] = &[
     "power",
     "reset",
     "schedule",
+    "replace",
+    "node-debris",
 ];
 
 /// Which VM a job is about.

@@ -101,6 +101,7 @@ async fn leftovers(
             key: &key,
             epoch,
             facts: &facts,
+            owner: crate::plan::vm_owner(&j.deployment, &key),
         };
         crate::jobs::destroy::remove(&t, lease, env).await?;
     }

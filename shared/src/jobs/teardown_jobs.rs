@@ -107,8 +107,7 @@ pub fn prune(
             jobs: vms
                 .iter()
                 .flat_map(|v| {
-                    ["clone", "network", "permission", "start"]
-                        .map(|step| keys::vm_step(scope, &v.key, step))
+                    ["clone", "network", "permission", "start"].map(|step| v.job_key(scope, step))
                 })
                 .chain(students.iter().map(|s| keys::student(scope, &s.user)))
                 .collect(),

@@ -90,6 +90,30 @@ pub struct VmPlan {
     pub vmid: u32,
     pub nics: Vec<NicPlan>,
     pub slots: Vec<String>,
+    /// How many times the VM was re-placed after its node was lost (`jobs::replace`): its
+    /// jobs' keys carry it, so the moved VM gets new jobs while the old ones stay cancelled.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moved: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl VmPlan {
+    /// The key of this VM's job for `step` in `scope`.
+    pub fn job_key(&self, scope: &str, step: &str) -> String {
+        jobs::keys::vm_step(scope, &vm_job_subject(&self.key, self.moved), step)
+    }
+}
+
+/// The VM part of a VM's job keys: its key, with `~<n>` after its `n`th move.
+pub fn vm_job_subject(key: &str, moved: u32) -> String {
+    if moved == 0 {
+        key.to_owned()
+    } else {
+        format!("{key}~{moved}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +145,24 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Keeps the move count of every VM that an earlier plan moved and this one keeps on
+    /// the node it was moved to (a resubmit after a re-placement keeps the moved jobs' keys).
+    pub fn carry_moves(&mut self, prior: &Plan) {
+        let moved: HashMap<&str, (&str, u32)> = prior
+            .vms
+            .iter()
+            .filter(|v| v.moved > 0)
+            .map(|v| (v.key.as_str(), (v.node.as_str(), v.moved)))
+            .collect();
+        for v in &mut self.vms {
+            if let Some((node, n)) = moved.get(v.key.as_str())
+                && *node == v.node
+            {
+                v.moved = *n;
+            }
+        }
+    }
+
     /// Carries over what an earlier plan had and this one no longer has.
     pub fn retire_from(&mut self, prior: &Plan) {
         let keys: BTreeSet<&str> = self.vms.iter().map(|v| v.key.as_str()).collect();
@@ -396,6 +438,7 @@ pub fn build(
                 storage,
                 nics,
                 slots,
+                moved: 0,
             });
         }
     }
@@ -513,7 +556,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             key: v.key.clone(),
             node: v.node.clone(),
         };
-        let clone_key = jobs::keys::vm_step(scope, &v.key, "clone");
+        let clone_key = v.job_key(scope, "clone");
         out.push(
             spec(
                 clone_key.clone(),
@@ -542,7 +585,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         {
             net_gate.push(k.clone());
         }
-        let net_key = jobs::keys::vm_step(scope, &v.key, "network");
+        let net_key = v.job_key(scope, "network");
         out.push(
             spec(
                 net_key.clone(),
@@ -553,7 +596,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             )
             .after(net_gate),
         );
-        let perm_key = jobs::keys::vm_step(scope, &v.key, "permission");
+        let perm_key = v.job_key(scope, "permission");
         out.push(
             spec(
                 perm_key.clone(),
@@ -567,7 +610,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         );
         let mut start_gate = vec![net_key, perm_key];
         if plan.baseline {
-            let key = jobs::keys::vm_step(scope, &v.key, "baseline");
+            let key = v.job_key(scope, "baseline");
             out.push(
                 spec(
                     key.clone(),
@@ -579,18 +622,15 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
         }
         if plan.start {
             out.push(
-                spec(
-                    jobs::keys::vm_step(scope, &v.key, "start"),
-                    Job::Start(StartJob { vm }),
-                )
-                .after(start_gate)
-                .slots(jobs::power::slot_keys(
-                    scope,
-                    &v.key,
-                    &plan.cluster,
-                    &v.node,
-                    true,
-                )),
+                spec(v.job_key(scope, "start"), Job::Start(StartJob { vm }))
+                    .after(start_gate)
+                    .slots(jobs::power::slot_keys(
+                        scope,
+                        &v.key,
+                        &plan.cluster,
+                        &v.node,
+                        true,
+                    )),
             );
         }
     }

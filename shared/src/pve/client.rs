@@ -206,10 +206,16 @@ struct Inner {
     pub(crate) watcher: TaskWatcher,
     /// Bounds the protected calls per node across processes, when set (`gate.rs`).
     gate: std::sync::OnceLock<Arc<dyn ApiGate>>,
+    /// Told the node of every call answered 595 (the node did not answer the proxy), when
+    /// set: the workers' way of noticing a node going away (`jobs::node_loss`).
+    unreachable: std::sync::OnceLock<UnreachableHook>,
     /// The node the connection talks to (`local` in `GET /cluster/status`), looked up once
     /// for the gate's cluster-wide calls; `None` when it could not be learned.
     entry_node: tokio::sync::OnceCell<Option<String>>,
 }
+
+/// Called with the node of a call answered 595; must return at once (it runs inline).
+pub type UnreachableHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// A client for one Proxmox VE cluster. Cheap to clone; clones share the connection pool,
 /// the login and the concurrency bound.
@@ -271,6 +277,7 @@ impl PveClient {
                 counters: Counters::default(),
                 watcher: TaskWatcher::default(),
                 gate: std::sync::OnceLock::new(),
+                unreachable: std::sync::OnceLock::new(),
                 entry_node: tokio::sync::OnceCell::new(),
                 presented,
                 config,
@@ -282,6 +289,12 @@ impl PveClient {
     /// gate set stays.
     pub fn set_api_gate(&self, gate: Arc<dyn ApiGate>) {
         let _ = self.inner.gate.set(gate);
+    }
+
+    /// Tells `hook` the node of every call of this client (and its clones) answered 595;
+    /// the first hook set stays.
+    pub fn on_unreachable_node(&self, hook: UnreachableHook) {
+        let _ = self.inner.unreachable.set(hook);
     }
 
     /// The node whose pvedaemon runs the cluster-wide calls (`/access`, `/pools`): the one
@@ -491,6 +504,11 @@ impl PveClient {
             let result = self
                 .send_once(method.clone(), path, params, kind, &creds)
                 .await;
+            if let (Err(PveError::Proxy { status: 595, .. }), Some(node)) = (&result, node_of(path))
+                && let Some(hook) = self.inner.unreachable.get()
+            {
+                hook(node);
+            }
             match &result {
                 Err(e)
                     if method == Method::GET

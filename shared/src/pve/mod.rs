@@ -51,7 +51,7 @@ pub use access::{
     AclEntry, AclUpdate, PoolEntry, PoolInfo, PoolMember, PoolUpdate, RoleEntry, UserCreate,
     UserEntry, UserInfo, UserUpdate,
 };
-pub use client::{PveClient, RequestCounts};
+pub use client::{PveClient, RequestCounts, UnreachableHook};
 pub use cluster::{
     ClusterResource, CpuInfo, MemoryInfo, NodeEntry, NodeResource, NodeStatus, ResourceType,
     StorageEntry, StorageResource, Version, VmResource,

@@ -635,6 +635,17 @@ impl Queue {
         .await
     }
 
+    /// Cancels these jobs where they are not finished, as [`Queue::cancel_group`] does for a
+    /// group (a moved VM's jobs, `jobs::replace`). Returns how many were cancelled.
+    pub async fn cancel_jobs(&self, jobs: &[String]) -> Result<u64, QueueError> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let mut args = vec![ms(self.config.lease)];
+        args.extend(jobs.iter().cloned());
+        self.eval(&scripts::CANCEL_JOBS, args).await
+    }
+
     /// Deletes every finished (done, cancelled) or still queued job of a group with its
     /// history and successor set, then the group's set and counters: what a torn-down
     /// deployment's epoch leaves in the queue. A job still running keeps its record, and a

@@ -44,6 +44,7 @@ scripts! {
     FENCED_HSET => "fenced_hset.lua",
     REAP => "reap.lua",
     CANCEL_GROUP => "cancel_group.lua",
+    CANCEL_JOBS => "cancel_jobs.lua",
     PURGE_GROUP => "purge_group.lua",
     RETRY_DEAD => "retry_dead.lua",
     SET_CAP => "set_cap.lua",

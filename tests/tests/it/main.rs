@@ -9,6 +9,7 @@ mod compose;
 mod lifecycle;
 mod lost_replies;
 mod metrics;
+mod node_loss;
 mod pipeline;
 mod pve_client;
 mod pve_client_hostile;

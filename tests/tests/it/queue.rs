@@ -606,6 +606,52 @@ async fn cancel_group_removes_queued_jobs_and_fences_running_ones() {
     w.await.unwrap();
 }
 
+#[tokio::test]
+async fn cancel_jobs_cancels_only_the_listed_unfinished_jobs_and_fences_a_running_one() {
+    let r = RedisServer::start();
+    let q = queue(&r, cfg()).await;
+    let seen = Arc::new(Seen::default());
+    let stop = CancellationToken::new();
+    let w = spawn_worker(&r, &q, 1, seen.clone(), stop.clone());
+    let long = Work {
+        sleep_ms: 20_000,
+        ..Default::default()
+    };
+    q.enqueue_batch(&[
+        work_spec("k1", &long).group("dep"),
+        work_spec("k2", &long).group("dep"),
+        work_spec("k3", &Work::default()).group("dep").after(["k1"]),
+        work_spec("keep", &Work::default())
+            .group("dep")
+            .after(["k2"]),
+    ])
+    .await
+    .unwrap();
+    wait_for(SECS(5), "k1 running", || async {
+        seen.started.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // k1 runs, k2 waits for the one worker slot, k3 is gated; "keep" and an unknown key are
+    // not cancelled, and a second call cancels nothing more.
+    let listed = ["k1", "k3", "nope"].map(String::from);
+    assert_eq!(q.cancel_jobs(&listed).await.unwrap(), 2);
+    assert_eq!(q.cancel_jobs(&listed).await.unwrap(), 0);
+    wait_for(
+        SECS(5),
+        "the running one told its lease is lost",
+        || async { seen.lost.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    assert_eq!(state(&q, "k1").await, "cancelled");
+    assert_eq!(state(&q, "k3").await, "cancelled");
+    assert_ne!(state(&q, "k2").await, "cancelled");
+    assert_eq!(state(&q, "keep").await, "gated");
+    let g = q.group_stats("dep").await.unwrap();
+    assert_eq!(g.cancelled, 2);
+    stop.cancel();
+    w.await.unwrap();
+}
+
 // 6. Per-key concurrency ----------------------------------------------------------------------
 
 #[tokio::test]

@@ -78,6 +78,7 @@ impl From<Caps> for labfleet_tests::lab::Caps {
             full_per_storage: Some(2),
             max_requests: None,
             memory_overcommit: None,
+            node_lost_after: None,
         }
     }
 }

@@ -215,3 +215,24 @@ local function enqueue_all(json)
   end
   return out
 end
+
+-- Cancels one job if it is not finished: out of whatever line it waits in; an in-flight one
+-- loses its token at once (its ack is refused, renewal fails) and, since its Proxmox task may
+-- still run, keeps its slots for `hold` ms before the reaper frees them. Returns 1 if cancelled.
+local function cancel_one(id, hold)
+  local key = jk(id)
+  local f = redis.call('HMGET', key, 'state', 'waiting_on', 'slots', 'group')
+  local st = f[1]
+  if st == 'ready' then redis.call('ZREM', P .. 'ready', id)
+  elseif st == 'scheduled' then redis.call('ZREM', P .. 'scheduled', id)
+  elseif st == 'gated' then redis.call('SREM', P .. 'gated', id)
+  elseif st == 'waiting' then redis.call('ZREM', P .. 'wait:' .. (f[2] or ''), id)
+  elseif st == 'dead' then redis.call('ZREM', P .. 'dead', id)
+  elseif st == 'running' then
+    redis.call('ZREM', P .. 'inflight', id)
+    redis.call('HDEL', key, 'token', 'lease_until')
+    if f[3] and f[3] ~= '' then redis.call('ZADD', P .. 'slotheld', NOW + hold, id) end
+  else return 0 end
+  transition(id, st, 'cancelled', f[4])
+  return 1
+end
