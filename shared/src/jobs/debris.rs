@@ -1,6 +1,7 @@
 //! `node-debris`: once a lost node is back, removes what the re-placements of its students
 //! recorded as left there (`jobs::node_loss::Debris`), each object proven ours first as a
-//! teardown proves it, then frees its reservation and forgets it.
+//! teardown proves it, then frees its reservation and forgets it; then enqueues again the
+//! plans that have bridges to make there (`replace::converge_on_return`).
 
 use redis::AsyncCommands;
 
@@ -88,5 +89,5 @@ pub async fn run(j: &NodeDebrisJob, lease: &Lease, env: &Env) -> Result<(), JobE
             .map_err(|e: redis::RedisError| redis(QueueError::from(e)))?;
         tracing::info!(cluster = %j.cluster, what = %d.describe(), "removed what a lost node kept");
     }
-    Ok(())
+    crate::jobs::replace::converge_on_return(env, &j.cluster, &j.node).await
 }

@@ -30,7 +30,7 @@ use crate::alloc::{self, Space};
 use crate::config::StoredFiles;
 use crate::jobs::node_loss::{Debris, Move, debris_owner, debris_spec};
 use crate::jobs::state::{Phase, PlanDoc, StepState, Store, Versioned, step_field};
-use crate::jobs::{Env, scope_of_key};
+use crate::jobs::{BridgePlan, Env, NodeNetworkJob, scope_of_key};
 use crate::plan::{self, Plan};
 use crate::queue::{FencedScript, JobError, Lease};
 use crate::replan::{self, AllocMode, ReplanError};
@@ -261,6 +261,7 @@ async fn replan_students(
     };
     next.retired = plan.retired.clone();
     next.retired_students = plan.retired_students.clone();
+    keep_on_lost_node(&mut next, plan, &j.node, &open_set, env).await?;
     next.carry_moves(plan);
     for v in next
         .vms
@@ -331,6 +332,83 @@ async fn replan_students(
         ));
     }
     tracing::warn!(deployment = %j.deployment, node = %j.node, students = open.len(), "students moved off a lost node");
+    Ok(())
+}
+
+/// Puts back, as the old plan had them, the students that stay on the lost node (their VMs
+/// were all made): the placement, which refuses an offline node, planned them elsewhere, with
+/// bridges reserved there that they will never use (freed here).
+async fn keep_on_lost_node(
+    next: &mut Plan,
+    plan: &Plan,
+    lost: &str,
+    moving: &BTreeSet<&str>,
+    env: &Env,
+) -> Result<(), JobError> {
+    let q = env.store.queue();
+    let stay: BTreeSet<&str> = plan
+        .students
+        .iter()
+        .filter(|s| s.node == lost && !moving.contains(s.user.as_str()))
+        .map(|s| s.user.as_str())
+        .collect();
+    if stay.is_empty() {
+        return Ok(());
+    }
+    let of_stayer = |b: &BridgePlan| stay.iter().any(|u| b.owner.starts_with(&format!("{u} ")));
+    for s in next
+        .students
+        .iter_mut()
+        .filter(|s| stay.contains(s.user.as_str()))
+    {
+        if s.node != lost {
+            let owners: Vec<String> = s
+                .bridges
+                .keys()
+                .map(|a| plan::bridge_owner_of(&plan.id, &s.user, a))
+                .collect();
+            alloc::release(q, &Space::bridges(q, &plan.cluster, &s.node), &owners)
+                .await
+                .map_err(|e| JobError::Retry(e.to_string()))?;
+        }
+        if let Some(old) = plan.students.iter().find(|o| o.user == s.user) {
+            *s = old.clone();
+        }
+        next.placement.nodes.insert(s.user.clone(), lost.to_owned());
+    }
+    for v in next
+        .vms
+        .iter_mut()
+        .filter(|v| stay.contains(v.user.as_str()))
+    {
+        if let Some(old) = plan.vms.iter().find(|o| o.key == v.key) {
+            *v = old.clone();
+        }
+    }
+    for nn in &mut next.node_networks {
+        nn.bridges.retain(|b| !of_stayer(b));
+    }
+    let kept: Vec<BridgePlan> = plan
+        .node_networks
+        .iter()
+        .filter(|nn| nn.node == lost)
+        .flat_map(|nn| nn.bridges.iter().filter(|b| of_stayer(b)).cloned())
+        .collect();
+    if !kept.is_empty() {
+        match next.node_networks.iter_mut().find(|nn| nn.node == lost) {
+            Some(nn) => {
+                nn.bridges.extend(kept);
+                nn.bridges.sort();
+            }
+            None => next.node_networks.push(NodeNetworkJob {
+                deployment: plan.id.clone(),
+                cluster: plan.cluster.clone(),
+                node: lost.to_owned(),
+                bridges: kept,
+            }),
+        }
+    }
+    next.node_networks.retain(|nn| !nn.bridges.is_empty());
     Ok(())
 }
 
@@ -523,21 +601,57 @@ async fn finish_moves(
             .await
             .map_err(redis)?;
     }
-    let sealed = store.sealed(&plan.id, rec.rec.epoch).await.map_err(redis)?;
     lease.check().await?;
-    q.enqueue_batch(&plan::jobs(&plan, scope, &sealed))
-        .await
-        .map_err(redis)?;
-    // The node came back before this move was made: its debris job has run already.
-    if !store
+    let still_lost = store
         .lost_nodes(&j.cluster)
         .await
         .map_err(redis)?
-        .contains_key(&j.node)
-    {
+        .contains_key(&j.node);
+    enqueue_plan(store, &plan, scope, still_lost.then_some(j.node.as_str())).await?;
+    // The node came back before this move was made: its debris job has run already.
+    if !still_lost {
         q.enqueue(&debris_spec(&j.cluster, &j.node, &format!("after-{scope}")))
             .await
             .map_err(redis)?;
+    }
+    Ok(())
+}
+
+/// Enqueues the jobs of `plan` (those that exist already stay as they are), except, while
+/// `lost` is lost, the network job of that node: it could only fail until the node is back,
+/// and the node's `node-debris` job enqueues the plans again then.
+pub async fn enqueue_plan(
+    store: &Store,
+    plan: &Plan,
+    scope: &str,
+    lost: Option<&str>,
+) -> Result<(), JobError> {
+    let sealed = store
+        .sealed(&plan.id, crate::jobs::epoch_of_scope(scope))
+        .await
+        .map_err(redis)?;
+    let skip = lost.map(|n| format!("{scope}/node-network/{n}/"));
+    let specs: Vec<_> = plan::jobs(plan, scope, &sealed)
+        .into_iter()
+        .filter(|s| skip.as_ref().is_none_or(|p| !s.key.starts_with(p.as_str())))
+        .collect();
+    store.queue().enqueue_batch(&specs).await.map_err(redis)?;
+    Ok(())
+}
+
+/// After a lost node is back: enqueues again the plan of every active deployment on the
+/// cluster that has bridges to make there (the network job a move left out).
+pub async fn converge_on_return(env: &Env, cluster: &str, node: &str) -> Result<(), JobError> {
+    let store = &env.store;
+    for d in store.deployments().await.map_err(redis)? {
+        if d.cluster != cluster || d.phase != Phase::Active {
+            continue;
+        }
+        if let Some(plan) = stored_plan(store, &d.id, d.epoch).await?
+            && plan.node_networks.iter().any(|nn| nn.node == node)
+        {
+            enqueue_plan(store, &plan, &d.scope(), None).await?;
+        }
     }
     Ok(())
 }

@@ -23,7 +23,9 @@ async fn plan_now(lab: &Lab, id: &str) -> Plan {
 async fn a_lost_node_s_students_are_made_elsewhere_and_its_debris_goes_when_it_is_back() {
     let mut o = LabOpts::new(LAB, 9);
     o.time_scale = 0.2;
+    // One clone at a time per node: the node's students finish one after the other.
     o.caps = Caps {
+        per_node: Some(1),
         node_lost_after: Some("2s"),
         ..Caps::default()
     };
@@ -47,13 +49,36 @@ async fn a_lost_node_s_students_are_made_elsewhere_and_its_debris_goes_when_it_i
             "no student placed on {lost}: {:?}",
             first.placement.nodes
         );
-        // Mid-deployment: the first clones on the node have started, not all of them ended.
+        // Mid-deployment: one of the node's students has all their VMs, another not yet.
+        let (lab_, id_, on_lost_) = (&lab, &id, &on_lost);
         wait_for(
-            Duration::from_secs(30),
-            "a clone running on the node",
-            || async { lab.sim.vms().iter().any(|v| v.node == lost && !v.template) },
+            Duration::from_secs(60),
+            "a student of the node done and another not",
+            || async move {
+                let st = producer::deploy::status(&lab_.store, id_).await.unwrap();
+                let done = |u: &str| {
+                    st.vms
+                        .iter()
+                        .filter(|v| v.user == u)
+                        .all(|v| v.state.to_string() == "done")
+                };
+                on_lost_.iter().any(|u| done(u)) && on_lost_.iter().any(|u| !done(u))
+            },
         )
         .await;
+        let finished: BTreeSet<String> = {
+            let st = producer::deploy::status(&lab.store, &id).await.unwrap();
+            on_lost
+                .iter()
+                .filter(|u| {
+                    st.vms
+                        .iter()
+                        .filter(|v| &v.user == *u)
+                        .all(|v| v.state.to_string() == "done")
+                })
+                .cloned()
+                .collect()
+        };
         lab.sim.inject(Fault::NodeOffline {
             node: lost.to_owned(),
             duration: Duration::from_secs(14),
@@ -113,6 +138,17 @@ async fn a_lost_node_s_students_are_made_elsewhere_and_its_debris_goes_when_it_i
             .map(|(u, _)| *u)
             .collect();
         assert!(!really_moved.is_empty(), "nobody moved: {:?}", st.moves);
+        // A student whose VMs were all made stays, reported.
+        for u in &finished {
+            assert_eq!(
+                moved[u.as_str()].to,
+                None,
+                "{u} was done: {:?}",
+                moved[u.as_str()]
+            );
+            let s = plan.students.iter().find(|s| &s.user == u).unwrap();
+            assert_eq!(s.node, lost);
+        }
         for u in &really_moved {
             let s = plan.students.iter().find(|s| s.user == *u).unwrap();
             assert_ne!(s.node, lost, "{u} still planned on the lost node");
