@@ -19,6 +19,11 @@
 //! Students whose VMs were all made before the loss are not moved: their move record says
 //! so, and their VMs are there again when the node is. A student that no remaining node can
 //! hold is not moved either, with the placement's or the capacity check's reason.
+//!
+//! One file (a little over 600 lines): the re-placement is one sequence (hand the VMIDs over,
+//! plan, keep the stayers, record the debris and the moves, commit; then cancel, forget and
+//! enqueue) whose steps have to be read together to see that a re-run after a crash at any
+//! point converges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -60,7 +60,7 @@ async fn a_lost_node_s_students_are_made_elsewhere_and_its_debris_goes_when_it_i
                     st.vms
                         .iter()
                         .filter(|v| v.user == u)
-                        .all(|v| v.state.to_string() == "done")
+                        .all(|v| v.state == producer::deploy::VmState::Done)
                 };
                 on_lost_.iter().any(|u| done(u)) && on_lost_.iter().any(|u| !done(u))
             },
@@ -74,7 +74,7 @@ async fn a_lost_node_s_students_are_made_elsewhere_and_its_debris_goes_when_it_i
                     st.vms
                         .iter()
                         .filter(|v| &v.user == *u)
-                        .all(|v| v.state.to_string() == "done")
+                        .all(|v| v.state == producer::deploy::VmState::Done)
                 })
                 .cloned()
                 .collect()
