@@ -43,6 +43,7 @@ pub async fn run(students: usize, renders: usize) -> anyhow::Result<()> {
         students,
         time_scale: 0.0,
         caps: lab::Caps::default(),
+        scaled_clocks: false,
     };
     let lab = Lab::new(&spec).await?;
     let (id, plan) = lab.submit().await?;

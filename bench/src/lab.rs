@@ -26,17 +26,46 @@ pub struct LabSpec {
     pub students: usize,
     pub time_scale: f64,
     pub caps: Caps,
+    /// Runs labfleet's own clocks (task polls, the idle claim poll, retry backoffs) at the
+    /// simulator's time scale too, as they run against a real cluster (time scale 1): with
+    /// wall-clock timers, a 1 s poll at time scale 0.1 is a 10 s poll in simulated time.
+    pub scaled_clocks: bool,
 }
 
 /// The tests' lab (`labfleet_tests::lab`) with a class from `bench/data/` and the bench's
 /// students; Redis with the durability the README asks of production (AOF, fsync every
 /// second).
-pub struct Lab(labfleet_tests::lab::Lab);
+pub struct Lab {
+    lab: labfleet_tests::lab::Lab,
+    time_scale: f64,
+    scaled_clocks: bool,
+}
+
+/// labfleet's wall-clock timers at the simulator's time scale (see [`LabSpec::scaled_clocks`]),
+/// kept above 5 ms.
+fn scale_clocks(wc: &mut worker::WorkerConfig, scale: f64) {
+    if scale <= 0.0 {
+        return;
+    }
+    let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
+    wc.timing.poll_initial = s(wc.timing.poll_initial);
+    wc.timing.poll_max = s(wc.timing.poll_max);
+    wc.queue.idle_poll = s(wc.queue.idle_poll);
+    for p in wc
+        .queue
+        .retry_by_kind
+        .values_mut()
+        .chain([&mut wc.queue.default_retry])
+    {
+        p.base = s(p.base);
+        p.cap = s(p.cap);
+    }
+}
 
 impl std::ops::Deref for Lab {
     type Target = labfleet_tests::lab::Lab;
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.lab
     }
 }
 
@@ -63,7 +92,11 @@ impl Lab {
         if own.exists() {
             o.cluster_file = Some(own);
         }
-        Ok(Lab(labfleet_tests::lab::Lab::start(o).await?))
+        Ok(Lab {
+            lab: labfleet_tests::lab::Lab::start(o).await?,
+            time_scale: spec.time_scale,
+            scaled_clocks: spec.scaled_clocks,
+        })
     }
 
     /// The port of the lab's `redis-server`.
@@ -76,7 +109,7 @@ impl Lab {
     }
 
     pub async fn submit(&self) -> anyhow::Result<(String, shared::plan::Plan)> {
-        Ok(self.0.submit().await?)
+        Ok(self.lab.submit().await?)
     }
 
     /// The counter-based status, as `producer status` and its polling read it.
@@ -136,6 +169,9 @@ impl Lab {
         for i in 0..n {
             let mut wc = self.worker_config(&format!("bench-w{i}"));
             wc.concurrency = conc;
+            if self.scaled_clocks {
+                scale_clocks(&mut wc, self.time_scale);
+            }
             workers.push(worker::run(wc, shutdown.child_token()));
         }
         // apalis worker futures are not Send: they run in this task beside the flow.

@@ -46,6 +46,10 @@ pub struct ClassArgs {
     pub linked_per_storage: Option<u32>,
     #[arg(long)]
     pub full_per_storage: Option<u32>,
+    /// Keep labfleet's own timers (task polls, idle claim poll, retry backoffs) on the wall
+    /// clock instead of the simulator's time scale (how the figures before 2026-12-02 were taken).
+    #[arg(long)]
+    pub wall_clocks: bool,
 }
 
 impl ClassArgs {
@@ -60,6 +64,9 @@ impl ClassArgs {
             if let Some(v) = v {
                 t.push_str(&format!("-{k}{v}"));
             }
+        }
+        if self.wall_clocks {
+            t.push_str("-wall");
         }
         t
     }
@@ -77,6 +84,7 @@ impl ClassArgs {
                 memory_overcommit: None,
                 node_lost_after: None,
             },
+            scaled_clocks: !self.wall_clocks,
         }
     }
 }

@@ -371,6 +371,7 @@ fn overhead_spec(students: usize, caps: lab::Caps) -> LabSpec {
             memory_overcommit: Some(100.0),
             ..caps
         },
+        scaled_clocks: false,
     }
 }
 
