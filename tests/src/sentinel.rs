@@ -75,39 +75,13 @@ impl SentinelSet {
             password: password.map(str::to_owned),
             dir,
         };
-        let master = free_port();
-        set.start_data(master, None);
-        let replica = free_port();
-        set.start_data(replica, Some(master));
+        let master = set.start_data_on_a_free_port(None);
+        let replica = set.start_data_on_a_free_port(Some(master));
         set.wait_ping(master, Duration::from_secs(10));
         set.wait_ping(replica, Duration::from_secs(10));
         set.wait_in_sync(replica, Duration::from_secs(20));
         for i in 0..3 {
-            let port = free_port();
-            let conf = set.dir.path().join(format!("sentinel-{i}.conf"));
-            let mut text = format!(
-                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
-                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
-                 sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
-                 sentinel failover-timeout {MASTER_NAME} 4000\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
-                dir = set.dir.path().display()
-            );
-            if let Some(pw) = password {
-                text += &format!(
-                    "sentinel auth-pass {MASTER_NAME} {pw}\nrequirepass {pw}\nsentinel sentinel-pass {pw}\n"
-                );
-            }
-            std::fs::write(&conf, text).expect("sentinel config");
-            let child = spawn(
-                "redis-sentinel",
-                &[conf.display().to_string()],
-                &set.dir.path().join(format!("sentinel-{i}.log")),
-            );
-            set.sentinels.push(Proc {
-                child: Some(child),
-                port,
-            });
+            set.start_sentinel(i, master, password);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for s in 0..3 {
@@ -129,6 +103,98 @@ impl SentinelSet {
             }
         }
         set
+    }
+
+    /// Starts sentinel `i` on a free port, again on another one when the port turns out to be
+    /// taken (`free_port` hands out a port that another test's server may bind first).
+    fn start_sentinel(&mut self, i: usize, master: u16, password: Option<&str>) {
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = self.dir.path().join(format!("sentinel-{i}.conf"));
+            let mut text = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
+                 sentinel failover-timeout {MASTER_NAME} 4000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir = self.dir.path().display()
+            );
+            if let Some(pw) = password {
+                text += &format!(
+                    "sentinel auth-pass {MASTER_NAME} {pw}\nrequirepass {pw}\nsentinel sentinel-pass {pw}\n"
+                );
+            }
+            std::fs::write(&conf, text).expect("sentinel config");
+            let child = spawn(
+                "redis-sentinel",
+                &[conf.display().to_string()],
+                &self.dir.path().join(format!("sentinel-{i}.log")),
+            );
+            self.sentinels.push(Proc {
+                child: Some(child),
+                port,
+            });
+            if self.answers_as_last(&self.sentinels, port) {
+                return;
+            }
+            self.drop_last_sentinel();
+        }
+        panic!(
+            "no sentinel could be started on a free port\n{}",
+            self.logs()
+        );
+    }
+
+    /// Starts a data node on a free port (retried like [`Self::start_sentinel`]).
+    fn start_data_on_a_free_port(&mut self, replica_of: Option<u16>) -> u16 {
+        for _ in 0..5 {
+            let port = free_port();
+            self.start_data(port, replica_of);
+            if self.answers_as_last(&self.data, port) {
+                return port;
+            }
+            if let Some(mut p) = self.data.pop()
+                && let Some(mut c) = p.child.take()
+            {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        panic!(
+            "no redis-server could be started on a free port\n{}",
+            self.logs()
+        );
+    }
+
+    fn drop_last_sentinel(&mut self) {
+        if let Some(mut p) = self.sentinels.pop()
+            && let Some(mut c) = p.child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the server answering on `port` is the last process of `procs` (and not one
+    /// of another test that bound the port first), asked for up to 10 s.
+    fn answers_as_last(&self, procs: &[Proc], port: u16) -> bool {
+        let Some(pid) = procs.last().and_then(|p| p.child.as_ref()).map(Child::id) else {
+            return false;
+        };
+        let want = format!("process_id:{pid}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(info) = self
+                .sync_conn(port)
+                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c))
+            {
+                return info.lines().any(|l| l.trim() == want);
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn start_data(&mut self, port: u16, replica_of: Option<u16>) {
