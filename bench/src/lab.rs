@@ -50,6 +50,11 @@ fn scale_clocks(wc: &mut worker::WorkerConfig, scale: f64) {
     let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
     wc.timing.poll_initial = s(wc.timing.poll_initial);
     wc.timing.poll_max = s(wc.timing.poll_max);
+    wc.timing.api_retry = wc
+        .timing
+        .api_retry
+        .mul_f64(scale)
+        .max(Duration::from_millis(1));
     wc.queue.idle_poll = s(wc.queue.idle_poll);
     for p in wc
         .queue

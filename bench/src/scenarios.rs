@@ -117,10 +117,43 @@ async fn run_labfleet(
             tokio::join!(sampler, async { lab.with_workers(workers, 16, flow).await });
         (series, r)
     };
+    if let Ok(path) = std::env::var("BENCH_TRACE") {
+        trace_jobs(&lab, &path).await?;
+    }
     let mut run = finish(&lab, "labfleet", e2e?, series, None).await?;
     run.requests_at_submit = at_submit;
     run.submit_s = Some(submit_s);
     Ok(run)
+}
+
+/// With `BENCH_TRACE=<file>`: every job's kind, key, claim and done times (Redis ms) as
+/// TSV, for reading a run's order by hand. Not part of any figure.
+async fn trace_jobs(lab: &Lab, path: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}/", lab.redis_port()))?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("{lf}:job:*")
+        .query_async(&mut c)
+        .await?;
+    let mut out = String::new();
+    for k in keys {
+        let f: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&k)
+            .arg(&[
+                "kind",
+                "created_at",
+                "started_at",
+                "done_at",
+                "attempts",
+                "slots",
+            ])
+            .query_async(&mut c)
+            .await?;
+        let v: Vec<String> = f.into_iter().map(|x| x.unwrap_or_default()).collect();
+        out.push_str(&format!("{}\t{}\n", k, v.join("\t")));
+    }
+    std::fs::write(path, out)?;
+    Ok(())
 }
 
 async fn run_baseline(spec: &LabSpec, kind: baseline::Kind) -> anyhow::Result<Run> {
@@ -178,7 +211,33 @@ fn summary(r: &Run, scale: f64) -> Value {
         "client_failures": r.client,
         "vms_ok": r.vms_ok,
         "requests_total": s["requests_total"],
+        "locks": s["locks"],
     })
+}
+
+/// Which lock bounded a run: each lock's held time, the time it sat free while someone
+/// waited (the handover's cost), its span (first take to last release), takes and timeouts,
+/// in simulated seconds.
+fn print_locks(r: &Value) {
+    let Some(locks) = r["locks"].as_object() else {
+        return;
+    };
+    println!(
+        "{}: lock | held s | free while waited s | span s (first take - last release, from the first task) | takes | timeouts",
+        r["approach"].as_str().unwrap_or("?")
+    );
+    for (k, u) in locks {
+        println!(
+            "  {k} | {:.1} | {:.1} | {:.1} ({:.1} - {:.1}) | {} | {}",
+            f(&u["held_seconds"]),
+            f(&u["free_while_waited_seconds"]),
+            f(&u["span_seconds"]),
+            f(&u["first_take_at"]),
+            f(&u["last_release_at"]),
+            u["takes"],
+            u["timeouts"]
+        );
+    }
 }
 
 fn print_table(rows: &[Value]) {
@@ -279,6 +338,9 @@ pub async fn class(
     };
     let rows: Vec<Value> = runs.iter().map(|r| summary(r, a.time_scale)).collect();
     print_table(&rows);
+    for r in &rows {
+        print_locks(r);
+    }
     let path =
         plot_path.unwrap_or_else(|| results_dir().join(format!("class-{}-clones.png", a.tag())));
     let panels: Vec<(String, Series)> = runs

@@ -80,6 +80,44 @@ struct LockInner {
     next_waiter: u64,
     /// Blocked `flock` waiters; on release one of them, chosen at random, gets the lock.
     waiters: Vec<(u64, oneshot::Sender<()>)>,
+    /// Polling (pmxcfs) waiters between their tries.
+    pollers: u32,
+    usage: LockUsage,
+}
+
+/// How one lock was used, for `/sim/stats` (wall seconds; the caller scales them): time held,
+/// time free while someone waited for it (the handover's cost), takes and timeouts.
+#[derive(Default, Clone)]
+pub(crate) struct LockUsage {
+    pub held_s: f64,
+    pub free_while_waited_s: f64,
+    pub takes: u64,
+    pub timeouts: u64,
+    pub first_take: Option<Instant>,
+    pub last_release: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl LockInner {
+    /// Adds the time since the last change to the right total; called before every change.
+    fn account(&mut self, now: Instant) {
+        if let Some(last) = self.usage.last {
+            let dt = now.duration_since(last).as_secs_f64();
+            if self.held {
+                self.usage.held_s += dt;
+            } else if self.pollers > 0 || !self.waiters.is_empty() {
+                self.usage.free_while_waited_s += dt;
+            }
+        }
+        self.usage.last = Some(now);
+    }
+
+    fn took(&mut self, now: Instant) {
+        self.account(now);
+        self.held = true;
+        self.usage.takes += 1;
+        self.usage.first_take.get_or_insert(now);
+    }
 }
 
 pub(crate) struct StorageLock {
@@ -101,6 +139,9 @@ impl Drop for StorageLockGuard {
 impl StorageLock {
     fn release(&self) {
         let mut inner = self.inner.lock();
+        let now = Instant::now();
+        inner.account(now);
+        inner.usage.last_release = Some(now);
         while !inner.waiters.is_empty() {
             let i = match self.locks.upgrade() {
                 Some(l) => l.rng.lock().random_range(0..inner.waiters.len()),
@@ -109,6 +150,7 @@ impl StorageLock {
             let (_, tx) = inner.waiters.swap_remove(i);
             // A waiter that has just timed out dropped its receiver: try the next one.
             if tx.send(()).is_ok() {
+                inner.usage.takes += 1;
                 return;
             }
         }
@@ -120,9 +162,20 @@ impl StorageLock {
         if inner.held {
             false
         } else {
-            inner.held = true;
+            inner.took(Instant::now());
             true
         }
+    }
+
+    /// A polling waiter starts (`+1`) or ends (`-1`) its wait between tries.
+    fn polling(&self, delta: i32) {
+        let mut inner = self.inner.lock();
+        inner.account(Instant::now());
+        inner.pollers = inner.pollers.saturating_add_signed(delta);
+    }
+
+    fn timed_out(&self) {
+        self.inner.lock().usage.timeouts += 1;
     }
 }
 
@@ -132,6 +185,23 @@ impl StorageLocks {
             map: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x10c4_5eed)),
         })
+    }
+
+    /// Every lock's use so far, by key (`node/storage`, `storage`, `file-user_cfg`).
+    pub fn usage(&self) -> Vec<(String, LockUsage)> {
+        let now = Instant::now();
+        let mut out: Vec<(String, LockUsage)> = self
+            .map
+            .lock()
+            .iter()
+            .map(|(k, l)| {
+                let mut inner = l.inner.lock();
+                inner.account(now);
+                (k.clone(), inner.usage.clone())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn get(self: &Arc<Self>, key: &str) -> Arc<StorageLock> {
@@ -175,19 +245,23 @@ impl StorageLocks {
                 let remaining = timeout_s.saturating_sub(slept_s).max(1);
                 let nap = remaining.min(10);
                 if (slept_tenths + nap) / 10 >= timeout_s {
+                    lock.timed_out();
                     return None;
                 }
+                lock.polling(1);
                 tokio::time::sleep(tenth * nap as u32).await;
+                lock.polling(-1);
                 slept_tenths += nap;
             }
         }
         let (id, mut rx) = {
             let mut inner = lock.inner.lock();
             if !inner.held {
-                inner.held = true;
+                inner.took(Instant::now());
                 drop(inner);
                 return Some(StorageLockGuard { lock });
             }
+            inner.account(Instant::now());
             let (tx, rx) = oneshot::channel();
             let id = inner.next_waiter;
             inner.next_waiter += 1;
@@ -199,7 +273,9 @@ impl StorageLocks {
             _ => {
                 let mut inner = lock.inner.lock();
                 if let Some(i) = inner.waiters.iter().position(|(w, _)| *w == id) {
+                    inner.account(Instant::now());
                     inner.waiters.swap_remove(i);
+                    inner.usage.timeouts += 1;
                     None
                 } else {
                     // Handed over just as the wait ran out: the lock is ours.

@@ -155,6 +155,11 @@ impl Stats {
         }
     }
 
+    /// When the first task started (the origin of the task makespan).
+    pub fn first_start(&self) -> Option<Instant> {
+        self.first_start
+    }
+
     pub fn busy_enter(&mut self, storage: &str, now: Instant) {
         let b = self.busy.entry(storage.to_string()).or_default();
         if b.count == 0 {

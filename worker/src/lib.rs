@@ -80,8 +80,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         })?;
     warn_about_redis(&queue).await;
     let slots_queue = queue.clone();
+    let api_retry = cfg.timing.api_retry;
     let gates: Arc<shared::clusters::GateMaker> = Arc::new(move |cluster: &str, cap: u32| {
-        shared::jobs::api_slots::ApiSlots::new(slots_queue.clone(), cluster, cap)
+        shared::jobs::api_slots::ApiSlots::new(slots_queue.clone(), cluster, cap, api_retry)
             as Arc<dyn shared::pve::ApiGate>
     });
     let watch_queue = queue.clone();

@@ -70,9 +70,55 @@ async fn sim_stats(State(app): State<Arc<Shared>>, _auth: Auth) -> ApiResult {
 }
 
 pub(crate) fn stats_json(app: &Shared) -> Value {
-    let st = app.state.lock();
-    st.stats
-        .to_json(app.scale, Instant::now(), json!(st.faults.fired))
+    let (mut v, origin) = {
+        let st = app.state.lock();
+        let v = st
+            .stats
+            .to_json(app.scale, Instant::now(), json!(st.faults.fired));
+        (v, st.stats.first_start())
+    };
+    v["locks"] = locks_json(app, origin);
+    v
+}
+
+/// Each storage lock's (and `user.cfg`'s) use in simulated seconds: held, free while
+/// someone waited (what the non-FIFO handover cost), the span from its first take to its
+/// last release (and both as offsets from the first task's start), takes and timeouts. A
+/// bench reads which lock bounded a run, and how late it was first fed, from it.
+fn locks_json(app: &Shared, origin: Option<Instant>) -> Value {
+    let sim = |wall: f64| {
+        if app.scale > 0.0 {
+            wall / app.scale
+        } else {
+            0.0
+        }
+    };
+    let at = |t: Option<Instant>| match (origin, t) {
+        (Some(o), Some(t)) => json!(sim(t.saturating_duration_since(o).as_secs_f64())),
+        _ => Value::Null,
+    };
+    let m: serde_json::Map<String, Value> = app
+        .storage_locks
+        .usage()
+        .into_iter()
+        .map(|(k, u)| {
+            let span = match (u.first_take, u.last_release) {
+                (Some(a), Some(b)) if b > a => sim(b.duration_since(a).as_secs_f64()),
+                _ => 0.0,
+            };
+            let v = json!({
+                "held_seconds": sim(u.held_s),
+                "free_while_waited_seconds": sim(u.free_while_waited_s),
+                "span_seconds": span,
+                "first_take_at": at(u.first_take),
+                "last_release_at": at(u.last_release),
+                "takes": u.takes,
+                "timeouts": u.timeouts,
+            });
+            (k, v)
+        })
+        .collect();
+    Value::Object(m)
 }
 
 /// Counts requests by template, sets the Server header, drops `message` on old servers.

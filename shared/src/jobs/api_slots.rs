@@ -23,8 +23,9 @@ use crate::queue::Queue;
 /// killed mid-call frees within this long.
 pub const PASS_LEASE: Duration = Duration::from_secs(6);
 
-/// How often a call waiting for room asks again (with jitter up to as much again).
-const RETRY: Duration = Duration::from_millis(15);
+/// How often a call waiting for room asks again (with jitter up to as much again), unless
+/// the worker's `Timing::api_retry` says otherwise.
+pub const RETRY: Duration = Duration::from_millis(15);
 
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -38,15 +39,32 @@ return 1
     )
 });
 
+/// Takes room under KEYS[1] (holders: pass id -> lease end) if under the cap. With KEYS[2]
+/// (urgent waiters: id -> when their wait lapses), an urgent caller (ARGV[4] = 1) notes
+/// itself there while it waits, and a caller that is not urgent takes room only while no
+/// urgent one waits.
 static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+local urgent = ARGV[4] == '1'
+local yield = false
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if urgent then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[2])
+    redis.call('PEXPIRE', KEYS[2], lease * 2)
+  else
+    yield = redis.call('ZCARD', KEYS[2]) > 0
+  end
+end
+if not yield and redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  if KEYS[2] then redis.call('ZREM', KEYS[2], ARGV[2]) end
   return 1
 end
 return 0
@@ -54,19 +72,27 @@ return 0
     )
 });
 
+/// How long an urgent waiter's note stands without being renewed by its next try (so one
+/// that died stops holding the others back within this long).
+const URGENT_NOTE: Duration = Duration::from_secs(1);
+
 /// The gate of one cluster's client.
 pub struct ApiSlots {
     queue: Queue,
     cluster: String,
     cap: u32,
+    retry: Duration,
 }
 
 impl ApiSlots {
-    pub fn new(queue: Queue, cluster: &str, cap: u32) -> Arc<ApiSlots> {
+    /// The gate of `cluster`'s client: `cap` calls per node, a waiting call asking again
+    /// every `retry` (plus jitter).
+    pub fn new(queue: Queue, cluster: &str, cap: u32, retry: Duration) -> Arc<ApiSlots> {
         Arc::new(ApiSlots {
             queue,
             cluster: cluster.to_owned(),
             cap,
+            retry: retry.max(Duration::from_millis(1)),
         })
     }
 
@@ -79,13 +105,31 @@ impl ApiSlots {
         ))
     }
 
-    async fn take(&self, key: &str, id: &str) -> Result<bool, redis::RedisError> {
+    /// The Redis key of the `user.cfg` writers' room (one at a time; see
+    /// [`ApiGate::enter_user_cfg`]).
+    pub fn user_cfg_key(&self) -> String {
+        self.queue.key(&format!("api:{}/#user.cfg", self.cluster))
+    }
+
+    async fn take(
+        &self,
+        key: &str,
+        urgent_key: Option<&str>,
+        urgent: bool,
+        id: &str,
+        cap: u32,
+    ) -> Result<bool, redis::RedisError> {
         let mut c = self.queue.connection();
-        let got: i64 = TAKE
-            .key(key)
-            .arg(self.cap)
+        let mut inv = TAKE.key(key);
+        if let Some(k) = urgent_key {
+            inv.key(k);
+        }
+        let got: i64 = inv
+            .arg(cap)
             .arg(id)
             .arg(PASS_LEASE.as_millis() as u64)
+            .arg(if urgent { "1" } else { "0" })
+            .arg(URGENT_NOTE.max(self.retry * 4).as_millis() as u64)
             .invoke_async(&mut c)
             .await?;
         Ok(got == 1)
@@ -136,35 +180,52 @@ impl Drop for Held {
     }
 }
 
+impl ApiSlots {
+    /// Waits for room under `key` (at most `cap` holders) and holds it until dropped.
+    async fn pass(&self, key: String, urgent: Option<(String, bool)>, cap: u32) -> ApiPass {
+        let id = format!("{:016x}", rand::rng().random::<u64>());
+        let (urgent_key, is_urgent) = match &urgent {
+            Some((k, u)) => (Some(k.as_str()), *u),
+            None => (None, false),
+        };
+        loop {
+            match self.take(&key, urgent_key, is_urgent, &id, cap).await {
+                Ok(true) => {
+                    let renewing = renew(self.queue.clone(), key.clone(), id.clone());
+                    return ApiPass::holding(Held {
+                        queue: self.queue.clone(),
+                        key,
+                        id,
+                        renewing,
+                    });
+                }
+                Ok(false) => {
+                    let jitter = rand::rng().random_range(0..=self.retry.as_millis() as u64);
+                    tokio::time::sleep(self.retry + Duration::from_millis(jitter)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "API slot not counted; calling anyway");
+                    return ApiPass::free();
+                }
+            }
+        }
+    }
+}
+
 impl ApiGate for ApiSlots {
     fn enter<'a>(
         &'a self,
         node: Option<&'a str>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApiPass> + Send + 'a>> {
-        Box::pin(async move {
-            let key = self.key(node);
-            let id = format!("{:016x}", rand::rng().random::<u64>());
-            loop {
-                match self.take(&key, &id).await {
-                    Ok(true) => {
-                        let renewing = renew(self.queue.clone(), key.clone(), id.clone());
-                        return ApiPass::holding(Held {
-                            queue: self.queue.clone(),
-                            key,
-                            id,
-                            renewing,
-                        });
-                    }
-                    Ok(false) => {
-                        let jitter = rand::rng().random_range(0..=RETRY.as_millis() as u64);
-                        tokio::time::sleep(RETRY + Duration::from_millis(jitter)).await;
-                    }
-                    Err(e) => {
-                        tracing::debug!(key, error = %e, "API slot not counted; calling anyway");
-                        return ApiPass::free();
-                    }
-                }
-            }
-        })
+        Box::pin(self.pass(self.key(node), None, self.cap))
+    }
+
+    fn enter_user_cfg(
+        &self,
+        urgent: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApiPass> + Send + '_>> {
+        let key = self.user_cfg_key();
+        let waiting = format!("{key}:urgent");
+        Box::pin(self.pass(key, Some((waiting, urgent)), 1))
     }
 }

@@ -70,6 +70,9 @@ pub struct Timing {
     /// Task polling: first interval, then half the task's age, up to `poll_max`.
     pub poll_initial: Duration,
     pub poll_max: Duration,
+    /// How often a protected call waiting for room at its node's API gate asks again (with
+    /// jitter up to as much again; `api_slots`).
+    pub api_retry: Duration,
 }
 
 impl Default for Timing {
@@ -79,6 +82,7 @@ impl Default for Timing {
             cache_ttl: Duration::from_secs(10),
             poll_initial: Duration::from_millis(100),
             poll_max: Duration::from_secs(1),
+            api_retry: api_slots::RETRY,
         }
     }
 }

@@ -530,7 +530,10 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             // and is then made again with this deployment's password.
             sealed_password: sealed.get(&s.user).cloned(),
         });
-        out.push(spec(jobs::keys::student(scope, &s.user), job));
+        out.push(
+            spec(jobs::keys::student(scope, &s.user), job)
+                .slots(vec![jobs::student::slot(&plan.cluster)]),
+        );
     }
     let mut nn_keys = BTreeMap::new();
     for nn in &plan.node_networks {

@@ -35,7 +35,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use super::config::{Auth, ClientConfig};
 use super::error::{MAX_RESPONSE_BYTES, ParamErrors, PveError};
-use super::gate::{ApiGate, node_of};
+use super::gate::{ApiGate, node_of, urgent_user_cfg, writes_user_cfg};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
@@ -489,13 +489,22 @@ impl PveClient {
         let mut read_tries = 0u32;
         // A protected call (any write; the login does not come here) waits for room on
         // its node's API workers and holds it until its answer is in.
+        // A write of `user.cfg` first waits for our other writers of it (see the gate).
         let _pass = match self.inner.gate.get() {
             Some(g) if method != Method::GET => {
+                let file = if writes_user_cfg(path) {
+                    Some(
+                        g.enter_user_cfg(urgent_user_cfg(method.as_str(), path))
+                            .await,
+                    )
+                } else {
+                    None
+                };
                 let node = match node_of(path) {
                     Some(n) => Some(n.to_owned()),
                     None => self.entry_node().await,
                 };
-                Some(g.enter(node.as_deref()).await)
+                Some((file, g.enter(node.as_deref()).await))
             }
             _ => None,
         };

@@ -31,6 +31,38 @@ pub trait ApiGate: Send + Sync {
         &'a self,
         node: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = ApiPass> + Send + 'a>>;
+
+    /// Room for one writer of `user.cfg` (users, groups, roles, ACLs, pools) at a time,
+    /// across processes: Proxmox writes that file under one cluster-wide pmxcfs lock that its
+    /// waiters poll (1 s naps at first), so two of our writers that meet cost the later one
+    /// a nap while it holds an API worker; queued here, they meet only the clones' pool adds.
+    /// Taken before [`ApiGate::enter`], so no API worker is held while waiting for it. An
+    /// `urgent` write ([`urgent_user_cfg`]) goes before the others waiting. The default
+    /// holds nothing.
+    fn enter_user_cfg(&self, urgent: bool) -> Pin<Box<dyn Future<Output = ApiPass> + Send + '_>> {
+        let _ = urgent;
+        Box::pin(async { ApiPass::free() })
+    }
+}
+
+/// Whether a `user.cfg` write makes what clones wait for (a student's user, their pool):
+/// those go before the writes nothing waits for but the end (ACLs, updates, removals), or a
+/// class's last students waited behind the ACLs of its first VMs.
+pub(crate) fn urgent_user_cfg(method: &str, path: &str) -> bool {
+    method == "POST" && (path == "/access/users" || path == "/pools")
+}
+
+/// Whether a write to `path` changes `user.cfg` (and so waits for its cluster-wide lock).
+pub(crate) fn writes_user_cfg(path: &str) -> bool {
+    [
+        "/access/users",
+        "/access/groups",
+        "/access/roles",
+        "/access/acl",
+        "/pools",
+    ]
+    .iter()
+    .any(|p| path == *p || path.starts_with(&format!("{p}/")))
 }
 
 /// The node whose API workers run a call to `path` (see [`ApiGate::enter`]).
@@ -49,5 +81,37 @@ mod tests {
         assert_eq!(node_of("/nodes/pve2/qemu/100/clone"), Some("pve2"));
         assert_eq!(node_of("/access/acl"), None);
         assert_eq!(node_of("/pools"), None);
+    }
+
+    #[test]
+    fn only_creating_users_and_pools_is_urgent() {
+        assert!(urgent_user_cfg("POST", "/access/users"));
+        assert!(urgent_user_cfg("POST", "/pools"));
+        assert!(!urgent_user_cfg("PUT", "/access/acl"));
+        assert!(!urgent_user_cfg("DELETE", "/pools/p1"));
+        assert!(!urgent_user_cfg("PUT", "/pools/p1"));
+    }
+
+    #[test]
+    fn user_cfg_writes_are_known_by_their_path() {
+        for p in [
+            "/access/users",
+            "/access/users/s1@pve",
+            "/access/acl",
+            "/pools",
+            "/pools/p1",
+            "/access/roles/R",
+        ] {
+            assert!(writes_user_cfg(p), "{p}");
+        }
+        for p in [
+            "/access/ticket",
+            "/access/password",
+            "/nodes/pve1/qemu/100/clone",
+            "/poolsx",
+            "/cluster/status",
+        ] {
+            assert!(!writes_user_cfg(p), "{p}");
+        }
     }
 }
