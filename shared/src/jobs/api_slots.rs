@@ -111,6 +111,36 @@ impl ApiSlots {
         self.queue.key(&format!("api:{}/#user.cfg", self.cluster))
     }
 
+    /// Waits for room under `key` (at most `cap` holders) and holds it until dropped.
+    async fn pass(&self, key: String, urgent: Option<(String, bool)>, cap: u32) -> ApiPass {
+        let id = format!("{:016x}", rand::rng().random::<u64>());
+        let (urgent_key, is_urgent) = match &urgent {
+            Some((k, u)) => (Some(k.as_str()), *u),
+            None => (None, false),
+        };
+        loop {
+            match self.take(&key, urgent_key, is_urgent, &id, cap).await {
+                Ok(true) => {
+                    let renewing = renew(self.queue.clone(), key.clone(), id.clone());
+                    return ApiPass::holding(Held {
+                        queue: self.queue.clone(),
+                        key,
+                        id,
+                        renewing,
+                    });
+                }
+                Ok(false) => {
+                    let jitter = rand::rng().random_range(0..=self.retry.as_millis() as u64);
+                    tokio::time::sleep(self.retry + Duration::from_millis(jitter)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "API slot not counted; calling anyway");
+                    return ApiPass::free();
+                }
+            }
+        }
+    }
+
     async fn take(
         &self,
         key: &str,
@@ -176,38 +206,6 @@ impl Drop for Held {
                     .query_async(&mut c)
                     .await;
             });
-        }
-    }
-}
-
-impl ApiSlots {
-    /// Waits for room under `key` (at most `cap` holders) and holds it until dropped.
-    async fn pass(&self, key: String, urgent: Option<(String, bool)>, cap: u32) -> ApiPass {
-        let id = format!("{:016x}", rand::rng().random::<u64>());
-        let (urgent_key, is_urgent) = match &urgent {
-            Some((k, u)) => (Some(k.as_str()), *u),
-            None => (None, false),
-        };
-        loop {
-            match self.take(&key, urgent_key, is_urgent, &id, cap).await {
-                Ok(true) => {
-                    let renewing = renew(self.queue.clone(), key.clone(), id.clone());
-                    return ApiPass::holding(Held {
-                        queue: self.queue.clone(),
-                        key,
-                        id,
-                        renewing,
-                    });
-                }
-                Ok(false) => {
-                    let jitter = rand::rng().random_range(0..=self.retry.as_millis() as u64);
-                    tokio::time::sleep(self.retry + Duration::from_millis(jitter)).await;
-                }
-                Err(e) => {
-                    tracing::debug!(key, error = %e, "API slot not counted; calling anyway");
-                    return ApiPass::free();
-                }
-            }
         }
     }
 }

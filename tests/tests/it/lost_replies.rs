@@ -368,12 +368,17 @@ async fn l5_our_user_cfg_writes_queue_for_one_pass_and_creates_go_first() {
         "our gated writers still met at the lock: {ungated} -> {after}"
     );
 
-    // Priority: with the pass held, a plain writer waits, then an urgent one; when the pass
-    // is given back the urgent one gets it first.
+    // Priority: with the pass held, three plain writers wait, then an urgent one; when the
+    // pass is given back the urgent one gets it first (by chance it would one time in four).
     let held = gate.enter_user_cfg(false).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
-    for (name, urgent) in [("plain", false), ("urgent", true)] {
+    for (name, urgent) in [
+        ("plain", false),
+        ("plain", false),
+        ("plain", false),
+        ("urgent", true),
+    ] {
         let (gate, tx) = (gate.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
             let pass = gate.enter_user_cfg(urgent).await;
