@@ -316,6 +316,7 @@ impl Lab {
 /// Short leases and quick retries, for tests that wait on crashes and faults.
 pub fn quick_queue(q: &mut QueueConfig) {
     q.lease = Duration::from_secs(5);
+    q.renew_every = q.lease / 3;
     q.reap_every = Duration::from_millis(500);
     q.idle_poll = Duration::from_millis(100);
     crate::retries::fast(q);

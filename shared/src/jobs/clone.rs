@@ -10,6 +10,8 @@
 //! - a half-made VM (the task died: `unexpected status`, or a `lock: clone` left behind) ->
 //!   destroy it (with `skiplock` when the connection may use it), or quarantine its VMID and
 //!   clone again under a new one;
+//! - a VM of ours under `lock: destroyed` (an earlier attempt's clean-up whose end it never
+//!   saw, its reply or its poll lost) -> come back once it is gone; never taken for done;
 //! - the VMID taken by something that is not ours -> a new VMID.
 //!
 //! "Ours" is this epoch's marker (`labfleet deployment=<id> vm=<key> epoch=<e>`), or the
@@ -29,11 +31,11 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::alloc::{self, Space};
-use crate::jobs::leaks;
 use crate::jobs::lost_reply::{self, CloneSearch};
 use crate::jobs::state::{Quarantined, VmFacts};
 use crate::jobs::{
-    CloneJob, Env, epoch_of_scope, find_marker, marker, pve_error, retryable, scope_of_key,
+    CloneJob, Env, destroy, epoch_of_scope, find_marker, leaks, marker, pve_error, retryable,
+    scope_of_key,
 };
 use crate::pve::{CloneParams, DestroyParams, PveClient, PveError, Upid, VmConfig};
 use crate::queue::{JobError, Lease};
@@ -48,9 +50,18 @@ enum Found {
         node: String,
         lock: String,
     },
+    /// Ours (or not yet described) under `lock: destroyed`: a destroy of ours (an earlier
+    /// attempt's clean-up whose end this job never saw) is removing it. Not a VM to keep:
+    /// the job comes back once it is gone.
+    Going {
+        node: String,
+    },
     /// Something else.
     Foreign,
 }
+
+/// How long a clone job waits before looking again at a VM of its own being destroyed.
+const GOING_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     // Whenever a clone job hands itself back, a clone task of its own may still run on
@@ -190,19 +201,18 @@ async fn resume(
             vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
         }
         Found::Unfinished { node, lock } => {
-            vmid = clean_up(
-                c.j,
-                c.lease,
-                c.env,
-                &c.pve,
-                &c.space,
-                &c.owner,
-                vmid,
-                &node,
-                &lock,
-                quarantined,
-            )
-            .await?;
+            vmid = clean_up(c, vmid, &node, &lock, quarantined).await?;
+        }
+        Found::Going { node } => {
+            if destroy_running(c, &node, vmid).await? {
+                return Err(JobError::DeferredFor(GOING_WAIT));
+            }
+            // The destroy died and left its lock: a half-made VM like any other.
+            vmid = if reserved_for_us(c.env, &c.space, &c.owner, vmid).await? {
+                clean_up(c, vmid, &node, "destroyed", quarantined).await?
+            } else {
+                new_vmid(c.j, c.env, &c.space, &c.owner).await?
+            };
         }
         Found::Foreign => {
             vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
@@ -258,6 +268,8 @@ async fn clone_into(
                     // Our own earlier call's clone, still running: wait for it.
                     return Err(JobError::DeferredFor(Duration::from_secs(3)));
                 }
+                // Our half-made VM, its removal still running: the VMID is free soon.
+                Found::Going { .. } => return Err(JobError::DeferredFor(GOING_WAIT)),
                 _ => {
                     vmid = new_vmid(j, c.env, &c.space, &c.owner).await?;
                     continue;
@@ -330,19 +342,7 @@ async fn after_failed_task(
             // Our task died and left a half-made VM: remove or quarantine it, then clone
             // again (under a new VMID if quarantined).
             tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
-            let next = clean_up(
-                c.j,
-                c.lease,
-                c.env,
-                &c.pve,
-                &c.space,
-                &c.owner,
-                vmid,
-                &node,
-                &lock,
-                quarantined,
-            )
-            .await?;
+            let next = clean_up(c, vmid, &node, &lock, quarantined).await?;
             Ok(Some(next))
         }
         Found::Unfinished { .. }
@@ -357,6 +357,8 @@ async fn after_failed_task(
                 .map_err(keep_slots)?;
             Err(JobError::DeferredFor(Duration::from_secs(3)))
         }
+        // Looked at again (and waited for) by the next attempt.
+        Found::Going { .. } => Err(JobError::DeferredFor(GOING_WAIT)),
         Found::Unfinished { .. } | Found::Foreign => {
             Ok(Some(new_vmid(c.j, c.env, &c.space, &c.owner).await?))
         }
@@ -411,8 +413,24 @@ fn classify(cfg: &VmConfig, node: &str, me: &Me<'_>) -> Found {
             node: node.to_owned(),
             lock,
         },
+        Some(lock) if lock == "destroyed" && (ours || desc.is_empty()) => Found::Going {
+            node: node.to_owned(),
+        },
         _ if ours => Found::Ours,
         _ => Found::Foreign,
+    }
+}
+
+/// Whether a destroy of `vmid` runs on `node` (started within the task deadline): a VM under
+/// `lock: destroyed` with none is a destroy that died. A task list that cannot be read for
+/// a lasting reason counts as none (the clean-up's own destroy then meets the VM or not).
+async fn destroy_running(c: &Ctx<'_>, node: &str, vmid: u32) -> Result<bool, JobError> {
+    let window = chrono::Duration::from_std(c.env.timing.task_deadline)
+        .unwrap_or(chrono::TimeDelta::days(1));
+    match lost_reply::find_task(&c.pve, node, vmid, "qmdestroy", Utc::now() - window).await {
+        Ok(found) => Ok(found.is_some_and(|(_, running)| running)),
+        Err(e) if retryable(&e) => Err(keep_slots(pve_error(e))),
+        Err(_) => Ok(false),
     }
 }
 
@@ -456,19 +474,14 @@ async fn new_vmid(j: &CloneJob, env: &Env, space: &Space, owner: &str) -> Result
 /// Removes a half-made VM of ours, or quarantines its VMID when Proxmox will not let this
 /// connection remove it (a stale `lock` needs `skiplock`, which only root@pam with a
 /// password ticket may use). Returns the VMID to clone into next.
-#[allow(clippy::too_many_arguments)] // one call site each; a struct would only rename them
 async fn clean_up(
-    j: &CloneJob,
-    lease: &Lease,
-    env: &Env,
-    pve: &PveClient,
-    space: &Space,
-    owner: &str,
+    c: &Ctx<'_>,
     vmid: u32,
     node: &str,
     lock: &str,
     quarantined: &mut Vec<u32>,
 ) -> Result<u32, JobError> {
+    let (j, lease, env, pve) = (c.j, c.lease, c.env, &c.pve);
     lease.check().await?;
     // Another clone of ours into this VMID may still run (a call whose reply was lost came
     // to run late): its `lock: clone` is not a half-made VM yet.
@@ -497,10 +510,15 @@ async fn clean_up(
         };
         match pve.destroy_vm(node, vmid, &p).await {
             Ok(upid) => {
-                let outcome = env
-                    .wait_outcome(pve, &upid, lease)
-                    .await?
-                    .map_err(pve_error)?;
+                let (upid, outcome) = match env.wait_outcome(pve, &upid, lease).await? {
+                    Ok(o) => (Some(upid), o),
+                    // An earlier attempt's destroy (its reply or its end lost) removed it
+                    // first: what that one left behind is freed instead.
+                    Err(e) if destroy::found_it_gone(&e) => {
+                        destroy::last_destroy(env, pve, lease, node, vmid).await?
+                    }
+                    Err(e) => return Err(pve_error(e)),
+                };
                 tracing::warn!(vmid, node, "removed a half-made VM before cloning again");
                 let d = leaks::Destroyed {
                     cluster: &j.vm.cluster,
@@ -510,7 +528,7 @@ async fn clean_up(
                     node,
                     owner: &crate::plan::vm_owner(&j.vm.deployment, &j.vm.key),
                 };
-                leaks::free_after_destroy(env, pve, lease, &d, Some(&upid), outcome).await?;
+                leaks::free_after_destroy(env, pve, lease, &d, upid.as_ref(), outcome).await?;
                 return Ok(vmid);
             }
             Err(PveError::NotFound { .. }) => return Ok(vmid),
@@ -540,7 +558,7 @@ async fn clean_up(
     );
     // The job's backoff gives the lock a moment; a new VMID avoids waiting on it at all.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    new_vmid(j, env, space, owner).await
+    new_vmid(j, env, &c.space, &c.owner).await
 }
 
 /// Records the VMID about to be cloned into (and the UPID once known) before anything else

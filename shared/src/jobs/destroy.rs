@@ -68,7 +68,7 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
     let Some(node) = crate::jobs::locate(&pve, vmid).await? else {
         // Gone: by an earlier attempt's destroy, perhaps one whose end this job never saw
         // (its reply lost, its worker killed). What that destroy left behind is freed now.
-        return after_gone(t, &pve, lease, env).await;
+        return after_gone(t, &t.facts.node, &pve, lease, env).await;
     };
     let cfg = match pve.vm_config(&node, vmid).await {
         Ok(c) => c,
@@ -171,6 +171,7 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
     };
     let outcome = match env.wait_outcome(&pve, &upid, lease).await? {
         Ok(o) => o,
+        Err(e) if found_it_gone(&e) => return after_gone(t, &node, &pve, lease, env).await,
         Err(e) => return Err(pve_error(e)),
     };
     let d = leaks::Destroyed {
@@ -184,19 +185,41 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
     leaks::free_after_destroy(env, &pve, lease, &d, Some(&upid), outcome).await
 }
 
-/// The VM is gone: the newest destroy of its VMID on its recorded node (within the task
-/// deadline) may have left disks behind, and leaks recorded before may be freeable now.
+/// The VM is gone: the newest destroy of its VMID on `node` (within the task deadline) that
+/// did not fail may have left disks behind, and leaks recorded before may be freeable now.
 async fn after_gone(
     t: &Target<'_>,
+    node: &str,
     pve: &crate::pve::PveClient,
     lease: &Lease,
     env: &Env,
 ) -> Result<(), JobError> {
+    let (upid, outcome) = last_destroy(env, pve, lease, node, t.facts.vmid).await?;
+    let d = leaks::Destroyed {
+        cluster: t.cluster,
+        deployment: t.deployment,
+        vm: t.key,
+        vmid: t.facts.vmid,
+        node,
+        owner: &t.owner,
+    };
+    leaks::free_after_destroy(env, pve, lease, &d, upid.as_ref(), outcome).await
+}
+
+/// The newest destroy of `vmid` on `node` started within the task deadline that did not
+/// fail (waited for if it still runs), and how it ended: the one that removed a VM found
+/// gone. `None` (and `Ok`) when the node lists none.
+pub(crate) async fn last_destroy(
+    env: &Env,
+    pve: &crate::pve::PveClient,
+    lease: &Lease,
+    node: &str,
+    vmid: u32,
+) -> Result<(Option<Upid>, TaskOutcome), JobError> {
     let since = Utc::now()
         - chrono::Duration::from_std(env.timing.task_deadline).unwrap_or(chrono::TimeDelta::zero());
-    let node = t.facts.node.as_str();
-    let (upid, outcome) =
-        match lost_reply::find_task(pve, node, t.facts.vmid, "qmdestroy", since).await {
+    Ok(
+        match lost_reply::find_task_that_ran(pve, node, vmid, "qmdestroy", since).await {
             Ok(Some((upid, false))) => match pve.task_status(&upid).await {
                 Ok(st) => match st.exitstatus.as_deref().map(crate::pve::parse_exitstatus) {
                     Some(Ok(o)) => (Some(upid), o),
@@ -210,16 +233,21 @@ async fn after_gone(
                 Err(e) => return Err(pve_error(e)),
             },
             Ok(None) | Err(_) => (None, TaskOutcome::Ok),
-        };
-    let d = leaks::Destroyed {
-        cluster: t.cluster,
-        deployment: t.deployment,
-        vm: t.key,
-        vmid: t.facts.vmid,
-        node,
-        owner: &t.owner,
-    };
-    leaks::free_after_destroy(env, pve, lease, &d, upid.as_ref(), outcome).await
+        },
+    )
+}
+
+/// Whether a destroy task failed because the VM was gone when it got the VM's lock: an
+/// earlier destroy (one whose reply or end was lost) removed it first. Real Proxmox ends the
+/// second with `Configuration file '...' does not exist`.
+pub(crate) fn found_it_gone(e: &PveError) -> bool {
+    matches!(
+        e,
+        PveError::TaskFailed {
+            kind: crate::pve::MessageKind::NotFound,
+            ..
+        }
+    )
 }
 
 /// Whether the VMID is reserved in Redis for this VM (a half-made clone at a VMID somebody

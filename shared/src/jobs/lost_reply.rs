@@ -118,6 +118,29 @@ pub async fn find_task(
     typefilter: &str,
     since: DateTime<Utc>,
 ) -> Result<Option<(Upid, bool)>, PveError> {
+    newest_task(pve, node, vmid, typefilter, since, false).await
+}
+
+/// Like [`find_task`], passing over the tasks that ended in an error: the destroy that
+/// removed a VM, when a later destroy of ours found it already gone and failed.
+pub async fn find_task_that_ran(
+    pve: &PveClient,
+    node: &str,
+    vmid: u32,
+    typefilter: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<(Upid, bool)>, PveError> {
+    newest_task(pve, node, vmid, typefilter, since, true).await
+}
+
+async fn newest_task(
+    pve: &PveClient,
+    node: &str,
+    vmid: u32,
+    typefilter: &str,
+    since: DateTime<Utc>,
+    skip_failed: bool,
+) -> Result<Option<(Upid, bool)>, PveError> {
     let list = pve
         .node_tasks(
             node,
@@ -134,6 +157,11 @@ pub async fn find_task(
     Ok(list
         .tasks
         .into_iter()
+        .filter(|t| {
+            !skip_failed
+                || t.exitstatus()
+                    .is_none_or(|e| crate::pve::parse_exitstatus(e).is_ok())
+        })
         .filter_map(|t| {
             let running = t.exitstatus().is_none();
             let upid = t.upid.parse::<Upid>().ok()?;

@@ -128,7 +128,13 @@ where
 enum Never {}
 
 async fn renew_until_lost(lease: &Lease) -> Never {
-    let every = lease.queue().config().renew_every;
+    // A renewal period set apart from the lease (the field written on its own) must still
+    // renew in time: never less often than twice per lease.
+    let every = lease
+        .queue()
+        .config()
+        .renew_every
+        .min(lease.lease_len() / 2);
     let mut last_ok = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;

@@ -341,9 +341,11 @@ async fn l5_our_user_cfg_writes_queue_for_one_pass_and_creates_go_first() {
     use shared::jobs::api_slots::ApiSlots;
     use shared::pve::ApiGate;
     let _one_at_a_time = SERIAL.lock().await;
+    // At 0.25 the ungated writers' 10 s lock wait was 2.5 s, only 0.5 s past the 16 writes'
+    // span: on a loaded machine one of them could time out.
     let rig = Rig::new(RigOpts {
         users: 1,
-        time_scale: 0.25,
+        time_scale: 0.5,
         ..RigOpts::default()
     })
     .await;
@@ -388,6 +390,22 @@ async fn l5_our_user_cfg_writes_queue_for_one_pass_and_creates_go_first() {
         }));
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
+    // Every writer asks before the pass is given back (on a loaded machine 30 ms may not be
+    // enough for the urgent one's first try): its note is in Redis, the plain ones poll.
+    let urgent_key = format!("{}:urgent", gate.user_cfg_key());
+    wait_for(
+        Duration::from_secs(10),
+        "the urgent writer waits",
+        || async {
+            let mut c = rig.queue().connection();
+            let n: redis::RedisResult<u64> = redis::cmd("ZCARD")
+                .arg(&urgent_key)
+                .query_async(&mut c)
+                .await;
+            n.is_ok_and(|n| n == 1)
+        },
+    )
+    .await;
     drop(held);
     for t in tasks {
         t.await.unwrap();

@@ -408,15 +408,24 @@ pub(crate) struct Chaos {
     redelivered_mid_clone: usize,
 }
 
+/// How many times the chaos kills the worker of one job. The queue dead-letters a job whose
+/// worker died `max_lease_losses` (10) times, taking it for a job that kills its workers; the
+/// kills prefer the holders of the last jobs, so without this bound one slow job at the end
+/// (a clone waiting for a lost reply's task) drew every kill until it was dead-lettered
+/// (1 run in 24 of l2).
+const KILLS_PER_JOB: u32 = 5;
+
 /// Kills a worker every `every` (seeded jitter) until the deployment is done, restarting one
 /// each time, preferring a worker that holds a claimed job (a clone while clones run, until
-/// one such kill happened).
+/// one such kill happened), never one holding a job whose worker it has killed
+/// [`KILLS_PER_JOB`] times.
 pub(crate) async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: Duration) -> Chaos {
     let mut rng = Rng(seed());
     let start = Instant::now();
     let mut next_kill = start + rng.secs(every.0, every.1);
     let mut report = Chaos::default();
     let mut pending: Vec<(String, String, Instant)> = Vec::new();
+    let mut killed_under: std::collections::HashMap<String, u32> = Default::default();
     loop {
         if start.elapsed() >= deadline {
             panic!(
@@ -445,7 +454,21 @@ pub(crate) async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: 
         if Instant::now() >= next_kill && rig.state(id).await != "done" {
             let running = rig.running().await;
             let clones_now = rig.running_clones();
-            let alive = rig.fleet.alive();
+            let spared: Vec<&String> = running
+                .iter()
+                .filter(|r| killed_under.get(&r.0).copied().unwrap_or(0) >= KILLS_PER_JOB)
+                .map(|r| &r.2)
+                .collect();
+            let alive: Vec<String> = rig
+                .fleet
+                .alive()
+                .into_iter()
+                .filter(|w| !spared.contains(&w))
+                .collect();
+            if alive.is_empty() {
+                next_kill = Instant::now() + rng.secs(every.0, every.1);
+                continue;
+            }
             let holders: Vec<&String> = alive
                 .iter()
                 .filter(|w| running.iter().any(|r| &r.2 == *w))
@@ -473,6 +496,7 @@ pub(crate) async fn chaos(rig: &mut Rig, id: &str, every: (f64, f64), deadline: 
                 report.clone_hits += 1;
             }
             for r in held {
+                *killed_under.entry(r.0.clone()).or_default() += 1;
                 pending.push((r.0.clone(), victim.clone(), at));
             }
             rig.fleet.spawn();
