@@ -427,7 +427,16 @@ fn classify(cfg: &VmConfig, node: &str, me: &Me<'_>) -> Found {
 async fn destroy_running(c: &Ctx<'_>, node: &str, vmid: u32) -> Result<bool, JobError> {
     let window = chrono::Duration::from_std(c.env.timing.task_deadline)
         .unwrap_or(chrono::TimeDelta::days(1));
-    match lost_reply::find_task(&c.pve, node, vmid, "qmdestroy", Utc::now() - window).await {
+    match lost_reply::find_task(
+        &c.pve,
+        node,
+        vmid,
+        "qmdestroy",
+        Utc::now() - window,
+        lost_reply::Tasks::Any,
+    )
+    .await
+    {
         Ok(found) => Ok(found.is_some_and(|(_, running)| running)),
         Err(e) if retryable(&e) => Err(keep_slots(pve_error(e))),
         Err(_) => Ok(false),

@@ -162,7 +162,16 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
         Err(PveError::NotFound { .. }) => return Ok(()),
         // The destroy may have started: wait for its task when the node lists it.
         Err(e) if lost_reply::may_have_run(&e) => {
-            match lost_reply::find_task(&pve, &node, vmid, "qmdestroy", since).await {
+            match lost_reply::find_task(
+                &pve,
+                &node,
+                vmid,
+                "qmdestroy",
+                since,
+                lost_reply::Tasks::Any,
+            )
+            .await
+            {
                 Ok(Some((upid, _))) => upid,
                 _ => return Err(pve_error(e)),
             }
@@ -219,7 +228,9 @@ pub(crate) async fn last_destroy(
     let since = Utc::now()
         - chrono::Duration::from_std(env.timing.task_deadline).unwrap_or(chrono::TimeDelta::zero());
     Ok(
-        match lost_reply::find_task_that_ran(pve, node, vmid, "qmdestroy", since).await {
+        match lost_reply::find_task(pve, node, vmid, "qmdestroy", since, lost_reply::Tasks::Ran)
+            .await
+        {
             Ok(Some((upid, false))) => match pve.task_status(&upid).await {
                 Ok(st) => match st.exitstatus.as_deref().map(crate::pve::parse_exitstatus) {
                     Some(Ok(o)) => (Some(upid), o),

@@ -108,38 +108,26 @@ pub async fn find_clone(
     })
 }
 
+/// Which tasks [`find_task`] looks among.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tasks {
+    /// Every one: the task a call whose reply was lost started (a destroy, a start).
+    Any,
+    /// Those running or ended `OK`/`WARNINGS`: the destroy that removed a VM, when a later
+    /// destroy of ours found it already gone and failed.
+    Ran,
+}
+
 /// The newest task of `typefilter` for `vmid` on `node` started since `since` (less
-/// [`CLOCK_SKEW_SECS`]), with whether it still runs: the task a call whose reply was lost
-/// started (a destroy, a start), when the VMID's tasks are ours alone.
+/// [`CLOCK_SKEW_SECS`]) among `which`, with whether it still runs, when the VMID's tasks
+/// are ours alone.
 pub async fn find_task(
     pve: &PveClient,
     node: &str,
     vmid: u32,
     typefilter: &str,
     since: DateTime<Utc>,
-) -> Result<Option<(Upid, bool)>, PveError> {
-    newest_task(pve, node, vmid, typefilter, since, false).await
-}
-
-/// Like [`find_task`], passing over the tasks that ended in an error: the destroy that
-/// removed a VM, when a later destroy of ours found it already gone and failed.
-pub async fn find_task_that_ran(
-    pve: &PveClient,
-    node: &str,
-    vmid: u32,
-    typefilter: &str,
-    since: DateTime<Utc>,
-) -> Result<Option<(Upid, bool)>, PveError> {
-    newest_task(pve, node, vmid, typefilter, since, true).await
-}
-
-async fn newest_task(
-    pve: &PveClient,
-    node: &str,
-    vmid: u32,
-    typefilter: &str,
-    since: DateTime<Utc>,
-    skip_failed: bool,
+    which: Tasks,
 ) -> Result<Option<(Upid, bool)>, PveError> {
     let list = pve
         .node_tasks(
@@ -158,7 +146,7 @@ async fn newest_task(
         .tasks
         .into_iter()
         .filter(|t| {
-            !skip_failed
+            which == Tasks::Any
                 || t.exitstatus()
                     .is_none_or(|e| crate::pve::parse_exitstatus(e).is_ok())
         })

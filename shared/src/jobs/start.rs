@@ -20,7 +20,16 @@ pub async fn run(j: &StartJob, lease: &Lease, env: &Env) -> Result<(), JobError>
             // The start may have begun: wait for its task when the node lists it, so the
             // retry does not start it again while it runs.
             Err(e) if lost_reply::may_have_run(&e) => {
-                match lost_reply::find_task(&pve, &facts.node, facts.vmid, "qmstart", since).await {
+                match lost_reply::find_task(
+                    &pve,
+                    &facts.node,
+                    facts.vmid,
+                    "qmstart",
+                    since,
+                    lost_reply::Tasks::Any,
+                )
+                .await
+                {
                     Ok(Some((u, _))) => u,
                     _ => return Err(pve_error(e)),
                 }
