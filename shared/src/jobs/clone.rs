@@ -1,5 +1,9 @@
 //! `clone`: one VM from its template (or the template's replica on the student's node),
-//! with a VMID reserved in Redis, the marker in `description` and the pool in the call.
+//! with a VMID reserved in Redis and the marker in `description`. Not the pool: a clone with
+//! `pool` adds the VM under Proxmox's cluster-wide `user.cfg` lock at the end of its task,
+//! holding the job's slots while it waits there (10 s at most, then the whole clone is
+//! rolled back: `clone failed: can't add VM ...`); the permission step adds the VM instead,
+//! through labfleet's own `user.cfg` pass (`api_slots`).
 //!
 //! Ownership before the clone's real config exists rests on the VMID reserved in Redis
 //! (recorded in the VM's facts before the POST) and on the UPID recorded right after it;
@@ -247,7 +251,7 @@ async fn clone_into(
             newid: vmid,
             name: Some(j.name.clone()),
             description: Some(my_marker.clone()),
-            pool: Some(j.pool.clone()),
+            pool: None,
             target: (j.source_node != j.vm.node).then(|| j.vm.node.clone()),
             full: Some(j.full),
             storage: if j.full { j.storage.clone() } else { None },

@@ -253,6 +253,7 @@ async fn sweep<'a>(
             cluster: plan.cluster.clone(),
             user: s.user.clone(),
             pool: s.pool.clone(),
+            role: plan.role.clone(),
             sealed_password: None,
         };
         crate::jobs::teardown::student(&sj, lease, env).await?;

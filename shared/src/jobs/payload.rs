@@ -111,13 +111,18 @@ pub struct VmRef {
     pub node: String,
 }
 
-/// Create the student's `@pve` user if missing, and their pool.
+/// Create the student's `@pve` user if missing, their pool, and their role on the pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StudentJob {
     pub deployment: String,
     pub cluster: String,
     pub user: String,
     pub pool: String,
+    /// The role granted on `/pool/<pool>`, which Proxmox applies to every member VM.
+    /// Empty in a job enqueued before the role moved to the pool: its permission jobs
+    /// grant the role per VM.
+    #[serde(default)]
+    pub role: String,
     /// The initial password for a user labfleet creates, sealed (`enc:`); `None` when the
     /// user is not in the `pve` realm (a missing user then fails the job, naming the user).
     #[serde(default)]
@@ -152,7 +157,6 @@ pub struct CloneJob {
     pub full: bool,
     #[serde(default)]
     pub storage: Option<String>,
-    pub pool: String,
     /// The VMID reserved at submit; a retry reuses the one recorded in the VM's state.
     pub vmid: u32,
     /// Where a replacement VMID comes from when this one turns out to be taken.
@@ -178,12 +182,17 @@ pub struct NetworkJob {
     pub nics: Vec<NicPlan>,
 }
 
-/// Give the student the role on their VM.
+/// Put the VM in its student's pool, where the role the student job granted on the pool
+/// applies to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PermissionJob {
     pub vm: VmRef,
     pub user: String,
     pub role: String,
+    /// The student's pool. `None` in a job enqueued before the role moved to the pool (its
+    /// clone put the VM in the pool): the role is then granted on `/vms/<vmid>` as before.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,22 +1,47 @@
-//! `permission`: the deployment's role for the student on their VM (`/vms/<vmid>`), so the
-//! student sees and uses only their own VMs. Granting an ACL that exists is a no-op in
-//! Proxmox, so the step converges without a read.
+//! `permission`: the VM into its student's pool, where the role the student job granted on
+//! `/pool/<pool>` applies to it, so the student sees and uses only their own VMs. One write
+//! under Proxmox's cluster-wide `user.cfg` lock, made through labfleet's own pass
+//! (`api_slots`), after the clone's task has ended and its slots are free (a clone with
+//! `pool` made the same write inside its task, holding its slots while it waited).
+//! Done when: the VM is a member of the pool.
+//!
+//! A job enqueued before the role moved to the pool has no pool (its clone added the VM):
+//! it grants the role on `/vms/<vmid>` as that version did.
 
 use crate::jobs::{Env, PermissionJob, pve_error, require_vm};
-use crate::pve::AclUpdate;
+use crate::pve::error::is_in_another_pool;
+use crate::pve::{AclUpdate, PoolUpdate, PveError};
 use crate::queue::{JobError, Lease};
 
 pub async fn run(j: &PermissionJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     let facts = require_vm(env, lease, &j.vm).await?;
     let pve = env.pve(&j.vm.cluster)?;
     lease.check().await?;
-    pve.update_acl(&AclUpdate {
-        path: format!("/vms/{}", facts.vmid),
-        roles: vec![j.role.clone()],
-        users: vec![j.user.clone()],
-        propagate: Some(false),
-        ..AclUpdate::default()
-    })
-    .await
-    .map_err(pve_error)
+    let Some(pool) = &j.pool else {
+        return pve
+            .update_acl(&AclUpdate {
+                path: format!("/vms/{}", facts.vmid),
+                roles: vec![j.role.clone()],
+                users: vec![j.user.clone()],
+                propagate: Some(false),
+                ..AclUpdate::default()
+            })
+            .await
+            .map_err(pve_error);
+    };
+    let add = PoolUpdate {
+        vms: vec![facts.vmid],
+        ..PoolUpdate::default()
+    };
+    match pve.update_pool(pool, &add).await {
+        Ok(()) => Ok(()),
+        // A lost reply's write, or a previous attempt's, already made it.
+        Err(PveError::AlreadyExists { message, .. }) if !is_in_another_pool(&message) => Ok(()),
+        Err(PveError::AlreadyExists { message, .. }) => Err(JobError::Permanent(format!(
+            "VM {} ({}) is in another pool, not in {pool}: {message}; someone moved it there. \
+             Move it back (`PUT /pools/{pool}` with `vms={}` and `allow-move=1`), then `producer retry`",
+            facts.vmid, j.vm.key, facts.vmid
+        ))),
+        Err(e) => Err(pve_error(e)),
+    }
 }

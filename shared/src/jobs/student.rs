@@ -1,10 +1,12 @@
 //! `student`: the student's `@pve` user (created with the sealed initial password when
-//! missing; an existing user's password is never changed) and their pool.
-//! Done when: the user exists and the pool exists.
+//! missing; an existing user's password is never changed), their pool, and the
+//! deployment's role for them on `/pool/<pool>`, which Proxmox applies to every VM in the
+//! pool: one ACL per student instead of one per VM, each a write under the cluster-wide
+//! `user.cfg` lock. Done when: the user, the pool and the ACL exist.
 
 use crate::jobs::cache::Cache;
 use crate::jobs::{Env, StudentJob, deployment_marker, pve_error};
-use crate::pve::{PveError, UserCreate};
+use crate::pve::{AclUpdate, PveError, UserCreate};
 use crate::queue::{JobError, Lease};
 
 /// The key that runs a cluster's student jobs one at a time, in the plan's order (which
@@ -84,5 +86,19 @@ pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobErro
         }
         env.cache.note(&Cache::pools_key(&j.cluster), &j.pool);
     }
-    Ok(())
+    if j.role.is_empty() {
+        // Enqueued before the role moved to the pool: its permission jobs grant it per VM.
+        return Ok(());
+    }
+    lease.check().await?;
+    // Granting an ACL that exists is a no-op in Proxmox: no read first.
+    pve.update_acl(&AclUpdate {
+        path: format!("/pool/{}", j.pool),
+        roles: vec![j.role.clone()],
+        users: vec![j.user.clone()],
+        propagate: Some(true),
+        ..AclUpdate::default()
+    })
+    .await
+    .map_err(pve_error)
 }

@@ -165,6 +165,7 @@ fn removal(
             cluster: plan.cluster.clone(),
             user: s.user.clone(),
             pool: s.pool.clone(),
+            role: plan.role.clone(),
             sealed_password: None,
         });
         let gate = by_user.get(s.user.as_str()).cloned().unwrap_or_default();

@@ -21,6 +21,7 @@ fn payload_snapshots() {
             cluster: "lab".into(),
             user: "student1@pve".into(),
             pool: "netlab-student1".into(),
+            role: "PVEVMUser".into(),
             sealed_password: Some("enc:AAAA".into()),
         }),
         Job::NodeNetwork(NodeNetworkJob {
@@ -40,7 +41,6 @@ fn payload_snapshots() {
             source_vmid: 101,
             full: false,
             storage: None,
-            pool: "netlab-student1".into(),
             vmid: 1000,
             vmid_min: 100,
             vmid_max: 999_999,
@@ -58,6 +58,7 @@ fn payload_snapshots() {
             vm: vm(),
             user: "student1@pve".into(),
             role: "PVEVMUser".into(),
+            pool: Some("netlab-student1".into()),
         }),
         Job::Start(StartJob { vm: vm() }),
         Job::Baseline(crate::jobs::baseline::BaselineJob { vm: vm() }),
@@ -131,11 +132,11 @@ fn payload_snapshots() {
         .map(|j| serde_json::to_string(j).unwrap())
         .collect();
     let want = [
-        r#"{"kind":"student","deployment":"netlab@lab","cluster":"lab","user":"student1@pve","pool":"netlab-student1","sealed_password":"enc:AAAA"}"#,
+        r#"{"kind":"student","deployment":"netlab@lab","cluster":"lab","user":"student1@pve","pool":"netlab-student1","role":"PVEVMUser","sealed_password":"enc:AAAA"}"#,
         r#"{"kind":"node-network","deployment":"netlab@lab","cluster":"lab","node":"pve2","bridges":[{"iface":"vmbr1000","vlan_aware":true,"owner":"student1@pve hq"}]}"#,
-        r#"{"kind":"clone","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"name":"student-pc-student1","source_node":"pve2","source_vmid":101,"full":false,"storage":null,"pool":"netlab-student1","vmid":1000,"vmid_min":100,"vmid_max":999999}"#,
+        r#"{"kind":"clone","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"name":"student-pc-student1","source_node":"pve2","source_vmid":101,"full":false,"storage":null,"vmid":1000,"vmid_min":100,"vmid_max":999999}"#,
         r#"{"kind":"network","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"nics":[{"model":"virtio","bridge":"vmbr1000","tag":100,"firewall":null}]}"#,
-        r#"{"kind":"permission","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"user":"student1@pve","role":"PVEVMUser"}"#,
+        r#"{"kind":"permission","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"user":"student1@pve","role":"PVEVMUser","pool":"netlab-student1"}"#,
         r#"{"kind":"start","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
         r#"{"kind":"baseline","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"}}"#,
         r#"{"kind":"power","vm":{"deployment":"netlab@lab","cluster":"lab","key":"student1@pve/student-pc","node":"pve2"},"op":"20261202T060000-1a2b","action":"shutdown","timeout_secs":120}"#,
@@ -221,5 +222,17 @@ fn old_payloads_without_optional_fields_still_decode() {
             sealed_password: None,
             ..
         })
+    ));
+    // Before the role moved to the pool: the clone carried the pool (now ignored), the
+    // permission job no pool (it grants the role per VM), the student job no role.
+    let old = r#"{"kind":"student","deployment":"d@c","cluster":"c","user":"u@pve","pool":"p","sealed_password":null}"#;
+    let j: Job = serde_json::from_str(old).unwrap();
+    assert!(matches!(j, Job::Student(StudentJob { ref role, .. }) if role.is_empty()));
+    let old = r#"{"kind":"clone","vm":{"deployment":"d@c","cluster":"c","key":"u@pve/pc","node":"pve1"},"name":"pc-u","source_node":"pve1","source_vmid":100,"full":false,"storage":null,"pool":"p","vmid":1000,"vmid_min":100,"vmid_max":999999}"#;
+    assert!(matches!(serde_json::from_str(old).unwrap(), Job::Clone(_)));
+    let old = r#"{"kind":"permission","vm":{"deployment":"d@c","cluster":"c","key":"u@pve/pc","node":"pve1"},"user":"u@pve","role":"PVEVMUser"}"#;
+    assert!(matches!(
+        serde_json::from_str(old).unwrap(),
+        Job::Permission(PermissionJob { pool: None, .. })
     ));
 }

@@ -525,6 +525,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
             cluster: plan.cluster.clone(),
             user: s.user.clone(),
             pool: s.pool.clone(),
+            role: plan.role.clone(),
             // Every `@pve` student's, not only those missing at submit: a user another
             // deployment (or an earlier epoch) made may be gone by the time this job runs,
             // and is then made again with this deployment's password.
@@ -570,10 +571,6 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
                     source_vmid: v.source.vmid,
                     full: v.full,
                     storage: v.storage.clone(),
-                    pool: pools
-                        .get(v.user.as_str())
-                        .map(|p| (*p).to_owned())
-                        .unwrap_or_default(),
                     vmid: v.vmid,
                     vmid_min: plan.vmid_min,
                     vmid_max: plan.vmid_max,
@@ -607,6 +604,7 @@ pub fn jobs(plan: &Plan, scope: &str, sealed: &BTreeMap<String, String>) -> Vec<
                     vm: vm.clone(),
                     user: v.user.clone(),
                     role: plan.role.clone(),
+                    pool: pools.get(v.user.as_str()).map(|p| (*p).to_owned()),
                 }),
             )
             .after([clone_key.clone()]),

@@ -3,7 +3,8 @@
 //! Callers decide by variant (or [`PveError::class`] / [`PveError::is_transient`]), never by
 //! message text. Proxmox itself signals most domain errors only as HTTP 500 with a message
 //! ("VM is locked (clone)", "... does not exist"), so some text matching is unavoidable;
-//! all of it lives here, in one place: [`classify_message`], [`is_vmid_collision`] and, for
+//! all of it lives here, in one place: [`classify_message`], [`is_vmid_collision`],
+//! [`is_in_another_pool`] and, for
 //! the transport's own errors, [`classify_transport_text`]. Error texts never contain a
 //! secret: the client never puts a ticket, token or password into a message.
 
@@ -113,6 +114,13 @@ pub fn is_vmid_collision(msg: &str, vmid: u32) -> bool {
     (m.contains(&format!("lock-{vmid}.conf")) && classify_message(msg) == MessageKind::LockTimeout)
         || m.contains("file exists")
         || m.contains("already exists")
+}
+
+/// Whether a refused pool add says the VM is in another pool (`VM 101 belongs already to
+/// pool 'x' and 'allow-move' is not set`), not already in this one (`VM 101 is already a
+/// pool member`): both are [`MessageKind::AlreadyExists`].
+pub fn is_in_another_pool(msg: &str) -> bool {
+    msg.to_ascii_lowercase().contains("belongs already to pool")
 }
 
 /// What a transport error's text (hyper's, rustls', the resolver's) says when its types do
@@ -681,6 +689,12 @@ mod tests {
             1000
         ));
         assert!(!is_vmid_collision("storage 'local-lvm' is full", 1000));
+        let moved =
+            "update pools failed: VM 101 belongs already to pool 'x' and 'allow-move' is not set";
+        let member = "update pools failed: VM 101 is already a pool member";
+        assert_eq!(classify_message(moved), MessageKind::AlreadyExists);
+        assert_eq!(classify_message(member), MessageKind::AlreadyExists);
+        assert!(is_in_another_pool(moved) && !is_in_another_pool(member));
         assert_eq!(
             classify_transport_text(
                 "error sending request: dns error: failed to lookup address information"

@@ -35,7 +35,8 @@ pub trait ApiGate: Send + Sync {
     /// Room for one writer of `user.cfg` (users, groups, roles, ACLs, pools) at a time,
     /// across processes: Proxmox writes that file under one cluster-wide pmxcfs lock that its
     /// waiters poll (1 s naps at first), so two of our writers that meet cost the later one
-    /// a nap while it holds an API worker; queued here, they meet only the clones' pool adds.
+    /// a nap while it holds an API worker; queued here, they do not meet (labfleet's clones
+    /// carry no `pool`, whose add would take that lock inside the clone task).
     /// Taken before [`ApiGate::enter`], so no API worker is held while waiting for it. An
     /// `urgent` write ([`urgent_user_cfg`]) goes before the others waiting. The default
     /// holds nothing.
@@ -45,11 +46,13 @@ pub trait ApiGate: Send + Sync {
     }
 }
 
-/// Whether a `user.cfg` write makes what clones wait for (a student's user, their pool):
-/// those go before the writes nothing waits for but the end (ACLs, updates, removals), or a
-/// class's last students waited behind the ACLs of its first VMs.
+/// Whether a `user.cfg` write makes what clones wait for (a student's user, their pool, the
+/// role on it: the student job, which the student's clones wait for): those go before the
+/// writes nothing waits for but the end (pool adds of cloned VMs, removals), or a class's
+/// last students waited behind the pool adds of its first VMs.
 pub(crate) fn urgent_user_cfg(method: &str, path: &str) -> bool {
-    method == "POST" && (path == "/access/users" || path == "/pools")
+    (method == "POST" && (path == "/access/users" || path == "/pools"))
+        || (method == "PUT" && path == "/access/acl")
 }
 
 /// Whether a write to `path` changes `user.cfg` (and so waits for its cluster-wide lock).
@@ -87,7 +90,7 @@ mod tests {
     fn only_creating_users_and_pools_is_urgent() {
         assert!(urgent_user_cfg("POST", "/access/users"));
         assert!(urgent_user_cfg("POST", "/pools"));
-        assert!(!urgent_user_cfg("PUT", "/access/acl"));
+        assert!(urgent_user_cfg("PUT", "/access/acl"));
         assert!(!urgent_user_cfg("DELETE", "/pools/p1"));
         assert!(!urgent_user_cfg("PUT", "/pools/p1"));
     }

@@ -422,11 +422,10 @@ async fn a_shared_student_keeps_their_account_while_another_course_lists_them() 
         .find(|v| v.name.as_deref() == Some("pc-student1"))
         .expect("B's VM of student1");
     assert!(
-        rig.sim
-            .acls()
-            .iter()
-            .any(|acl| acl.path == format!("/vms/{}", b_vm.vmid) && acl.ugid == "student1@pve"),
-        "student1 keeps their ACL on B's VM"
+        rig.sim.acls().iter().any(|acl| acl.path
+            == format!("/pool/{}", b_vm.pool.as_deref().unwrap_or("-"))
+            && acl.ugid == "student1@pve"),
+        "student1 keeps their role on B's pool, which holds B's VM"
     );
     let seen = login(&rig, "student1@pve", &s1.password)
         .await

@@ -140,7 +140,7 @@ async fn deploy_converge_and_teardown_a_class() {
         );
         assert!(summary.vms.is_empty());
 
-        // Every VM once, with its name, node, pool, NICs and ACL; a student's VMs on one node.
+        // Every VM once, with its name, node, pool, NICs and the role on its pool; a student's VMs on one node.
         let vms = lab.sim.vms();
         let ours: Vec<_> = vms.iter().filter(|v| !v.template).collect();
         assert_eq!(ours.len(), 40, "exactly one VM per planned VM");
@@ -179,9 +179,11 @@ async fn deploy_converge_and_teardown_a_class() {
                     "router NICs have the firewall off: {net1}"
                 );
             }
-            assert!(acls.iter().any(|a| a.path == format!("/vms/{}", v.vmid)
+            // The role is on the student's pool, which holds the VM: one ACL per student.
+            assert!(acls.iter().any(|a| a.path == format!("/pool/{pool}")
                 && a.ugid == p.user
                 && a.roleid == "PVEVMUser"));
+            assert!(!acls.iter().any(|a| a.path == format!("/vms/{}", v.vmid)));
             node_of
                 .entry(p.user.clone())
                 .or_default()
@@ -347,6 +349,75 @@ async fn half_made_clones_are_quarantined_and_cloned_again() {
     .await;
 }
 
+/// Proxmox writes users, ACLs, pools and pool members under one cluster-wide lock whose
+/// wait times out (10 s); a clone made with `pool` adds its VM under that lock at the end of
+/// its task and is rolled back whole when the add times out (`clone failed: can't add VM ...
+/// to pool`). Here 40% of the lock's takers time out: no clone task may fail for it, since
+/// labfleet's clones carry no pool; the writes that time out (the student's, the pool adds
+/// of the permission step) are retried alone, and every VM ends in its student's pool,
+/// where the student's one role applies to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_cfg_lock_timeouts_cost_no_clone() {
+    let users = Lab::users(6);
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let lab = Lab::new(0.02, &users, TWO_MACHINES).await;
+    lab.sim.set_faults(pve_sim::FaultPlan {
+        user_cfg_lock_timeout_rate: 0.4,
+        ..pve_sim::FaultPlan::default()
+    });
+    lab.with_workers(2, async {
+        let (id, plan) = lab.submit().await;
+        wait_for(Duration::from_secs(120), "deployment done", || async {
+            lab.state(&id).await == "done"
+        })
+        .await;
+        let stats = lab.sim.stats();
+        assert!(
+            stats["faults_injected"]["user_cfg_lock_timeout"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 3,
+            "the lock timed out for some writes: {}",
+            stats["faults_injected"]
+        );
+        assert_eq!(
+            stats["tasks"]["qmclone"],
+            serde_json::json!({"started": 12, "ok": 12}),
+            "every clone task ended ok the first time"
+        );
+        let vms = lab.sim.vms();
+        let acls = lab.sim.acls();
+        for s in &plan.students {
+            assert!(
+                acls.iter().any(|a| a.path == format!("/pool/{}", s.pool)
+                    && a.ugid == s.user
+                    && a.roleid == "PVEVMUser"),
+                "{}'s role on their pool",
+                s.user
+            );
+        }
+        for p in &plan.vms {
+            let v = vms
+                .iter()
+                .find(|v| v.name.as_deref() == Some(p.name.as_str()))
+                .expect("VM exists");
+            let pool = &plan
+                .students
+                .iter()
+                .find(|s| s.user == p.user)
+                .unwrap()
+                .pool;
+            assert_eq!(
+                v.pool.as_ref(),
+                Some(pool),
+                "{} in its student's pool",
+                p.name
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_redis_record_does_not_duplicate_the_vm() {
     let lab = Lab::new(0.0, &["student1@pve"], TWO_MACHINES).await;
@@ -481,12 +552,22 @@ async fn a_permanent_error_fails_once_and_retry_fixes_only_that() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counters_count_failed_vm_steps() {
-    // A role Proxmox does not know: every permission step fails for good (clones and NICs
-    // succeed), so the counters see VMs go cloning -> configuring -> failed. (Recovery, a
-    // VM going from pending through retries to done, is checked after `retry` in
-    // `a_permanent_error_fails_once_and_retry_fixes_only_that`.)
-    let bad = format!("{TWO_MACHINES}role: NoSuchRole\n");
-    let lab = Lab::new(0.0, &["student1@pve", "student2@pve"], &bad).await;
+    // Every pool add fails (`PUT /pools/{id}` answers 500 each time): each VM's permission
+    // step fails once its attempts are spent, while its clone and NICs succeed, so the
+    // counters see VMs go cloning -> configuring -> failed. (Recovery, a VM going from
+    // pending through retries to done, is checked after `retry` in
+    // `a_permanent_error_fails_once_and_retry_fixes_only_that`; a student setup that fails,
+    // a role Proxmox does not know, in `an_unknown_role_fails_the_students_before_any_clone`.)
+    let lab = Lab::new(0.0, &["student1@pve", "student2@pve"], TWO_MACHINES).await;
+    lab.sim.set_faults(pve_sim::FaultPlan {
+        requests: pve_sim::RequestFaults {
+            rate: 1.0,
+            weight_500: 1.0,
+            paths: vec!["/pools/".into()],
+            ..pve_sim::RequestFaults::default()
+        },
+        ..pve_sim::FaultPlan::default()
+    });
     lab.with_workers(2, async {
         let (id, _) = lab.submit().await;
         wait_for(Duration::from_secs(60), "deployment failed", || async {
@@ -519,10 +600,48 @@ async fn status_counters_count_failed_vm_steps() {
                 .error
                 .as_deref()
                 .unwrap_or("")
+                .contains("simulated fault")),
+            "{:?}",
+            summary.vms
+        );
+    })
+    .await;
+}
+
+/// A role Proxmox does not know fails each student's setup (the role goes on their pool)
+/// for good, before any of their VMs is cloned: nothing is made that the class could not
+/// use, and every VM is listed failed with the student's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_role_fails_the_students_before_any_clone() {
+    let bad = format!("{TWO_MACHINES}role: NoSuchRole\n");
+    let lab = Lab::new(0.0, &["student1@pve", "student2@pve"], &bad).await;
+    lab.with_workers(2, async {
+        let (id, _) = lab.submit().await;
+        wait_for(Duration::from_secs(60), "deployment failed", || async {
+            lab.state(&id).await == "failed"
+        })
+        .await;
+        let (summary, _) = lab.statuses(&id).await;
+        assert_eq!(
+            summary.counts.get("failed"),
+            Some(&4),
+            "{:?}",
+            summary.counts
+        );
+        assert!(
+            summary.vms.iter().all(|v| v
+                .error
+                .as_deref()
+                .unwrap_or("")
                 .contains("role 'NoSuchRole' does not exist")),
             "{:?}",
             summary.vms
         );
+        assert!(
+            lab.sim.vms().iter().all(|v| v.template),
+            "nothing cloned for a class whose students cannot be given their role"
+        );
+        assert_eq!(lab.sim.stats()["tasks"].get("qmclone"), None);
     })
     .await;
 }
