@@ -211,14 +211,37 @@ fn summary(r: &Run, scale: f64) -> Value {
         "client_failures": r.client,
         "vms_ok": r.vms_ok,
         "requests_total": s["requests_total"],
+        "requests_per_vm": requests_per_vm(&s["requests"], r.vms_ok),
         "locks": s["locks"],
     })
+}
+
+/// Every request the simulator served in a run (the producer's and logins included), per
+/// VM made: task polls (status, log and the watcher's listings) and the rest.
+fn requests_per_vm(requests: &Value, vms: usize) -> Value {
+    let vms = (vms as f64).max(1.0);
+    let (mut polls, mut others) = (0u64, 0u64);
+    for (k, v) in requests.as_object().into_iter().flatten() {
+        let n = v.as_u64().unwrap_or(0);
+        if request_kind(k) == "poll" {
+            polls += n;
+        } else {
+            others += n;
+        }
+    }
+    json!({"poll": polls as f64 / vms, "other": others as f64 / vms})
 }
 
 /// Which lock bounded a run: each lock's held time, the time it sat free while someone
 /// waited (the handover's cost), its span (first take to last release), takes and timeouts,
 /// in simulated seconds.
 fn print_locks(r: &Value) {
+    println!(
+        "{}: requests per VM made, producer's included: polls {:.2}, others {:.2}",
+        r["approach"].as_str().unwrap_or("?"),
+        f(&r["requests_per_vm"]["poll"]),
+        f(&r["requests_per_vm"]["other"])
+    );
     let Some(locks) = r["locks"].as_object() else {
         return;
     };
@@ -806,11 +829,12 @@ fn request_kind(key: &str) -> &'static str {
         "login"
     } else if key.ends_with("/clone")
         || key.contains("/qemu/{vmid}/config")
-        || key == "PUT /access/acl"
+        // The permission step's pool add (the student's role is one ACL on the pool).
+        || key == "PUT /pools/{poolid}"
         || key.contains("/status/start")
     {
         "per VM"
-    } else if key.contains("/access/users") || key.contains("/pools") {
+    } else if key.contains("/access/users") || key.contains("/pools") || key == "PUT /access/acl" {
         "per student"
     } else if key.contains("/network") {
         "per node"

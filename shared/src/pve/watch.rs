@@ -33,6 +33,11 @@ use super::upid::Upid;
 /// not on the page reads its status, so a cut list costs requests, never correctness.
 const LIST_LIMIT: u64 = 1000;
 
+/// The shortest time between two listings of one node, in first intervals
+/// (`initial_poll`): a task's end is seen at most this much later than its own interval
+/// would see it, and a young task's first check waits for the node's next listing.
+const LISTING_GAP: u32 = 3;
+
 /// One entry of `GET /nodes/{node}/tasks`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct TaskListEntry {
@@ -332,13 +337,22 @@ impl NodeWatch {
             }
         }
         let _stopped = Stopped(self.clone());
+        let mut last_listing: Option<Instant> = None;
         loop {
             let due = {
                 let mut st = self.state();
                 st.waiters
                     .retain(|_, w| w.tx.as_ref().is_some_and(|t| !t.is_closed()));
+                let gap = st.waiters.values().map(|w| w.initial).min();
                 match st.waiters.values().map(|w| w.next_due).min() {
-                    Some(d) => d,
+                    // Never two listings closer than LISTING_GAP first intervals: with
+                    // tasks starting all the time, the youngest one's first interval set
+                    // the pace for every task of the node (5.5 listings per VM on the
+                    // class, more than one status poll per task would cost).
+                    Some(d) => match (last_listing, gap) {
+                        (Some(l), Some(g)) => d.max(l + g * LISTING_GAP),
+                        _ => d,
+                    },
                     // `Stopped` marks the loop as not running, under this same lock hold
                     // being released first: a waiter registering meanwhile is answered
                     // `CheckStatus` and registers again, starting a new loop.
@@ -352,6 +366,7 @@ impl NodeWatch {
                 }
             }
             let fetched = Instant::now();
+            last_listing = Some(fetched);
             let listing = client
                 .node_tasks_as(
                     &self.node,
