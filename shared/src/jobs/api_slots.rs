@@ -20,6 +20,7 @@
 //! most as many as it runs jobs.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -102,16 +103,12 @@ pub struct ApiSlots {
 struct Freed {
     plain: Notify,
     urgent: Notify,
-    urgent_waiting: std::sync::atomic::AtomicUsize,
+    urgent_waiting: AtomicUsize,
 }
 
 impl Freed {
     fn wake_one(&self) {
-        if self
-            .urgent_waiting
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0
-        {
+        if self.urgent_waiting.load(Ordering::Acquire) > 0 {
             self.urgent.notify_one();
         } else {
             self.plain.notify_one();
@@ -124,17 +121,14 @@ struct UrgentWaiting<'a>(&'a Freed);
 
 impl<'a> UrgentWaiting<'a> {
     fn new(f: &'a Freed) -> Self {
-        f.urgent_waiting
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        f.urgent_waiting.fetch_add(1, Ordering::AcqRel);
         UrgentWaiting(f)
     }
 }
 
 impl Drop for UrgentWaiting<'_> {
     fn drop(&mut self) {
-        self.0
-            .urgent_waiting
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.urgent_waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

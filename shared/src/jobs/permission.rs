@@ -18,16 +18,8 @@ pub async fn run(j: &PermissionJob, lease: &Lease, env: &Env) -> Result<(), JobE
     let pve = env.pve(&j.vm.cluster)?;
     lease.check().await?;
     let Some(pool) = &j.pool else {
-        return pve
-            .update_acl(&AclUpdate {
-                path: format!("/vms/{}", facts.vmid),
-                roles: vec![j.role.clone()],
-                users: vec![j.user.clone()],
-                propagate: Some(false),
-                ..AclUpdate::default()
-            })
-            .await
-            .map_err(pve_error);
+        let grant = AclUpdate::grant(format!("/vms/{}", facts.vmid), &j.role, &j.user, false);
+        return pve.update_acl(&grant).await.map_err(pve_error);
     };
     let add = PoolUpdate {
         vms: vec![facts.vmid],

@@ -92,13 +92,6 @@ pub async fn run(j: &StudentJob, lease: &Lease, env: &Env) -> Result<(), JobErro
     }
     lease.check().await?;
     // Granting an ACL that exists is a no-op in Proxmox: no read first.
-    pve.update_acl(&AclUpdate {
-        path: format!("/pool/{}", j.pool),
-        roles: vec![j.role.clone()],
-        users: vec![j.user.clone()],
-        propagate: Some(true),
-        ..AclUpdate::default()
-    })
-    .await
-    .map_err(pve_error)
+    let grant = AclUpdate::grant(format!("/pool/{}", j.pool), &j.role, &j.user, true);
+    pve.update_acl(&grant).await.map_err(pve_error)
 }

@@ -116,6 +116,19 @@ pub struct AclUpdate {
     pub delete: bool,
 }
 
+impl AclUpdate {
+    /// Grants `role` to `user` on `path` (`propagate` to sub-paths or not).
+    pub fn grant(path: String, role: &str, user: &str, propagate: bool) -> AclUpdate {
+        AclUpdate {
+            path,
+            roles: vec![role.to_owned()],
+            users: vec![user.to_owned()],
+            propagate: Some(propagate),
+            ..AclUpdate::default()
+        }
+    }
+}
+
 /// One entry of `GET /pools`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct PoolEntry {

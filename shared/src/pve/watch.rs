@@ -343,16 +343,15 @@ impl NodeWatch {
                 let mut st = self.state();
                 st.waiters
                     .retain(|_, w| w.tx.as_ref().is_some_and(|t| !t.is_closed()));
-                let gap = st.waiters.values().map(|w| w.initial).min();
+                // Never two listings closer than LISTING_GAP first intervals: with tasks
+                // starting all the time, the youngest one's first interval set the pace
+                // for every task of the node (5.5 listings per VM on the class, more
+                // than one status poll per task would cost).
+                let floor = last_listing
+                    .zip(st.waiters.values().map(|w| w.initial).min())
+                    .map(|(l, g)| l + g * LISTING_GAP);
                 match st.waiters.values().map(|w| w.next_due).min() {
-                    // Never two listings closer than LISTING_GAP first intervals: with
-                    // tasks starting all the time, the youngest one's first interval set
-                    // the pace for every task of the node (5.5 listings per VM on the
-                    // class, more than one status poll per task would cost).
-                    Some(d) => match (last_listing, gap) {
-                        (Some(l), Some(g)) => d.max(l + g * LISTING_GAP),
-                        _ => d,
-                    },
+                    Some(d) => floor.map_or(d, |f| d.max(f)),
                     // `Stopped` marks the loop as not running, under this same lock hold
                     // being released first: a waiter registering meanwhile is answered
                     // `CheckStatus` and registers again, starting a new loop.
