@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Connection, Connections, Credential, TlsSetting, resolve_secret};
-use crate::pve::{ApiGate, Auth, ClientConfig, PveClient, PveError, TlsPolicy, UnreachableHook};
+use crate::pve::{
+    ApiGate, Auth, ClientConfig, PveClient, PveError, TaskListShare, TlsPolicy, UnreachableHook,
+};
 use crate::secret::{SecretError, SecretKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +70,12 @@ pub struct Clusters {
     gates: Option<Arc<GateMaker>>,
     /// Makes the hook a cluster's client tells of unanswered nodes (595), by cluster name.
     watches: Option<Arc<WatchMaker>>,
+    /// Makes the share of a cluster's task listings with other processes, by cluster name.
+    task_lists: Option<Arc<ShareMaker>>,
 }
+
+/// Makes a cluster's [`TaskListShare`] from its name.
+pub type ShareMaker = dyn Fn(&str) -> Arc<dyn TaskListShare> + Send + Sync;
 
 /// Makes a cluster's [`UnreachableHook`] from its name.
 pub type WatchMaker = dyn Fn(&str) -> UnreachableHook + Send + Sync;
@@ -84,6 +91,7 @@ impl Clusters {
             clients: Arc::default(),
             gates: None,
             watches: None,
+            task_lists: None,
         }
     }
 
@@ -98,6 +106,13 @@ impl Clusters {
     /// `make` returns for its cluster (the worker's: `jobs::node_loss::hook`).
     pub fn with_node_watch(mut self, make: Arc<WatchMaker>) -> Clusters {
         self.watches = Some(make);
+        self
+    }
+
+    /// Every client made from now on shares its node task listings through what `make`
+    /// returns for its cluster (the worker's: `jobs::task_lists`, in Redis).
+    pub fn with_task_list_shares(mut self, make: Arc<ShareMaker>) -> Clusters {
+        self.task_lists = Some(make);
         self
     }
 
@@ -126,6 +141,9 @@ impl Clusters {
         }
         if let Some(make) = &self.watches {
             client.on_unreachable_node(make(cluster));
+        }
+        if let Some(make) = &self.task_lists {
+            client.set_task_list_share(make(cluster));
         }
         map.insert(cluster.to_owned(), client.clone());
         Ok(client)

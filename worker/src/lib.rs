@@ -88,10 +88,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let watch_queue = queue.clone();
     let watches: Arc<shared::clusters::WatchMaker> =
         Arc::new(move |cluster: &str| shared::jobs::node_loss::hook(watch_queue.clone(), cluster));
+    let lists_queue = queue.clone();
+    let task_lists: Arc<shared::clusters::ShareMaker> = Arc::new(move |cluster: &str| {
+        shared::jobs::task_lists::RedisTaskLists::new(lists_queue.clone(), cluster)
+            as Arc<dyn shared::pve::TaskListShare>
+    });
     let env = Env::new(
         Clusters::new(connections, key)
             .with_api_gates(gates)
-            .with_node_watch(watches),
+            .with_node_watch(watches)
+            .with_task_list_shares(task_lists),
         queue.clone(),
         cfg.timing.clone(),
         shutdown.child_token(),

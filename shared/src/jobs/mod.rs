@@ -41,6 +41,7 @@ pub mod schedule;
 pub mod start;
 pub mod state;
 pub mod student;
+pub mod task_lists;
 pub mod teardown;
 pub mod teardown_jobs;
 

@@ -39,7 +39,7 @@ use super::gate::{ApiGate, node_of, urgent_user_cfg, writes_user_cfg};
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::lenient::value_to_string;
 use super::tls::{PresentedCert, build_http_client, transport_error};
-use super::watch::TaskWatcher;
+use super::watch::{TaskListShare, TaskWatcher};
 use crate::secret::Secret;
 
 const CSRF_HEADER: &str = "csrfpreventiontoken";
@@ -51,7 +51,7 @@ const TICKET_LIFETIME: Duration = Duration::from_secs(7200);
 pub(crate) enum RequestKind {
     Login,
     Poll,
-    /// The task watcher's `GET /nodes/{node}/tasks?source=active`: a poll too.
+    /// The task watcher's `GET /nodes/{node}/tasks?source=all`: a poll too.
     TaskList,
     Other,
 }
@@ -64,18 +64,22 @@ pub struct RequestCounts {
     /// Requests made by `wait_task`: task status and log reads, and the task watcher's
     /// node task listings.
     pub polls: u64,
-    /// Of `polls`, the task watcher's listings (`GET /nodes/{node}/tasks?source=active`).
+    /// Of `polls`, the task watcher's listings (`GET /nodes/{node}/tasks?source=all`).
     pub task_lists: u64,
     /// Everything else.
     pub other: u64,
+    /// Not a request: listings another process published that this client's watcher used
+    /// instead of asking Proxmox (`TaskListShare`).
+    pub shared_task_lists: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     logins: AtomicU64,
     polls: AtomicU64,
     task_lists: AtomicU64,
     other: AtomicU64,
+    pub(crate) shared_task_lists: AtomicU64,
     /// Request latency (send until the body is read, or the transport error), by kind.
     latency: [LatencyHistogram; 3],
 }
@@ -206,6 +210,8 @@ struct Inner {
     pub(crate) watcher: TaskWatcher,
     /// Bounds the protected calls per node across processes, when set (`gate.rs`).
     gate: std::sync::OnceLock<Arc<dyn ApiGate>>,
+    /// Where the task watcher shares its listings with other processes, when set.
+    task_list_share: std::sync::OnceLock<Arc<dyn TaskListShare>>,
     /// Told the node of every call answered 595 (the node did not answer the proxy), when
     /// set: the workers' way of noticing a node going away (`jobs::node_loss`).
     unreachable: std::sync::OnceLock<UnreachableHook>,
@@ -277,6 +283,7 @@ impl PveClient {
                 counters: Counters::default(),
                 watcher: TaskWatcher::default(),
                 gate: std::sync::OnceLock::new(),
+                task_list_share: std::sync::OnceLock::new(),
                 unreachable: std::sync::OnceLock::new(),
                 entry_node: tokio::sync::OnceCell::new(),
                 presented,
@@ -289,6 +296,20 @@ impl PveClient {
     /// gate set stays.
     pub fn set_api_gate(&self, gate: Arc<dyn ApiGate>) {
         let _ = self.inner.gate.set(gate);
+    }
+
+    /// Lets the task watcher of this client (and its clones) take the node listings other
+    /// processes published in `share` and publish its own there; the first share set stays.
+    pub fn set_task_list_share(&self, share: Arc<dyn TaskListShare>) {
+        let _ = self.inner.task_list_share.set(share);
+    }
+
+    pub(crate) fn task_list_share(&self) -> Option<&Arc<dyn TaskListShare>> {
+        self.inner.task_list_share.get()
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
     }
 
     /// Tells `hook` the node of every call of this client (and its clones) answered 595;
@@ -344,6 +365,7 @@ impl PveClient {
             polls: c.polls.load(Ordering::Relaxed),
             task_lists: c.task_lists.load(Ordering::Relaxed),
             other: c.other.load(Ordering::Relaxed),
+            shared_task_lists: c.shared_task_lists.load(Ordering::Relaxed),
         }
     }
 

@@ -79,4 +79,6 @@ pub use vm::{
     CloneParams, ConfigUpdate, DestroyParams, NetDevice, NetDeviceParseError, ShutdownParams,
     VmConfig, VmListEntry, VmStatus,
 };
-pub use watch::{TaskList, TaskListEntry, TaskQuery, TaskSource};
+pub use watch::{
+    SharedListing, SharedTake, TaskList, TaskListEntry, TaskListShare, TaskQuery, TaskSource,
+};

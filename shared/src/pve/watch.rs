@@ -1,26 +1,39 @@
-//! The task watcher: one `GET /nodes/{node}/tasks?source=active` per node per interval,
-//! shared by every [`PveClient::wait_task`] of the process that waits on that node, instead
-//! of one status poll per task per interval.
+//! The task watcher: one `GET /nodes/{node}/tasks?source=all&since=<oldest waiter's start>`
+//! per node per interval, shared by every [`PveClient::wait_task`] of the process that waits
+//! on that node, instead of one status poll per task per interval.
 //!
 //! Each node has a [`NodeWatch`]: waiters register their UPID, one background loop lists
-//! the node's active tasks whenever the earliest waiter is due (each waiter's interval is
-//! `wait_task`'s: half the task's age, within `[initial_poll, max_poll]`) and hands every
-//! waiter a [`Verdict`]: still running (keep waiting), ended with the status the list shows
-//! (Proxmox keeps an ended task in the active list until the node's next task starts or
-//! ends), or gone from the list (archived: the waiter reads that one task's status). The
-//! loop stops when nobody waits. A node whose listing is refused for good (permission, an
+//! the node's tasks started since the oldest waiter's (the UPID's start time is the
+//! server's own clock, so no skew allowance is needed) whenever the earliest waiter is due
+//! (each waiter's interval is `wait_task`'s: half the task's age, within
+//! `[initial_poll, max_poll]`) and hands every waiter a [`Verdict`]: still running (keep
+//! waiting), or ended with the status the list shows. Proxmox keeps an ended task in the
+//! active part of the list, with its exit status, until the node's next task starts or
+//! ends, then moves it to the archive part, which also shows the exit status; with
+//! `source=all` either part answers, so a task's end costs no status read of its own. A
+//! waiter whose task is in neither part (a cut page) reads its own status. The loop stops
+//! when nobody waits.
+//!
+//! Two things keep the listings few while tasks keep starting. A node learns how long
+//! each task type runs there (the shortest of its last OK runs): a new task is not looked
+//! at before three quarters of that, and listings are at least a quarter of it apart. And
+//! with a [`TaskListShare`] (the worker's, in Redis), a listing another process fetched
+//! recently enough answers this process's waiters too, so N worker processes do not list
+//! a node N times as often. A node whose listing is refused for good (permission, an
 //! old server) is marked so and its waiters poll each task's status as before.
 //!
 //! The watcher owns no retry policy and never decides an outcome: `wait_task` does, from
 //! the verdicts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use reqwest::Method;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -29,14 +42,30 @@ use super::error::{ErrorClass, PveError};
 use super::lenient;
 use super::upid::Upid;
 
-/// More active tasks than this on one node and the listing is cut; a waiter whose task is
-/// not on the page reads its status, so a cut list costs requests, never correctness.
+/// More tasks than this on one node since the oldest waiter's started and the listing is
+/// cut; a waiter whose task is not on the page reads its status, so a cut list costs
+/// requests, never correctness.
 const LIST_LIMIT: u64 = 1000;
 
 /// The shortest time between two listings of one node, in first intervals
 /// (`initial_poll`): a task's end is seen at most this much later than its own interval
 /// would see it, and a young task's first check waits for the node's next listing.
 const LISTING_GAP: u32 = 3;
+
+/// How many recent OK durations of a task type a node keeps. Once it has that many, a new
+/// task of that type is first checked when three quarters of the shortest have passed,
+/// and two listings of the node are at least the shortest over [`PACE_DIVISOR`] apart
+/// (the shortest of the waiters' types), if that is longer than [`LISTING_GAP`]. A listing
+/// is shared by the node's tasks, but with clones starting all the time the young ones'
+/// first intervals set its pace: 3.9 listings per VM on the bench's class, when a linked
+/// clone there never ends within 2.5 s.
+const DURATION_SAMPLES: usize = 4;
+
+/// See [`DURATION_SAMPLES`]: with listings a quarter of the shortest run apart, a task's
+/// end is seen on average an eighth of that run late. 0.2, 0.3 and 0.4 of it were measured
+/// on the bench's class (BENCHMARKS.md, session 10): polls per VM 1.8-2.0, 1.6-1.9 and more
+/// makespan than the listings saved at 0.4 and up.
+const PACE_DIVISOR: u32 = 4;
 
 /// One entry of `GET /nodes/{node}/tasks`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -104,6 +133,55 @@ pub struct TaskQuery {
 pub struct TaskList {
     pub tasks: Vec<TaskListEntry>,
     pub total: Option<u64>,
+}
+
+/// A node's task listing as one process fetched it, for the other processes watching the
+/// same node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedListing {
+    /// The listing's `since` (Unix seconds, the node's clock): tasks started earlier are
+    /// not in it.
+    pub since: i64,
+    /// Each listed task's UPID and exit status (`None` while it runs).
+    pub tasks: Vec<(String, Option<String>)>,
+}
+
+/// Task listings shared by the processes that watch the same nodes (the worker's:
+/// `jobs::task_lists`, in Redis), so that the listings Proxmox serves do not grow with the
+/// number of worker processes: a listing one process fetched answers the others' waiters
+/// while it is younger than the node's listing floor, as long as a listing of their own
+/// would have had to wait anyway. Stale answers cannot mislead: a task shown running is
+/// looked at again, one not shown reads its own status, and an end shown is an end.
+pub trait TaskListShare: Send + Sync {
+    /// The listing of `node` fetched at most `max_age` ago, waiting a little for the one
+    /// another process is fetching right now; or this process's turn to fetch it.
+    fn take<'a>(
+        &'a self,
+        node: &'a str,
+        max_age: Duration,
+    ) -> Pin<Box<dyn Future<Output = SharedTake> + Send + 'a>>;
+
+    /// Publishes `listing` of `node`, fetched `age` ago, and ends this process's turn.
+    fn put<'a>(
+        &'a self,
+        node: &'a str,
+        listing: &'a SharedListing,
+        age: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    /// Ends this process's turn without a listing (Proxmox refused it).
+    fn give_up<'a>(&'a self, node: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+/// What [`TaskListShare::take`] found.
+#[derive(Debug)]
+pub enum SharedTake {
+    /// Another process's listing, and its age.
+    Listing(SharedListing, Duration),
+    /// Nobody is fetching one: this process's turn (then `put` or `give_up`).
+    Yours,
+    /// The share cannot tell (Redis slow or away): list without publishing.
+    Unavailable,
 }
 
 impl PveClient {
@@ -181,14 +259,18 @@ impl PveClient {
 /// What the watcher learned about one waiter's task.
 #[derive(Debug, Clone)]
 pub(crate) enum Verdict {
-    /// Ended; the active list shows the exit status.
+    /// Ended; the list shows the exit status.
     Ended(String),
-    /// Not in the active list (or the listing failed): read this task's status.
+    /// Not in the list (a cut page) or the listing failed: read this task's status.
     CheckStatus,
 }
 
 struct Waiter {
     upid: String,
+    /// `qmclone`, `qmstart`, ...: whose durations this task's end adds to.
+    task_type: String,
+    /// The UPID's start time (Unix seconds, the node's clock): the listing's `since`.
+    starttime: i64,
     /// A listing fetched before this cannot tell anything about the task.
     registered: Instant,
     started: Instant,
@@ -202,6 +284,48 @@ struct Waiter {
 struct NodeState {
     waiters: HashMap<u64, Waiter>,
     running: bool,
+    /// The last [`DURATION_SAMPLES`] durations (from `wait_task`'s start to the listing
+    /// that showed the end) of the tasks of each type that ended OK on this node.
+    durations: HashMap<String, VecDeque<Duration>>,
+}
+
+impl NodeState {
+    /// The shortest of the recent OK durations of this type; nothing until
+    /// [`DURATION_SAMPLES`] have ended.
+    fn shortest(&self, task_type: &str) -> Option<Duration> {
+        match self.durations.get(task_type) {
+            Some(d) if d.len() >= DURATION_SAMPLES => d.iter().min().copied(),
+            _ => None,
+        }
+    }
+
+    /// How long a new task of this type surely runs: three quarters of the shortest.
+    fn surely_running(&self, task_type: &str) -> Duration {
+        self.shortest(task_type).unwrap_or_default() * 3 / 4
+    }
+
+    /// The shortest time between two listings: [`LISTING_GAP`] first intervals, or the
+    /// shortest recent duration of the waiters' task types over [`PACE_DIVISOR`], if
+    /// longer. Types without samples yet do not count: their tasks are seen at the pace
+    /// of the others.
+    fn listing_floor(&self) -> Option<Duration> {
+        let gap = self.waiters.values().map(|w| w.initial).min()? * LISTING_GAP;
+        let pace = self
+            .waiters
+            .values()
+            .filter_map(|w| self.shortest(&w.task_type))
+            .min()
+            .map_or(Duration::ZERO, |d| d / PACE_DIVISOR);
+        Some(gap.max(pace))
+    }
+
+    fn ended_ok(&mut self, task_type: &str, took: Duration) {
+        let d = self.durations.entry(task_type.to_owned()).or_default();
+        if d.len() == DURATION_SAMPLES {
+            d.pop_front();
+        }
+        d.push_back(took);
+    }
 }
 
 /// The watch of one node's tasks.
@@ -285,17 +409,23 @@ impl NodeWatch {
         let start_loop = {
             let mut st = self.state();
             // Checked at once when the loop is idle, else with the next due listing.
+            // A re-registration keeps its own time; a new task waits until it may have
+            // ended, then is checked with the next due listing (at once when idle).
             let first_check = first_check.unwrap_or_else(|| {
-                if st.running {
+                let soonest = started + st.surely_running(upid.task_type());
+                let next = if st.running {
                     Instant::now() + initial
                 } else {
                     Instant::now()
-                }
+                };
+                next.max(soonest)
             });
             st.waiters.insert(
                 id,
                 Waiter {
                     upid: upid.as_str().to_owned(),
+                    starttime: upid.starttime(),
+                    task_type: upid.task_type().to_owned(),
                     registered: Instant::now(),
                     started,
                     initial,
@@ -319,6 +449,92 @@ impl NodeWatch {
         }
     }
 
+    /// The node's tasks since `since`: another process's listing from the share when one
+    /// younger than `tolerance` covers them, else asked of Proxmox (and published).
+    /// Returns when the listing was fetched (a waiter registered later learns nothing from
+    /// it) and each task's exit status (`None`: running), or `None` if the listing failed.
+    async fn list(
+        &self,
+        client: &PveClient,
+        since: Option<i64>,
+        tolerance: Duration,
+    ) -> (Instant, Option<HashMap<String, Option<String>>>) {
+        let share = client.task_list_share();
+        let since_or_all = since.unwrap_or(i64::MIN);
+        let mut turn = false;
+        if let Some(share) = share {
+            let asked = Instant::now();
+            match share.take(&self.node, tolerance).await {
+                SharedTake::Listing(l, age) if l.since <= since_or_all => {
+                    client
+                        .counters()
+                        .shared_task_lists
+                        .fetch_add(1, Ordering::Relaxed);
+                    let fetched = asked.checked_sub(age).unwrap_or(asked);
+                    return (fetched, Some(l.tasks.into_iter().collect()));
+                }
+                // Listed since a later start than this process's oldest waiter's: list
+                // from that one, and publish it for everyone.
+                SharedTake::Listing(..) | SharedTake::Yours => turn = true,
+                SharedTake::Unavailable => {}
+            }
+        }
+        let fetched = Instant::now();
+        let listing = client
+            .node_tasks_as(
+                &self.node,
+                &TaskQuery {
+                    source: TaskSource::All,
+                    since,
+                    limit: Some(LIST_LIMIT),
+                    ..TaskQuery::default()
+                },
+                RequestKind::TaskList,
+            )
+            .await;
+        match listing {
+            Ok(list) => {
+                let tasks: Vec<(String, Option<String>)> = list
+                    .tasks
+                    .into_iter()
+                    .map(|t| {
+                        let exit = t.exitstatus().map(str::to_owned);
+                        (t.upid, exit)
+                    })
+                    .collect();
+                // A cut page covers less than `since` says: not for the others.
+                let whole = list.total.is_none_or(|n| n as usize <= tasks.len());
+                if let (Some(share), true) = (share, turn) {
+                    if !whole {
+                        share.give_up(&self.node).await;
+                        return (fetched, Some(tasks.into_iter().collect()));
+                    }
+
+                    let l = SharedListing {
+                        since: since_or_all,
+                        tasks,
+                    };
+                    share.put(&self.node, &l, fetched.elapsed()).await;
+                    return (fetched, Some(l.tasks.into_iter().collect()));
+                }
+                (fetched, Some(tasks.into_iter().collect()))
+            }
+            Err(e) => {
+                if let (Some(share), true) = (share, turn) {
+                    share.give_up(&self.node).await;
+                }
+                if matches!(
+                    e.class(),
+                    ErrorClass::Permission | ErrorClass::NotFound | ErrorClass::Param
+                ) {
+                    tracing::debug!(node = %self.node, error = %e, "task listing refused; waiters poll each task");
+                    self.unsupported.store(true, Ordering::Relaxed);
+                }
+                (fetched, None)
+            }
+        }
+    }
+
     /// The loop: list when the earliest waiter is due, hand out verdicts, stop when idle.
     async fn run(self: Arc<Self>, client: PveClient) {
         // However the loop ends (idle, or its runtime going away), the next waiter must be
@@ -339,19 +555,30 @@ impl NodeWatch {
         let _stopped = Stopped(self.clone());
         let mut last_listing: Option<Instant> = None;
         loop {
-            let due = {
+            let (due, since, tolerance) = {
                 let mut st = self.state();
                 st.waiters
                     .retain(|_, w| w.tx.as_ref().is_some_and(|t| !t.is_closed()));
-                // Never two listings closer than LISTING_GAP first intervals: with tasks
-                // starting all the time, the youngest one's first interval set the pace
-                // for every task of the node (5.5 listings per VM on the class, more
-                // than one status poll per task would cost).
-                let floor = last_listing
-                    .zip(st.waiters.values().map(|w| w.initial).min())
-                    .map(|(l, g)| l + g * LISTING_GAP);
+                // Never two listings closer than the node's floor: with tasks starting
+                // all the time, the youngest one's first interval set the pace for every
+                // task of the node (5.5 listings per VM on the class, more than one
+                // status poll per task would cost).
+                let gap = st.listing_floor();
+                let floor = last_listing.zip(gap).map(|(l, g)| l + g);
+                let since = st.waiters.values().map(|w| w.starttime).min();
+                // Another process's listing will do if it is no older than half the
+                // shortest interval of the waiters (nor than the floor): it then adds at
+                // most half an interval to when a task's end is seen.
+                let now = Instant::now();
+                let tolerance = st
+                    .waiters
+                    .values()
+                    .map(|w| interval_for(now - w.started, w.initial, w.max) / 2)
+                    .min()
+                    .unwrap_or_default()
+                    .max(gap.unwrap_or_default());
                 match st.waiters.values().map(|w| w.next_due).min() {
-                    Some(d) => floor.map_or(d, |f| d.max(f)),
+                    Some(d) => (floor.map_or(d, |f| d.max(f)), since, tolerance),
                     // `Stopped` marks the loop as not running, under this same lock hold
                     // being released first: a waiter registering meanwhile is answered
                     // `CheckStatus` and registers again, starting a new loop.
@@ -364,42 +591,11 @@ impl NodeWatch {
                     _ = self.wake.notified() => continue,
                 }
             }
-            let fetched = Instant::now();
+            let (fetched, listed) = self.list(&client, since, tolerance).await;
             last_listing = Some(fetched);
-            let listing = client
-                .node_tasks_as(
-                    &self.node,
-                    &TaskQuery {
-                        source: TaskSource::Active,
-                        limit: Some(LIST_LIMIT),
-                        ..TaskQuery::default()
-                    },
-                    RequestKind::TaskList,
-                )
-                .await;
             let now = Instant::now();
-            let listed: Option<HashMap<String, Option<String>>> = match listing {
-                Ok(list) => Some(
-                    list.tasks
-                        .into_iter()
-                        .map(|t| {
-                            let exit = t.exitstatus().map(str::to_owned);
-                            (t.upid, exit)
-                        })
-                        .collect(),
-                ),
-                Err(e) => {
-                    if matches!(
-                        e.class(),
-                        ErrorClass::Permission | ErrorClass::NotFound | ErrorClass::Param
-                    ) {
-                        tracing::debug!(node = %self.node, error = %e, "task listing refused; waiters poll each task");
-                        self.unsupported.store(true, Ordering::Relaxed);
-                    }
-                    None
-                }
-            };
             let mut st = self.state();
+            let mut ended_ok = Vec::new();
             for w in st.waiters.values_mut() {
                 if w.registered > fetched {
                     continue;
@@ -414,6 +610,11 @@ impl NodeWatch {
                 };
                 match verdict {
                     Some(v) => {
+                        if let Verdict::Ended(exit) = &v
+                            && (exit == "OK" || exit.starts_with("WARNINGS"))
+                        {
+                            ended_ok.push((w.task_type.clone(), now - w.started));
+                        }
                         if let Some(tx) = w.tx.take() {
                             let _ = tx.send(v);
                         }
@@ -424,6 +625,9 @@ impl NodeWatch {
                 }
             }
             st.waiters.retain(|_, w| w.tx.is_some());
+            for (task_type, took) in ended_ok {
+                st.ended_ok(&task_type, took);
+            }
         }
     }
 }
