@@ -227,6 +227,17 @@ impl Rig {
                 if f[0].as_deref() != Some("done") && open < 20 {
                     open += 1;
                     out += &format!("  {k}: {f:?}\n");
+                    // A dead job's attempts: what each one ended on, and when.
+                    if f[0].as_deref() == Some("dead")
+                        && let Ok(Some(job)) = q.job(&k).await
+                    {
+                        for h in &job.history {
+                            out += &format!(
+                                "    attempt {} {} at {:?}: {}\n",
+                                h.attempt, h.outcome, h.started_at, h.error
+                            );
+                        }
+                    }
                 }
             }
         }
