@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use super::client::{Params, PveClient, RequestKind, decode, seg};
 use super::error::{ErrorClass, PveError};
 use super::lenient;
+use super::task::parse_exitstatus;
 use super::upid::Upid;
 
 /// More tasks than this on one node since the oldest waiter's started and the listing is
@@ -149,8 +150,8 @@ pub struct SharedListing {
 /// Task listings shared by the processes that watch the same nodes (the worker's:
 /// `jobs::task_lists`, in Redis), so that the listings Proxmox serves do not grow with the
 /// number of worker processes: a listing one process fetched answers the others' waiters
-/// while it is younger than the node's listing floor, as long as a listing of their own
-/// would have had to wait anyway. Stale answers cannot mislead: a task shown running is
+/// while it is no older than half their shortest interval (nor than their listing floor).
+/// Stale answers cannot mislead: a task shown running is
 /// looked at again, one not shown reads its own status, and an end shown is an end.
 pub trait TaskListShare: Send + Sync {
     /// The listing of `node` fetched at most `max_age` ago, waiting a little for the one
@@ -408,7 +409,6 @@ impl NodeWatch {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let start_loop = {
             let mut st = self.state();
-            // Checked at once when the loop is idle, else with the next due listing.
             // A re-registration keeps its own time; a new task waits until it may have
             // ended, then is checked with the next due listing (at once when idle).
             let first_check = first_check.unwrap_or_else(|| {
@@ -504,20 +504,18 @@ impl NodeWatch {
                     .collect();
                 // A cut page covers less than `since` says: not for the others.
                 let whole = list.total.is_none_or(|n| n as usize <= tasks.len());
+                let l = SharedListing {
+                    since: since_or_all,
+                    tasks,
+                };
                 if let (Some(share), true) = (share, turn) {
-                    if !whole {
+                    if whole {
+                        share.put(&self.node, &l, fetched.elapsed()).await;
+                    } else {
                         share.give_up(&self.node).await;
-                        return (fetched, Some(tasks.into_iter().collect()));
                     }
-
-                    let l = SharedListing {
-                        since: since_or_all,
-                        tasks,
-                    };
-                    share.put(&self.node, &l, fetched.elapsed()).await;
-                    return (fetched, Some(l.tasks.into_iter().collect()));
                 }
-                (fetched, Some(tasks.into_iter().collect()))
+                (fetched, Some(l.tasks.into_iter().collect()))
             }
             Err(e) => {
                 if let (Some(share), true) = (share, turn) {
@@ -611,7 +609,7 @@ impl NodeWatch {
                 match verdict {
                     Some(v) => {
                         if let Verdict::Ended(exit) = &v
-                            && (exit == "OK" || exit.starts_with("WARNINGS"))
+                            && parse_exitstatus(exit).is_ok()
                         {
                             ended_ok.push((w.task_type.clone(), now - w.started));
                         }
