@@ -75,23 +75,29 @@ pub async fn find_clone(
         .await?;
     let mut undecided = list.total.is_some_and(|t| t > MAX_CANDIDATES);
     let mut ended = None;
-    for t in list.tasks {
+    let mut tasks = list.tasks;
+    // Newest first: the newest ended task naming `newid` is the one that counts, so once
+    // it is known, older ended tasks (most of a busy template's) are not read at all.
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.starttime.unwrap_or(0)));
+    for t in tasks {
         let Ok(upid) = t.upid.parse::<Upid>() else {
             continue;
         };
         let running = t.exitstatus().is_none();
+        if !running && ended.is_some() {
+            continue;
+        }
         let late = t
             .starttime
             .is_some_and(|s| s as i64 > since.timestamp() + LATE_START_SECS);
-        let (lines, _) = pve.task_log(&upid, 0, 0).await?;
-        let named: Vec<u32> = lines.iter().filter_map(|l| vm_disk_owner(&l.t)).collect();
+        let named = disk_owners(pve, &upid, running).await?;
         if named.contains(&newid) {
             // Two calls into one VMID (the first one's reply lost) make two tasks: the one
             // still running is the one that matters.
             if running {
                 return Ok(CloneSearch::Found { upid, running });
             }
-            ended.get_or_insert(upid);
+            ended = Some(upid);
             continue;
         }
         if running && !late && named.is_empty() {
@@ -106,6 +112,50 @@ pub async fn find_clone(
         },
         None => CloneSearch::NotFound,
     })
+}
+
+/// The VMIDs whose disks a clone task's log names, read once per process when decided.
+async fn disk_owners(pve: &PveClient, upid: &Upid, running: bool) -> Result<Vec<u32>, PveError> {
+    let key = (pve.base_url().to_owned(), upid.to_string());
+    if let Some(named) = DECIDED_LOGS.get(&key) {
+        return Ok(named);
+    }
+    let (lines, _) = pve.task_log(upid, 0, 0).await?;
+    let named: Vec<u32> = lines.iter().filter_map(|l| vm_disk_owner(&l.t)).collect();
+    // An ended task's log is final, and a running clone that names a volume has named
+    // the VM it makes; a running one that names none yet is read again next time.
+    if !running || !named.is_empty() {
+        DECIDED_LOGS.put(key, named.clone());
+    }
+    Ok(named)
+}
+
+/// Clone task logs already read whose answer cannot change, by API URL and UPID: the
+/// searches of lost clones from one template (a class cloning it) read the same tasks,
+/// each of which costs a request that may fail.
+static DECIDED_LOGS: DecidedLogs = DecidedLogs(std::sync::Mutex::new(None));
+
+/// At most this many logs are remembered; past it the memory starts again.
+const DECIDED_LOGS_MAX: usize = 4096;
+
+type LogKey = (String, String);
+
+struct DecidedLogs(std::sync::Mutex<Option<std::collections::HashMap<LogKey, Vec<u32>>>>);
+
+impl DecidedLogs {
+    fn get(&self, key: &LogKey) -> Option<Vec<u32>> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.as_ref().and_then(|m| m.get(key).cloned())
+    }
+
+    fn put(&self, key: LogKey, named: Vec<u32>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = m.get_or_insert_with(Default::default);
+        if m.len() >= DECIDED_LOGS_MAX {
+            m.clear();
+        }
+        m.insert(key, named);
+    }
 }
 
 /// Which tasks [`find_task`] looks among.

@@ -11,7 +11,9 @@
 //! Two watchers due at once would both find nothing and both list; so the one that finds
 //! nothing also takes `tasks-turn:<cluster>/<node>` (`SET NX`, [`TURN`]) and lists, and the
 //! others ask again every [`AGAIN`] until its listing is in, its turn ends without one, or
-//! [`REDIS_WAIT`] has passed (then they list, without publishing).
+//! as long as their own listing would take has passed (then they list, without
+//! publishing). A watcher whose tolerance is under two listings' time does not use the
+//! share at all (`pve::watch`): at that pace a listing from elsewhere is seldom young enough.
 //!
 //! Redis being slow or away costs only the sharing: a read that fails or takes longer
 //! than [`REDIS_WAIT`] lets the watcher ask Proxmox itself, and the share stays unused for
@@ -83,6 +85,16 @@ return 1
     )
 });
 
+/// What asking for a listing brought.
+enum Asked {
+    /// A listing young enough (its JSON) and its remaining time to live (ms).
+    Listing(String, i64),
+    /// The turn to list is ours.
+    Turn,
+    /// Another process held the turn all the time we would wait.
+    NothingInTime,
+}
+
 /// What is stored: the listing and its age when published.
 #[derive(Deserialize)]
 struct Stored {
@@ -140,11 +152,14 @@ impl RedisTaskLists {
         self.quiet_until.store(until, Ordering::Relaxed);
     }
 
-    async fn read(&self, node: &str, max_age: Duration) -> SharedTake {
+    async fn read(&self, node: &str, max_age: Duration, wait: Duration) -> SharedTake {
         if self.quiet() {
             return SharedTake::Unavailable;
         }
         let (key, turn) = (self.key(node), self.turn_key(node));
+        // Another process's turn is waited for as long as the caller's own listing would
+        // take (`wait`), no longer.
+        let give_up_at = tokio::time::Instant::now() + wait.min(REDIS_WAIT);
         let asking = async {
             loop {
                 let mut c = self.queue.connection();
@@ -158,21 +173,28 @@ impl RedisTaskLists {
                     .invoke_async(&mut c)
                     .await?;
                 match what {
-                    1 => return Ok::<_, redis::RedisError>(Some((value, pttl))),
-                    2 => return Ok(None),
+                    1 => return Ok::<_, redis::RedisError>(Asked::Listing(value, pttl)),
+                    2 => return Ok(Asked::Turn),
+                    _ if tokio::time::Instant::now() + AGAIN > give_up_at => {
+                        return Ok(Asked::NothingInTime);
+                    }
                     _ => tokio::time::sleep(AGAIN).await,
                 }
             }
         };
         let (value, pttl) = match tokio::time::timeout(REDIS_WAIT, asking).await {
-            Ok(Ok(Some(v))) => v,
-            Ok(Ok(None)) => return SharedTake::Yours,
+            Ok(Ok(Asked::Listing(v, pttl))) => (v, pttl),
+            Ok(Ok(Asked::Turn)) => return SharedTake::Yours,
+            // Another process's turn that brought nothing in time: not Redis's fault.
+            Ok(Ok(Asked::NothingInTime)) => return SharedTake::Unavailable,
             Ok(Err(e)) => {
                 self.failed("a read", &e);
                 return SharedTake::Unavailable;
             }
-            // Another process's turn that brought nothing in time: not Redis's fault.
-            Err(_) => return SharedTake::Unavailable,
+            Err(_) => {
+                self.failed("a read", &"no answer in time");
+                return SharedTake::Unavailable;
+            }
         };
         match serde_json::from_str::<Stored>(&value) {
             Ok(stored) if pttl > 0 => {
@@ -221,8 +243,9 @@ impl TaskListShare for RedisTaskLists {
         &'a self,
         node: &'a str,
         max_age: Duration,
+        wait: Duration,
     ) -> Pin<Box<dyn Future<Output = SharedTake> + Send + 'a>> {
-        Box::pin(self.read(node, max_age))
+        Box::pin(self.read(node, max_age, wait))
     }
 
     fn put<'a>(

@@ -154,12 +154,13 @@ pub struct SharedListing {
 /// Stale answers cannot mislead: a task shown running is
 /// looked at again, one not shown reads its own status, and an end shown is an end.
 pub trait TaskListShare: Send + Sync {
-    /// The listing of `node` fetched at most `max_age` ago, waiting a little for the one
-    /// another process is fetching right now; or this process's turn to fetch it.
+    /// The listing of `node` fetched at most `max_age` ago, waiting up to `wait` for the
+    /// one another process is fetching right now; or this process's turn to fetch it.
     fn take<'a>(
         &'a self,
         node: &'a str,
         max_age: Duration,
+        wait: Duration,
     ) -> Pin<Box<dyn Future<Output = SharedTake> + Send + 'a>>;
 
     /// Publishes `listing` of `node`, fetched `age` ago, and ends this process's turn.
@@ -215,45 +216,6 @@ impl PveClient {
             tasks: decode(&path, env.data)?,
             total: env.total,
         })
-    }
-
-    /// Finds the UPID of a clone whose reply was lost (596, 502-504, a dropped connection):
-    /// the `qmclone` tasks on `node` from template/VM `source` started since `since` (Unix
-    /// time, server clock; allow for skew) whose log names a volume of `newid`
-    /// (`vm-<newid>-disk-N`). `Ok(None)` when no such task is found; the log of a clone
-    /// onto a storage that prints no volume names (rbd) cannot tell, so the caller must
-    /// also check the new VM itself (its `lock: clone` config, its marker).
-    pub async fn find_clone_task(
-        &self,
-        node: &str,
-        source: u32,
-        newid: u32,
-        since: i64,
-    ) -> Result<Option<Upid>, PveError> {
-        let list = self
-            .node_tasks(
-                node,
-                &TaskQuery {
-                    source: TaskSource::All,
-                    vmid: Some(source),
-                    typefilter: Some("qmclone".into()),
-                    since: Some(since),
-                    limit: Some(500),
-                    ..TaskQuery::default()
-                },
-            )
-            .await?;
-        let needle = format!("vm-{newid}-disk-");
-        for t in list.tasks {
-            let Ok(upid) = t.upid.parse::<Upid>() else {
-                continue;
-            };
-            let (lines, _) = self.task_log(&upid, 0, 0).await?;
-            if lines.iter().any(|l| l.t.contains(&needle)) {
-                return Ok(Some(upid));
-            }
-        }
-        Ok(None)
     }
 }
 
@@ -337,6 +299,9 @@ pub(crate) struct NodeWatch {
     next_id: AtomicU64,
     /// Set when listing is refused for good: waiters poll their own task's status.
     unsupported: AtomicBool,
+    /// How long this process's listings of the node take (microseconds, a moving average;
+    /// 0 before the first).
+    listing_us: AtomicU64,
 }
 
 /// A waiter's place in a [`NodeWatch`]; leaving (drop) unregisters it.
@@ -369,6 +334,7 @@ impl TaskWatcher {
                     wake: Notify::new(),
                     next_id: AtomicU64::new(0),
                     unsupported: AtomicBool::new(false),
+                    listing_us: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -386,6 +352,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl NodeWatch {
+    /// Counts one listing's round trip into the node's average (a quarter weight).
+    fn took(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.listing_us.load(Ordering::Relaxed);
+        let avg = if old == 0 { us } else { (old * 3 + us) / 4 };
+        self.listing_us.store(avg.max(1), Ordering::Relaxed);
+    }
+
     fn state(&self) -> MutexGuard<'_, NodeState> {
         lock(&self.state)
     }
@@ -459,12 +433,18 @@ impl NodeWatch {
         since: Option<i64>,
         tolerance: Duration,
     ) -> (Instant, Option<HashMap<String, Option<String>>>) {
-        let share = client.task_list_share();
+        // Another process's listing reaches this one a round trip after it was fetched at
+        // best: with less tolerance than two listings take, it is seldom young enough, and
+        // waiting for it would only delay the waiters (tasks that end within milliseconds).
+        let took = Duration::from_micros(self.listing_us.load(Ordering::Relaxed));
+        let share = client
+            .task_list_share()
+            .filter(|_| !took.is_zero() && tolerance >= 2 * took);
         let since_or_all = since.unwrap_or(i64::MIN);
         let mut turn = false;
         if let Some(share) = share {
             let asked = Instant::now();
-            match share.take(&self.node, tolerance).await {
+            match share.take(&self.node, tolerance, 2 * took).await {
                 SharedTake::Listing(l, age) if l.since <= since_or_all => {
                     client
                         .counters()
@@ -494,6 +474,7 @@ impl NodeWatch {
             .await;
         match listing {
             Ok(list) => {
+                self.took(fetched.elapsed());
                 let tasks: Vec<(String, Option<String>)> = list
                     .tasks
                     .into_iter()

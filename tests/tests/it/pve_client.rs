@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use pve_sim::{Fault, RequestFault, Sim, SimConfig, SimHandle, TlsMode};
+use shared::jobs::lost_reply::{CloneSearch, find_clone};
 use shared::pve::*;
 use shared::secret::Secret;
 use tokio_util::sync::CancellationToken;
@@ -1064,22 +1065,22 @@ async fn lost_clone_reply_is_found_again_in_the_node_task_list() {
         )
         .await
         .unwrap();
-    let found = pve
-        .find_clone_task("pve1", 9000, 321, since)
-        .await
-        .unwrap()
-        .expect("the clone's task is in the list");
+    // Until it names its volume, the other clone might be ours: the search waits for it.
+    pve.wait_task(&other, &wait_opts()).await.unwrap();
+    let since_t = chrono::DateTime::from_timestamp(since, 0).unwrap();
+    let found = match find_clone(&pve, "pve1", 9000, 321, since_t).await.unwrap() {
+        CloneSearch::Found { upid, .. } => upid,
+        other => panic!("the clone's task is in the list: {other:?}"),
+    };
     assert_ne!(found, other);
     assert_eq!(found.task_type(), "qmclone");
     assert_eq!(
         pve.wait_task(&found, &wait_opts()).await.unwrap(),
         TaskOutcome::Ok
     );
-    assert!(
-        pve.find_clone_task("pve1", 9000, 399, since)
-            .await
-            .unwrap()
-            .is_none()
+    assert_eq!(
+        find_clone(&pve, "pve1", 9000, 399, since_t).await.unwrap(),
+        CloneSearch::NotFound
     );
     let list = pve
         .node_tasks(
@@ -1100,6 +1101,54 @@ async fn lost_clone_reply_is_found_again_in_the_node_task_list() {
             .all(|t| t.user.as_deref() == Some("root@pam")
                 && t.tokenid.as_deref() == Some("labfleet"))
     );
+}
+
+/// A class cloning one template makes its task list long: the search for a lost clone's
+/// task read the log of every clone from that template since the call (each read a request
+/// that may fail, so under faults the search failed as often as not). Newest first, it
+/// stops reading ended logs at the newest task naming the VMID, and a log that cannot change
+/// is read once per process.
+#[tokio::test]
+async fn a_lost_clones_search_reads_each_final_log_once_and_none_older_than_its_task() {
+    let h = sim_with(0.02, TlsMode::SelfSigned).await;
+    let pve = client(&h, root_token());
+    let since = chrono::Utc::now() - chrono::TimeDelta::seconds(5);
+    for newid in 400..410 {
+        let p = CloneParams {
+            newid,
+            ..Default::default()
+        };
+        let upid = pve.clone_vm("pve1", 9000, &p).await.unwrap();
+        pve.wait_task(&upid, &wait_opts()).await.unwrap();
+    }
+    let log_reads = || {
+        h.stats()["requests"]["GET /nodes/{node}/tasks/{upid}/log"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = log_reads();
+    // The newest clone: its own log only.
+    assert!(matches!(
+        find_clone(&pve, "pve1", 9000, 409, since).await.unwrap(),
+        CloneSearch::Found { running: false, .. }
+    ));
+    assert_eq!(
+        log_reads() - before,
+        1,
+        "logs read to find the newest clone"
+    );
+    // A VMID no clone made: every other log once...
+    assert_eq!(
+        find_clone(&pve, "pve1", 9000, 499, since).await.unwrap(),
+        CloneSearch::NotFound
+    );
+    assert_eq!(log_reads() - before, 10, "logs read by two searches");
+    // ... and no log again.
+    assert!(matches!(
+        find_clone(&pve, "pve1", 9000, 403, since).await.unwrap(),
+        CloneSearch::Found { running: false, .. }
+    ));
+    assert_eq!(log_reads() - before, 10, "logs read by three searches");
 }
 
 /// Two worker processes waiting on one node's tasks: each lists the node at its own pace,
