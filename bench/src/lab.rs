@@ -41,32 +41,6 @@ pub struct Lab {
     scaled_clocks: bool,
 }
 
-/// labfleet's wall-clock timers at the simulator's time scale (see [`LabSpec::scaled_clocks`]),
-/// kept above 5 ms.
-fn scale_clocks(wc: &mut worker::WorkerConfig, scale: f64) {
-    if scale <= 0.0 {
-        return;
-    }
-    let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
-    wc.timing.poll_initial = s(wc.timing.poll_initial);
-    wc.timing.poll_max = s(wc.timing.poll_max);
-    wc.timing.api_retry = wc
-        .timing
-        .api_retry
-        .mul_f64(scale)
-        .max(Duration::from_millis(1));
-    wc.queue.idle_poll = s(wc.queue.idle_poll);
-    for p in wc
-        .queue
-        .retry_by_kind
-        .values_mut()
-        .chain([&mut wc.queue.default_retry])
-    {
-        p.base = s(p.base);
-        p.cap = s(p.cap);
-    }
-}
-
 impl std::ops::Deref for Lab {
     type Target = labfleet_tests::lab::Lab;
     fn deref(&self) -> &Self::Target {
@@ -175,7 +149,7 @@ impl Lab {
             let mut wc = self.worker_config(&format!("bench-w{i}"));
             wc.concurrency = conc;
             if self.scaled_clocks {
-                scale_clocks(&mut wc, self.time_scale);
+                wc.scale_clocks(self.time_scale);
             }
             workers.push(worker::run(wc, shutdown.child_token()));
         }

@@ -513,6 +513,9 @@ pub async fn overhead(
             .zip(cpu(&pids).iter().zip(&cpu0))
             .map(|((n, _), (a, b))| (n.clone(), a - b))
             .collect();
+        if let Ok(path) = std::env::var("BENCH_TRACE") {
+            trace_jobs(&lab, &path).await?;
+        }
         lab::stop_workers(&mut children);
         let (sub, e2e, vms) = r?;
         let s = lab.sim.stats();

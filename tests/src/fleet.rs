@@ -29,6 +29,8 @@ pub struct WorkerOpts {
     /// `LABFLEET_TEST_CLOCK=1`: the worker's schedule clock adds the test-only offset
     /// (`shared::scheduler`).
     pub test_clock: bool,
+    /// `--time-scale`: labfleet's timers at the simulator's time scale (`None`: real time).
+    pub time_scale: Option<f64>,
 }
 
 impl Default for WorkerOpts {
@@ -42,6 +44,7 @@ impl Default for WorkerOpts {
             log_format: "text",
             verbose: false,
             test_clock: false,
+            time_scale: None,
         }
     }
 }
@@ -96,6 +99,9 @@ impl Fleet {
             .args(["--log-format", o.log_format]);
         if o.verbose {
             cmd.arg("-v");
+        }
+        if let Some(f) = o.time_scale {
+            cmd.args(["--time-scale", &f.to_string()]);
         }
         if o.test_clock {
             cmd.env("LABFLEET_TEST_CLOCK", "1");

@@ -63,6 +63,30 @@ impl WorkerConfig {
     }
 }
 
+impl WorkerConfig {
+    /// labfleet's own timers (task polling, API gate, re-checks, queue polling, retry
+    /// backoff) at a simulator's time scale: with wall-clock timers, a 1 s poll against
+    /// `pve-sim --time-scale 0.1` is a 10 s poll in simulated time. Kept above 5 ms; a scale
+    /// of 0 or less (the zero-cost simulator) changes nothing.
+    pub fn scale_clocks(&mut self, scale: f64) {
+        if scale <= 0.0 {
+            return;
+        }
+        self.timing = self.timing.scaled(scale);
+        let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
+        self.queue.idle_poll = s(self.queue.idle_poll);
+        for p in self
+            .queue
+            .retry_by_kind
+            .values_mut()
+            .chain([&mut self.queue.default_retry])
+        {
+            p.base = s(p.base);
+            p.cap = s(p.cap);
+        }
+    }
+}
+
 /// Runs a worker until `shutdown` is cancelled, then drains gracefully.
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let conn_path = cfg.data_dir.join("connections.yml");

@@ -44,6 +44,10 @@ struct Args {
     /// Cap of the retry backoff in seconds (per kind defaults: 30 s, clones 60 s).
     #[arg(long, value_name = "SECS")]
     backoff_cap: Option<f64>,
+    /// Scale labfleet's own timers (task polling, re-checks, retry backoff) by this factor,
+    /// for a simulator running at `pve-sim --time-scale` F; a real cluster is 1.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    time_scale: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -75,6 +79,10 @@ async fn main() -> anyhow::Result<()> {
     cfg.queue.renew_every = secs(a.lease / 3.0);
     cfg.queue.reap_every = secs(a.sweep);
     cfg.queue.shutdown_grace = secs(a.grace);
+    // Scaled first: an explicit --backoff-cap is taken as written.
+    if a.time_scale != 1.0 {
+        cfg.scale_clocks(a.time_scale);
+    }
     if let Some(cap) = a.backoff_cap {
         for p in cfg.queue.retry_by_kind.values_mut() {
             p.cap = secs(cap);

@@ -64,9 +64,6 @@ enum Found {
     Foreign,
 }
 
-/// How long a clone job waits before looking again at a VM of its own being destroyed.
-const GOING_WAIT: Duration = Duration::from_secs(2);
-
 pub async fn run(j: &CloneJob, lease: &Lease, env: &Env) -> Result<(), JobError> {
     // Whenever a clone job hands itself back, a clone task of its own may still run on
     // Proxmox (it is waiting for it, or cannot rule it out): its node and storage slots stay
@@ -143,9 +140,10 @@ async fn resume(
     mut vmid: u32,
     quarantined: &mut Vec<u32>,
 ) -> Result<Option<u32>, JobError> {
-    let recent = |since: Option<chrono::DateTime<Utc>>| {
-        since.is_some_and(|t| Utc::now() - t < chrono::TimeDelta::seconds(10))
-    };
+    let window =
+        chrono::Duration::from_std(c.env.timing.lost_call_window).unwrap_or(chrono::TimeDelta::MAX);
+    let recent =
+        |since: Option<chrono::DateTime<Utc>>| since.is_some_and(|t| Utc::now() - t < window);
     let mut task_ended = false;
     let mut known = f.upid.as_deref().and_then(|u| u.parse::<Upid>().ok());
     // A call made without learning its UPID (its reply lost, or the worker died right
@@ -185,7 +183,7 @@ async fn resume(
         }
         // A call made just before the crash may not have written its config yet.
         Found::Nothing if !task_ended && recent(f.since) => {
-            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+            return Err(JobError::DeferredFor(c.env.timing.recheck));
         }
         Found::Nothing => {}
         Found::Unfinished { .. }
@@ -199,7 +197,7 @@ async fn resume(
             // A clone whose task we never learned (the worker died between the call and
             // recording its UPID) may still be running: wait for it without spending an
             // attempt, until the clone deadline says it is half-made.
-            return Err(JobError::DeferredFor(Duration::from_secs(3)));
+            return Err(JobError::DeferredFor(c.env.timing.recheck));
         }
         Found::Unfinished { .. } if !reserved_for_us(c.env, &c.space, &c.owner, vmid).await? => {
             vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
@@ -209,7 +207,7 @@ async fn resume(
         }
         Found::Going { node } => {
             if destroy_running(c, &node, vmid).await? {
-                return Err(JobError::DeferredFor(GOING_WAIT));
+                return Err(JobError::DeferredFor(c.env.timing.recheck));
             }
             // The destroy died and left its lock: a half-made VM like any other.
             vmid = if reserved_for_us(c.env, &c.space, &c.owner, vmid).await? {
@@ -270,10 +268,10 @@ async fn clone_into(
                         .await
                         .map_err(keep_slots)?;
                     // Our own earlier call's clone, still running: wait for it.
-                    return Err(JobError::DeferredFor(Duration::from_secs(3)));
+                    return Err(JobError::DeferredFor(c.env.timing.recheck));
                 }
                 // Our half-made VM, its removal still running: the VMID is free soon.
-                Found::Going { .. } => return Err(JobError::DeferredFor(GOING_WAIT)),
+                Found::Going { .. } => return Err(JobError::DeferredFor(c.env.timing.recheck)),
                 _ => {
                     vmid = new_vmid(j, c.env, &c.space, &c.owner).await?;
                     continue;
@@ -287,7 +285,7 @@ async fn clone_into(
                 tracing::warn!(vmid, error = %e, "clone call without an answer; looking for its task");
                 match find_lost_clone(j, c.lease, c.env, &c.pve, vmid, since, quarantined).await? {
                     Some(u) => u,
-                    None => return Err(JobError::DeferredFor(Duration::from_secs(2))),
+                    None => return Err(JobError::DeferredFor(c.env.timing.recheck)),
                 }
             }
             Err(e) => return Err(pve_error(e)),
@@ -359,10 +357,10 @@ async fn after_failed_task(
             record_since(c.j, c.lease, c.env, vmid, None, quarantined, since)
                 .await
                 .map_err(keep_slots)?;
-            Err(JobError::DeferredFor(Duration::from_secs(3)))
+            Err(JobError::DeferredFor(c.env.timing.recheck))
         }
         // Looked at again (and waited for) by the next attempt.
-        Found::Going { .. } => Err(JobError::DeferredFor(GOING_WAIT)),
+        Found::Going { .. } => Err(JobError::DeferredFor(c.env.timing.recheck)),
         Found::Unfinished { .. } | Found::Foreign => {
             Ok(Some(new_vmid(c.j, c.env, &c.space, &c.owner).await?))
         }
@@ -508,7 +506,7 @@ async fn clean_up(
         .unwrap_or_else(Utc::now);
     match lost_reply::find_clone(pve, &j.source_node, j.source_vmid, vmid, since).await {
         Ok(CloneSearch::Found { running: true, .. } | CloneSearch::Undecided) => {
-            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+            return Err(JobError::DeferredFor(env.timing.recheck));
         }
         Ok(_) => {}
         Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
@@ -626,7 +624,7 @@ async fn find_lost_clone(
                 < chrono::Duration::from_std(env.timing.task_deadline)
                     .unwrap_or(chrono::TimeDelta::MAX) =>
         {
-            Err(JobError::DeferredFor(Duration::from_secs(2)))
+            Err(JobError::DeferredFor(env.timing.recheck))
         }
         Ok(_) => Ok(None),
         Err(e) if retryable(&e) => Err(keep_slots(pve_error(e))),

@@ -114,7 +114,7 @@ pub async fn remove(t: &Target<'_>, lease: &Lease, env: &Env) -> Result<(), JobE
             }
         };
         if running {
-            return Err(JobError::DeferredFor(Duration::from_secs(2)));
+            return Err(JobError::DeferredFor(env.timing.recheck));
         }
         if !env.clusters.can_skiplock(t.cluster) {
             let q = Quarantined {

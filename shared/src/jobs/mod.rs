@@ -74,6 +74,12 @@ pub struct Timing {
     /// How often a protected call waiting for room at its node's API gate asks again (with
     /// jitter up to as much again; `api_slots`).
     pub api_retry: Duration,
+    /// How long a job that must look at a VM or task again (a clone of its own still
+    /// running or being removed, a lost reply's task not found yet) hands itself back for.
+    pub recheck: Duration,
+    /// How long a clone call without an answer may still come to run (queued for an API
+    /// worker or a lock): until then, a VMID showing nothing is looked at again.
+    pub lost_call_window: Duration,
 }
 
 impl Default for Timing {
@@ -84,6 +90,28 @@ impl Default for Timing {
             poll_initial: Duration::from_millis(100),
             poll_max: Duration::from_secs(1),
             api_retry: api_slots::RETRY,
+            recheck: Duration::from_secs(2),
+            lost_call_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Timing {
+    /// These timers at a simulator's time scale (`scale` < 1 runs its tasks faster than a
+    /// real cluster's), each kept above 5 ms; a scale of 0 or less changes nothing.
+    pub fn scaled(&self, scale: f64) -> Timing {
+        if scale <= 0.0 {
+            return self.clone();
+        }
+        let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
+        Timing {
+            task_deadline: s(self.task_deadline),
+            cache_ttl: self.cache_ttl,
+            poll_initial: s(self.poll_initial),
+            poll_max: s(self.poll_max),
+            api_retry: self.api_retry.mul_f64(scale).max(Duration::from_millis(1)),
+            recheck: s(self.recheck),
+            lost_call_window: s(self.lost_call_window),
         }
     }
 }

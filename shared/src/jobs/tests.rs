@@ -236,3 +236,17 @@ fn old_payloads_without_optional_fields_still_decode() {
         Job::Permission(PermissionJob { pool: None, .. })
     ));
 }
+
+#[test]
+fn timing_scales_to_a_simulators_pace_but_not_the_cache() {
+    let t = Timing::default();
+    let s = t.scaled(0.1);
+    assert_eq!(s.poll_max, t.poll_max / 10);
+    assert_eq!(s.recheck, Duration::from_millis(200));
+    assert_eq!(s.lost_call_window, Duration::from_secs(1));
+    assert_eq!(s.task_deadline, Duration::from_secs(360));
+    assert_eq!(s.cache_ttl, t.cache_ttl, "facts age in real time");
+    // Floors: no timer below 5 ms, and scale 0 (the zero-cost simulator) keeps them all.
+    assert_eq!(t.scaled(0.0001).poll_initial, Duration::from_millis(5));
+    assert_eq!(t.scaled(0.0).recheck, t.recheck);
+}

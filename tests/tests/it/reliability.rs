@@ -238,6 +238,20 @@ impl Rig {
                             );
                         }
                     }
+                    // And what the workers logged of its VM (which call failed, when).
+                    if f[0].as_deref() == Some("dead")
+                        && let Some(vm) = k.split_once("/vm/").and_then(|(_, r)| r.rsplit_once('/'))
+                    {
+                        let logs = self.fleet.logs();
+                        let lines: Vec<&str> = logs
+                            .iter()
+                            .flat_map(|(_, l)| l.lines())
+                            .filter(|l| l.contains(vm.0))
+                            .collect();
+                        for l in &lines[lines.len().saturating_sub(40)..] {
+                            out += &format!("    log: {l}\n");
+                        }
+                    }
                 }
             }
         }
@@ -846,10 +860,12 @@ async fn p4_proxmox_faults_at_20_percent() {
         users,
         time_scale: 0.1,
         auth: Auth::Password,
-        // Retries are scaled down with everything else: a 2 s backoff cap against a node
-        // offline for 1.5 s (real defaults: 30-60 s caps against minutes).
+        // labfleet's timers at the simulator's pace (its re-checks of lost replies hold
+        // clone slots), but a 2 s backoff cap against a node offline for 1.5 s (real
+        // defaults: 30-60 s caps against minutes).
         workers: WorkerOpts {
             backoff_cap: 2.0,
+            time_scale: Some(0.1),
             ..WorkerOpts::default()
         },
         ..RigOpts::default()
