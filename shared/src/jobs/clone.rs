@@ -203,7 +203,7 @@ async fn resume(
             vmid = new_vmid(c.j, c.env, &c.space, &c.owner).await?;
         }
         Found::Unfinished { node, lock } => {
-            vmid = clean_up(c, vmid, &node, &lock, quarantined).await?;
+            vmid = clean_up(c, vmid, &node, &lock, task_ended, quarantined).await?;
         }
         Found::Going { node } => {
             if destroy_running(c, &node, vmid).await? {
@@ -211,7 +211,7 @@ async fn resume(
             }
             // The destroy died and left its lock: a half-made VM like any other.
             vmid = if reserved_for_us(c.env, &c.space, &c.owner, vmid).await? {
-                clean_up(c, vmid, &node, "destroyed", quarantined).await?
+                clean_up(c, vmid, &node, "destroyed", task_ended, quarantined).await?
             } else {
                 new_vmid(c.j, c.env, &c.space, &c.owner).await?
             };
@@ -344,7 +344,7 @@ async fn after_failed_task(
             // Our task died and left a half-made VM: remove or quarantine it, then clone
             // again (under a new VMID if quarantined).
             tracing::warn!(vmid, node, error = %msg, "clone task failed half way");
-            let next = clean_up(c, vmid, &node, &lock, quarantined).await?;
+            let next = clean_up(c, vmid, &node, &lock, true, quarantined).await?;
             Ok(Some(next))
         }
         Found::Unfinished { .. }
@@ -482,35 +482,46 @@ async fn new_vmid(j: &CloneJob, env: &Env, space: &Space, owner: &str) -> Result
     Ok(id)
 }
 
-/// Removes a half-made VM of ours, or quarantines its VMID when Proxmox will not let this
-/// connection remove it (a stale `lock` needs `skiplock`, which only root@pam with a
-/// password ticket may use). Returns the VMID to clone into next.
-async fn clean_up(
-    c: &Ctx<'_>,
-    vmid: u32,
-    node: &str,
-    lock: &str,
-    quarantined: &mut Vec<u32>,
-) -> Result<u32, JobError> {
-    let (j, lease, env, pve) = (c.j, c.lease, c.env, &c.pve);
-    lease.check().await?;
-    // Another clone of ours into this VMID may still run (a call whose reply was lost came
-    // to run late): its `lock: clone` is not a half-made VM yet.
+/// Another clone of ours into `vmid` may still run (a call whose reply was lost came to run
+/// late): its `lock: clone` is not a half-made VM yet. A clone task of ours that ended
+/// explains the lock by itself: Proxmox writes the `lock: clone` config in the call, before
+/// the task starts, and refuses any later call into a VMID whose config exists.
+async fn wait_for_a_late_clone(c: &Ctx<'_>, vmid: u32) -> Result<(), JobError> {
+    let (j, env) = (c.j, c.env);
     let since = env
         .store
-        .one_vm(scope_of_key(lease.job_key()), &j.vm.key)
+        .one_vm(scope_of_key(c.lease.job_key()), &j.vm.key)
         .await
         .ok()
         .flatten()
         .and_then(|f| f.since)
         .unwrap_or_else(Utc::now);
-    match lost_reply::find_clone(pve, &j.source_node, j.source_vmid, vmid, since).await {
+    match lost_reply::find_clone(&c.pve, &j.source_node, j.source_vmid, vmid, since).await {
         Ok(CloneSearch::Found { running: true, .. } | CloneSearch::Undecided) => {
-            return Err(JobError::DeferredFor(env.timing.recheck));
+            Err(JobError::DeferredFor(env.timing.recheck))
         }
-        Ok(_) => {}
-        Err(e) if retryable(&e) => return Err(keep_slots(pve_error(e))),
-        Err(_) => {}
+        Ok(_) => Ok(()),
+        Err(e) if retryable(&e) => Err(keep_slots(pve_error(e))),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Removes a half-made VM of ours, or quarantines its VMID when Proxmox will not let this
+/// connection remove it (a stale `lock` needs `skiplock`, which only root@pam with a
+/// password ticket may use). Returns the VMID to clone into next. `left_by_known_task`: the
+/// VM is what our own clone task into `vmid`, known by its UPID and ended, left behind.
+async fn clean_up(
+    c: &Ctx<'_>,
+    vmid: u32,
+    node: &str,
+    lock: &str,
+    left_by_known_task: bool,
+    quarantined: &mut Vec<u32>,
+) -> Result<u32, JobError> {
+    let (j, lease, env, pve) = (c.j, c.lease, c.env, &c.pve);
+    lease.check().await?;
+    if lock == "clone" && !left_by_known_task {
+        wait_for_a_late_clone(c, vmid).await?;
     }
     let skiplock = env.clusters.can_skiplock(&j.vm.cluster);
     if skiplock {

@@ -463,3 +463,85 @@ async fn l6_a_pass_given_back_wakes_the_next_waiter_of_the_process() {
     assert!(all.iter().all(Result::is_ok));
     assert_eq!(rx.recv().await, Some(9), "the urgent writer went first");
 }
+
+/// One router per student, linked from the shared-storage template 120.
+const ROUTER_ONLY: &str = "name: lost-lab\nmachines:\n  - {device_type: router, name: gw, template_node: pve1, template_vmid: 120, networks: [{bridge: vmbr0}]}\n";
+
+/// A half-made clone left by our own clone task (known by its UPID, ended) is removed at
+/// once, even while another clone from the same template waits at the shared storage's lock
+/// naming no volume yet. Such a clone could be a late call of ours only if our task had not
+/// made the VM's config; waiting for it (as before) held the job, its slots and a read per
+/// look for as long as the shared lock stayed busy, and under faults the reads burned the
+/// job's attempts (LABFLEET_FULL p4: router clones dead after 20 attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_a_half_made_clone_our_known_task_left_is_removed_without_waiting_for_others() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut rig = Rig::new(RigOpts {
+        users: 1,
+        time_scale: 1.0,
+        // root@pam with a password: it may remove a VM under a stale lock (skiplock).
+        auth: Auth::Password,
+        deployment: ROUTER_ONLY.to_owned(),
+        ..RigOpts::default()
+    })
+    .await;
+    rig.sim.inject(Fault::CloneHalfFail { count: 1 });
+    rig.fleet.spawn();
+    let (id, plan) = rig.submit().await;
+    wait_for(Duration::from_secs(20), "our clone running", || async {
+        rig.running_clones() > 0
+    })
+    .await;
+    // Another admin's full clone of the same template: it waits for the storage lock, then
+    // holds it 12 s, naming no volume all that time.
+    rig.sim.inject(Fault::SlowTasks {
+        count: 1,
+        factor: 12.0,
+    });
+    let pve = rig.pve();
+    let other = pve
+        .raw_call(
+            Method::POST,
+            "/nodes/pve1/qemu/120/clone",
+            &[("newid", "9100"), ("full", "1"), ("storage", "ceph-vm")],
+        )
+        .await
+        .unwrap();
+    let other: shared::pve::Upid = other.as_str().unwrap().parse().unwrap();
+    let destroyed = || async {
+        let mut n = 0;
+        for node in ["pve1", "pve2", "pve3"] {
+            let path = format!("/nodes/{node}/tasks");
+            let list = pve
+                .raw_call(Method::GET, &path, &[("typefilter", "qmdestroy")])
+                .await
+                .unwrap();
+            n += list.as_array().map_or(0, Vec::len);
+        }
+        n
+    };
+    let t0 = std::time::Instant::now();
+    while destroyed().await == 0 {
+        if t0.elapsed() > Duration::from_secs(7) {
+            for (w, log) in rig.fleet.logs() {
+                eprintln!("--- {w}\n{log}");
+            }
+            panic!("the half-made clone was not removed while the other clone held the lock");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        pve.task_status(&other).await.unwrap().is_running(),
+        "the other clone still runs: the removal did not wait for it"
+    );
+    assert_eq!(rig.faults().get("clone_half_fail").copied(), Some(1));
+    rig.wait_state(&id, "done", Duration::from_secs(90)).await;
+    pve.wait_task(&other, &Default::default()).await.unwrap();
+    let upid = pve
+        .raw_call(Method::DELETE, "/nodes/pve1/qemu/9100", &[])
+        .await
+        .unwrap();
+    let upid: shared::pve::Upid = upid.as_str().unwrap().parse().unwrap();
+    pve.wait_task(&upid, &Default::default()).await.unwrap();
+    rig.check_outcome(&id, &[&plan], 1).await;
+}

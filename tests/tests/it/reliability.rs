@@ -866,6 +866,8 @@ async fn p4_proxmox_faults_at_20_percent() {
         workers: WorkerOpts {
             backoff_cap: 2.0,
             time_scale: Some(0.1),
+            // Every request in the logs: a dead job's diagnosis shows which call failed.
+            verbose: true,
             ..WorkerOpts::default()
         },
         ..RigOpts::default()
