@@ -73,7 +73,7 @@ impl WorkerConfig {
             return;
         }
         self.timing = self.timing.scaled(scale);
-        let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
+        let s = |d| jobs::at_scale(d, scale);
         self.queue.idle_poll = s(self.queue.idle_poll);
         for p in self
             .queue

@@ -96,6 +96,11 @@ impl Default for Timing {
     }
 }
 
+/// A wall-clock timer at a simulator's time scale, kept above 5 ms.
+pub fn at_scale(d: Duration, scale: f64) -> Duration {
+    d.mul_f64(scale).max(Duration::from_millis(5))
+}
+
 impl Timing {
     /// These timers at a simulator's time scale (`scale` < 1 runs its tasks faster than a
     /// real cluster's), each kept above 5 ms; a scale of 0 or less changes nothing.
@@ -103,7 +108,7 @@ impl Timing {
         if scale <= 0.0 {
             return self.clone();
         }
-        let s = |d: Duration| d.mul_f64(scale).max(Duration::from_millis(5));
+        let s = |d| at_scale(d, scale);
         Timing {
             task_deadline: s(self.task_deadline),
             cache_ttl: self.cache_ttl,

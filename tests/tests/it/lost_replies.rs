@@ -520,16 +520,12 @@ async fn l7_a_half_made_clone_our_known_task_left_is_removed_without_waiting_for
         }
         n
     };
-    let t0 = std::time::Instant::now();
-    while destroyed().await == 0 {
-        if t0.elapsed() > Duration::from_secs(7) {
-            for (w, log) in rig.fleet.logs() {
-                eprintln!("--- {w}\n{log}");
-            }
-            panic!("the half-made clone was not removed while the other clone held the lock");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        Duration::from_secs(7),
+        "the half-made clone removed while the other clone holds the lock",
+        || async { destroyed().await > 0 },
+    )
+    .await;
     assert!(
         pve.task_status(&other).await.unwrap().is_running(),
         "the other clone still runs: the removal did not wait for it"

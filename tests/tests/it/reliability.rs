@@ -240,13 +240,14 @@ impl Rig {
                     }
                     // And what the workers logged of its VM (which call failed, when).
                     if f[0].as_deref() == Some("dead")
-                        && let Some(vm) = k.split_once("/vm/").and_then(|(_, r)| r.rsplit_once('/'))
+                        && let Some((vm, _step)) =
+                            k.split_once("/vm/").and_then(|(_, r)| r.rsplit_once('/'))
                     {
                         let logs = self.fleet.logs();
                         let lines: Vec<&str> = logs
                             .iter()
                             .flat_map(|(_, l)| l.lines())
-                            .filter(|l| l.contains(vm.0))
+                            .filter(|l| l.contains(vm))
                             .collect();
                         for l in &lines[lines.len().saturating_sub(40)..] {
                             out += &format!("    log: {l}\n");
