@@ -450,7 +450,8 @@ async fn the_dashboard_in_chromium_live_progress_retry_teardown_and_roles() {
     let field = admin.get("#confirm").await;
     admin.type_into(&field, "web-lab").await;
     admin.click(&admin.get("#confirm-teardown").await).await;
-    assert!(admin.find("#confirm-error").await.is_some());
+    // The click returns before the refused form's page is in: wait for its error.
+    admin.get("#confirm-error").await;
     assert_eq!(
         lab.vms().len(),
         6,
